@@ -1,0 +1,88 @@
+"""Device and precision choice: ``auto`` picks CUDA, then Apple MPS, then CPU."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from .errors import DeviceError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DEVICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def available_devices() -> list[str]:
+    import torch
+
+    out = []
+    if torch.cuda.is_available():
+        out.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    out.append("cpu")
+    return out
+
+
+def resolve_device(name: str = "auto") -> Any:
+    """A ``torch.device`` for ``name`` (``auto``, ``cuda``, ``cuda:1``, ``mps``, ``cpu``)."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device(available_devices()[0])
+    base = name.split(":")[0]
+    if base not in ("cuda", "mps", "cpu"):
+        raise DeviceError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
+    if base != "cpu" and base not in available_devices():
+        raise DeviceError(
+            f"device {name!r} is not available on this machine (found: {', '.join(available_devices())}); "
+            "use --device auto or cpu"
+        )
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: Any) -> Any:
+    """The autocast dtype for ``precision`` on ``device`` (None means plain fp32)."""
+    import torch
+
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type == "cpu":
+            raise DeviceError("fp16 autocast is for GPUs; on CPU use bf16 or fp32")
+        return torch.float16
+    # auto
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+@contextlib.contextmanager
+def autocast(device: Any, dtype: Any) -> Iterator[None]:
+    import torch
+
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield

@@ -1,0 +1,1 @@
+"""Network modules (torch). Only :mod:`napari_medsam.core.build` composes them with hyperparameters."""

