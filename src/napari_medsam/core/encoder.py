@@ -1,0 +1,162 @@
+"""Embedding the slices of a volume through the cache: the one place the image encoder runs.
+
+:class:`VolumeEncoder` binds a loaded model to one image volume, one slice axis and one intensity
+mapping. Every embedding it hands out is looked up in (or written to) the
+:class:`~napari_medsam.core.embeddings.EmbeddingCache` under a key that names all of those, so
+switching images, axes, windows or models never mixes embeddings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from .build import LoadedModel
+from .embeddings import EmbeddingCache, EmbeddingKey, hash_volume
+from .errors import Cancelled, InvalidImageError
+from .preprocess import Intensity, SliceTransform, compute_intensity, preprocess_key, to_model_input
+from .progress import Progress, ProgressGen
+
+
+def as_volume(image: Any) -> Any:
+    """An :class:`~napari_medsam.io.ImageVolume` for an ImageVolume or a plain array."""
+    from ..io import ImageVolume
+
+    return image if isinstance(image, ImageVolume) else ImageVolume.from_array(np.asarray(image))
+
+
+def run_encoder(loaded: LoadedModel, batch: np.ndarray) -> Any:
+    """``(B, 3, S, S)`` float32 inputs -> ``(B, C, h, w)`` float32 embeddings (torch, on the model's device)."""
+    import torch
+
+    from .device import autocast
+
+    x = torch.from_numpy(batch).to(loaded.device)
+    with torch.inference_mode(), autocast(loaded.device, loaded.dtype):
+        out = loaded.model.image_encoder(x)
+    return out.float()
+
+
+class VolumeEncoder:
+    """Embeddings of one volume's slices along one axis for one model, through the cache.
+
+    For a 2D image (grey or RGB) there is a single slice, index 0, whatever ``axis`` says.
+    Thread-safe: a worker may embed while the GUI thread asks for the slice under view.
+    """
+
+    def __init__(self, loaded: LoadedModel, image: Any, *, axis: int = 0, intensity: Intensity | None = None,
+                 cache: EmbeddingCache | None = None, batch_size: int = 4,
+                 content_hash: str | None = None) -> None:
+        self.loaded = loaded
+        self.volume = as_volume(image)
+        spatial = self.volume.ndim - (1 if self.volume.rgb else 0)
+        if spatial not in (2, 3):
+            raise InvalidImageError(
+                f"expected a 2D image or a 3D volume, got {spatial} spatial dimensions (shape {self.volume.shape})"
+            )
+        self.is_3d = spatial == 3
+        if self.is_3d and not -3 <= axis < 3:
+            raise InvalidImageError(f"--axis must be 0, 1 or 2 for a 3D volume, got {axis}")
+        self.axis = axis % 3 if self.is_3d else 0
+        self.intensity = intensity or compute_intensity(self.volume.data, axis=self.axis, rgb=self.volume.rgb)
+        self.cache = cache if cache is not None else EmbeddingCache(disk=False)
+        self.batch_size = max(1, int(batch_size))
+        self._content_hash = content_hash
+        self._lock = threading.RLock()
+        self._prep = preprocess_key(self.intensity, loaded.spec)
+
+    # -- geometry ---------------------------------------------------------------------------------
+    @property
+    def n_slices(self) -> int:
+        return self.volume.n_slices(self.axis) if self.is_3d else 1
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        shape = self.volume.shape[:-1] if self.volume.rgb else self.volume.shape
+        if not self.is_3d:
+            return (int(shape[0]), int(shape[1]))
+        return tuple(int(s) for i, s in enumerate(shape) if i != self.axis)  # type: ignore[return-value]
+
+    def transform(self) -> SliceTransform:
+        return SliceTransform.for_model(self.slice_shape, self.loaded.spec)
+
+    def raw_slice(self, index: int) -> np.ndarray:
+        self._check_index(index)
+        return np.asarray(self.volume.slice(self.axis, index) if self.is_3d else self.volume.data[...])
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.n_slices:
+            raise InvalidImageError(f"slice {index} is outside 0..{self.n_slices - 1} along axis {self.axis}")
+
+    # -- keys ---------------------------------------------------------------------------------------
+    @property
+    def content_hash(self) -> str:
+        with self._lock:
+            if self._content_hash is None:
+                self._content_hash = hash_volume(self.volume.data)
+            return self._content_hash
+
+    def key(self, index: int) -> EmbeddingKey:
+        return EmbeddingKey(content_hash=self.content_hash, model=self.loaded.name,
+                            weights_hash=self.loaded.weights_hash, preprocess=self._prep,
+                            axis=self.axis, index=int(index))
+
+    def is_cached(self, index: int) -> bool:
+        return self.key(index) in self.cache
+
+    def cached_indices(self) -> set[int]:
+        return self.cache.cached_indices(self.key(0))
+
+    # -- computing ----------------------------------------------------------------------------------
+    def model_input(self, index: int) -> np.ndarray:
+        img = self.intensity.apply(self.raw_slice(index))
+        x, _ = to_model_input(img, self.loaded.spec)
+        return x
+
+    def get(self, index: int) -> Any:
+        """The embedding of slice ``index`` as a ``(1, C, h, w)`` float32 tensor on the model's device."""
+        import torch
+
+        key = self.key(index)
+        emb = self.cache.get(key)
+        if emb is None:
+            with self._lock:
+                emb = self.cache.get(key)
+                if emb is None:
+                    out = run_encoder(self.loaded, self.model_input(index)[None])
+                    emb = out[0].cpu().numpy().astype(np.float16)
+                    self.cache.put(key, emb, n_slices=self.n_slices)
+        return torch.from_numpy(np.asarray(emb, dtype=np.float32))[None].to(self.loaded.device)
+
+    def embed(self, indices: Iterable[int] | None = None, *, cancel: threading.Event | None = None) -> ProgressGen[dict]:
+        """Embed slices (all by default) that are not cached yet, in batches; yield progress.
+
+        Returns a summary ``{"computed": n, "cached": m, "seconds": t}``. Stops between batches
+        when ``cancel`` is set (raising :class:`Cancelled`) or when the consumer closes the generator.
+        """
+        order = list(range(self.n_slices)) if indices is None else [int(i) for i in indices]
+        for i in order:
+            self._check_index(i)
+        todo = [i for i in order if not self.is_cached(i)]
+        total = len(order)
+        done = total - len(todo)
+        t0 = time.perf_counter()
+        yield Progress(done, total, "embedding", {"cached": done})
+        for start in range(0, len(todo), self.batch_size):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"embedding stopped after {done} of {total} slices; embedded slices stay cached")
+            chunk = todo[start:start + self.batch_size]
+            with self._lock:
+                chunk = [i for i in chunk if not self.is_cached(i)]
+                if chunk:
+                    batch = np.stack([self.model_input(i) for i in chunk])
+                    out = run_encoder(self.loaded, batch).cpu().numpy().astype(np.float16)
+                    for i, emb in zip(chunk, out, strict=True):
+                        self.cache.put(self.key(i), emb, n_slices=self.n_slices)
+            done += len(todo[start:start + self.batch_size])
+            yield Progress(done, total, "embedding", {"slice": chunk[-1] if chunk else None})
+        return {"computed": len(todo), "cached": total - len(todo), "seconds": time.perf_counter() - t0}

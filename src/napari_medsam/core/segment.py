@@ -1,0 +1,272 @@
+"""Prompts to masks on 2D slices, and 3D propagation through a volume.
+
+Public functions take prompts in napari's data convention: points ``(row, col)`` and boxes
+``(r0, c0, r1, c1)`` in pixels of the slice. :func:`_rc_to_xy` is the one place they become SAM's
+``(x, y)`` / ``XYXY``. Masks come back on the slice's original pixel grid.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import Cancelled, PromptError
+from .preprocess import SliceTransform
+from .progress import Progress, ProgressGen
+
+
+@dataclass(frozen=True)
+class Prompt2D:
+    """The prompts for one object on one slice.
+
+    points: ``(N, 2)`` float ``(row, col)``; labels: ``(N,)`` int, 1 positive / 0 negative;
+    box: ``(r0, c0, r1, c1)`` or None; mask_logits: ``(L, L)`` low-res logits from a previous
+    prediction in the model frame (L = 4x the embedding grid) or None.
+    """
+
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    box: tuple[float, float, float, float] | None = None
+    mask_logits: np.ndarray | None = None
+
+    @classmethod
+    def from_box(cls, box: Sequence[float]) -> Prompt2D:
+        return cls(box=tuple(float(v) for v in box))  # type: ignore[arg-type]
+
+    @classmethod
+    def from_points(cls, points: Sequence[Sequence[float]], labels: Sequence[int]) -> Prompt2D:
+        return cls(points=np.asarray(points, np.float32).reshape(-1, 2), labels=np.asarray(labels, np.int64))
+
+    @property
+    def n_points(self) -> int:
+        return int(np.asarray(self.points).reshape(-1, 2).shape[0])
+
+    def is_empty(self) -> bool:
+        return self.n_points == 0 and self.box is None and self.mask_logits is None
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """One object's prediction: ``mask`` (H, W) bool on the original grid, the decoder's low-res
+    ``logits`` (L, L) float32 in the model frame (feed back as ``Prompt2D.mask_logits``), ``iou`` its
+    predicted IoU, and ``prob`` (H, W) float32 sigmoid probabilities when asked for."""
+
+    mask: np.ndarray
+    logits: np.ndarray
+    iou: float
+    prob: np.ndarray | None = None
+
+
+def validate_prompt(p: Prompt2D, shape: tuple[int, int]) -> None:
+    h, w = shape
+    pts = np.asarray(p.points, np.float32).reshape(-1, 2)
+    labels = np.asarray(p.labels).reshape(-1)
+    if pts.shape[0] != labels.shape[0]:
+        raise PromptError(f"{pts.shape[0]} points but {labels.shape[0]} labels")
+    if pts.size and (not np.isfinite(pts).all() or (pts < -0.5).any() or (pts[:, 0] > h - 0.5).any()
+                     or (pts[:, 1] > w - 0.5).any()):
+        raise PromptError(f"points must lie inside the {h}x{w} slice (row, col); got {pts.tolist()}")
+    if labels.size and not np.isin(labels, (0, 1)).all():
+        raise PromptError(f"point labels must be 1 (positive) or 0 (negative); got {labels.tolist()}")
+    if p.box is not None:
+        r0, c0, r1, c1 = p.box
+        if not (r1 > r0 and c1 > c0):
+            raise PromptError(f"box (r0, c0, r1, c1) = {p.box} must have r1 > r0 and c1 > c0")
+        if r1 < 0 or c1 < 0 or r0 > h or c0 > w:
+            raise PromptError(f"box {p.box} lies outside the {h}x{w} slice")
+    if p.is_empty():
+        raise PromptError("no prompt: give at least one point, a box or a previous mask")
+
+
+def _rc_to_xy(tf: SliceTransform, points_rc: np.ndarray, box_rc: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """THE flip: (row, col) slice pixels -> SAM's (x, y) in the model's input frame; boxes -> XYXY."""
+    pts = tf.rc_to_model(points_rc)[:, ::-1].copy()
+    box = None
+    if box_rc is not None:
+        b = tf.box_to_model(box_rc)
+        box = b[:, [1, 0, 3, 2]].copy()
+    return pts, box
+
+
+def decode(loaded: Any, embedding: Any, tf: SliceTransform, prompts: Sequence[Prompt2D], *,
+           multimask: bool | None = None, return_prob: bool = False) -> list[MaskResult]:
+    """Run the prompt encoder and mask decoder for several objects on one slice.
+
+    Objects that share a prompt structure (same number of points, box or not, mask or not) go
+    through the decoder in one batched call. ``multimask=None`` asks for three masks and keeps the
+    best predicted IoU when an object has a single point and no box (SAM's ambiguity rule), for
+    models whose weights were trained with points.
+    """
+    import torch
+
+    from .device import autocast
+
+    spec = loaded.spec
+    for p in prompts:
+        validate_prompt(p, tf.original)
+    groups: dict[tuple[int, bool, bool], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault((p.n_points, p.box is not None, p.mask_logits is not None), []).append(i)
+    results: list[MaskResult | None] = [None] * len(prompts)
+    dev = loaded.device
+    pe = loaded.model.prompt_encoder
+    with torch.inference_mode(), autocast(dev, loaded.dtype):
+        dense_pe = pe.get_dense_pe()
+        for (n_pts, has_box, has_mask), idx in groups.items():
+            pts_xy, labels, boxes_xy, masks = [], [], [], []
+            for i in idx:
+                p = prompts[i]
+                pxy, bxy = _rc_to_xy(tf, np.asarray(p.points, np.float32).reshape(-1, 2),
+                                     np.asarray(p.box, np.float32)[None] if has_box else None)
+                pts_xy.append(pxy)
+                labels.append(np.asarray(p.labels, np.int64).reshape(-1))
+                if has_box:
+                    boxes_xy.append(bxy[0])
+                if has_mask:
+                    masks.append(np.asarray(p.mask_logits, np.float32))
+            points = None
+            if n_pts:
+                points = (torch.from_numpy(np.stack(pts_xy)).to(dev), torch.from_numpy(np.stack(labels)).to(dev))
+            boxes = torch.from_numpy(np.stack(boxes_xy)).to(dev) if has_box else None
+            mask_in = torch.from_numpy(np.stack(masks))[:, None].to(dev) if has_mask else None
+            sparse, dense = pe(points, boxes, mask_in)
+            mm = multimask
+            if mm is None:
+                mm = n_pts == 1 and not has_box and not has_mask and spec.multimask_single_point
+            logits, iou = loaded.model.mask_decoder(embedding, dense_pe, sparse, dense, multimask_output=mm)
+            logits, iou = logits.float(), iou.float()
+            best = iou.argmax(dim=1)
+            ar = torch.arange(len(idx), device=logits.device)
+            low = logits[ar, best]  # (B, L, L)
+            iou_best = iou[ar, best]
+            full = tf.logits_to_original(low)  # (B, H, W)
+            low_np = low.cpu().numpy()
+            full_np = full.cpu().numpy()
+            for j, i in enumerate(idx):
+                prob = (1.0 / (1.0 + np.exp(-full_np[j]))).astype(np.float32) if return_prob else None
+                results[i] = MaskResult(mask=full_np[j] > spec.mask_threshold, logits=low_np[j],
+                                        iou=float(iou_best[j]), prob=prob)
+    return [r for r in results if r is not None]
+
+
+def segment_slice(encoder: Any, index: int, prompts: Sequence[Prompt2D], **kw: Any) -> list[MaskResult]:
+    """Masks for ``prompts`` on slice ``index`` of a :class:`~napari_medsam.core.encoder.VolumeEncoder`."""
+    return decode(encoder.loaded, encoder.get(index), encoder.transform(), prompts, **kw)
+
+
+def box_of(mask: np.ndarray, margin: float = 0.0) -> tuple[float, float, float, float] | None:
+    """Bounding box ``(r0, c0, r1, c1)`` of a mask, grown by ``margin`` pixels and clipped; None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (max(0.0, rows[0] - margin), max(0.0, cols[0] - margin),
+            min(float(h), rows[-1] + 1 + margin), min(float(w), cols[-1] + 1 + margin))
+
+
+@dataclass(frozen=True)
+class PropagationParams:
+    """When and how a mask is carried to the next slice.
+
+    ``margin``: box growth in *model-frame* pixels (LiteMedSAM's own 3D inference grows by 3 at 256 px);
+    ``min_area_frac``: stop when the mask shrinks below this fraction of the seed's area;
+    ``min_area_px``: ... or below this many pixels; ``min_iou``: ... or when the predicted IoU drops below;
+    ``use_logits``: feed the previous low-res logits as a mask prompt (only for models trained with masks);
+    ``max_slices``: the farthest distance from a seed (None: the whole volume).
+    """
+
+    margin: float = 3.0
+    min_area_frac: float = 0.02
+    min_area_px: int = 4
+    min_iou: float = 0.35
+    use_logits: bool | None = None
+    max_slices: int | None = None
+
+
+def _step_prompt(prev: MaskResult, tf: SliceTransform, params: PropagationParams, use_logits: bool) -> Prompt2D | None:
+    margin_px = params.margin / min(tf.scale_rc)
+    box = box_of(prev.mask, margin_px)
+    if box is None:
+        return None
+    return Prompt2D(box=box, mask_logits=prev.logits if use_logits else None)
+
+
+def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationParams = PropagationParams(),
+              cancel: threading.Event | None = None) -> ProgressGen[dict[int, np.ndarray]]:
+    """Segment one object through a volume from prompts on one or several slices.
+
+    From each seed the mask is carried slice by slice in both directions; the next prompt is the
+    previous mask's box (plus its logits where the model was trained with mask prompts). It stops
+    where the object vanishes (area or predicted-IoU below the thresholds). Between two seeds both
+    contribute: their logits are blended linearly by distance. Only the slices visited are embedded.
+    Yields :class:`Progress`; returns ``{slice index: (H, W) bool mask}`` for non-empty slices.
+    """
+    if not seeds:
+        raise PromptError("propagation needs a prompt on at least one slice")
+    n = encoder.n_slices
+    for z in seeds:
+        if not 0 <= z < n:
+            raise PromptError(f"seed slice {z} is outside 0..{n - 1}")
+    tf = encoder.transform()
+    spec = encoder.loaded.spec
+    use_logits = params.use_logits if params.use_logits is not None else "mask" in spec.prompts
+    order = sorted(seeds)
+    limit = params.max_slices if params.max_slices is not None else n
+    # Each run: (start seed, direction, last slice it may reach).
+    runs: list[tuple[int, int, int]] = []
+    for k, z in enumerate(order):
+        lo_bound = order[k - 1] if k > 0 else -1
+        hi_bound = order[k + 1] if k + 1 < len(order) else n
+        runs.append((z, -1, max(lo_bound + (0 if k > 0 else 1), z - limit)))
+        runs.append((z, +1, min(hi_bound - (0 if k + 1 < len(order) else 1), z + limit)))
+    total = len(order) + sum(abs(end - z) for z, _, end in runs)
+    done = 0
+    # logits on the original grid for each slice, per run: {z: [(weight_source_seed, logits HxW)]}
+    contributions: dict[int, list[tuple[int, np.ndarray]]] = {}
+    seed_results: dict[int, MaskResult] = {}
+    for z in order:
+        res = decode(encoder.loaded, encoder.get(z), tf, [seeds[z]], return_prob=True)[0]
+        seed_results[z] = res
+        done += 1
+        yield Progress(done, total, "propagating", {"slice": z})
+    for z0, step, end in runs:
+        prev = seed_results[z0]
+        seed_area = max(int(prev.mask.sum()), 1)
+        z = z0
+        while z != end:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("propagation stopped; nothing was written")
+            z += step
+            prompt = _step_prompt(prev, tf, params, use_logits)
+            if prompt is None:
+                break
+            res = decode(encoder.loaded, encoder.get(z), tf, [prompt], return_prob=True)[0]
+            done += 1
+            yield Progress(done, total, "propagating", {"slice": z})
+            area = int(res.mask.sum())
+            if area < max(params.min_area_px, params.min_area_frac * seed_area) or res.iou < params.min_iou:
+                break
+            assert res.prob is not None
+            contributions.setdefault(z, []).append((z0, res.prob))
+            prev = res
+    out: dict[int, np.ndarray] = {z: r.mask for z, r in seed_results.items()}
+    for z, parts in contributions.items():
+        if z in seeds:
+            continue
+        if len(parts) == 1:
+            prob = parts[0][1]
+        else:  # between two seeds: closer seed weighs more
+            weights = np.array([1.0 / max(abs(z - s), 1) for s, _ in parts])
+            weights /= weights.sum()
+            prob = sum(w * p for w, (_, p) in zip(weights, parts, strict=True))
+        m = prob > 0.5
+        if m.any():
+            out[z] = m
+    # report the remaining budget as done (early stops)
+    yield Progress(total, total, "propagating", {"slices": len(out)})
+    return dict(sorted(out.items()))
