@@ -72,10 +72,17 @@ class LoadedModel:
     dtype: Any          # autocast dtype or None (fp32)
     weights_path: str | None
     weights_hash: str   # SHA-256 of the weights, or "random-seed<N>" for test models
+    variant: str = ""   # how the encoder computes beyond the weights (e.g. "+int8"); part of cache keys
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def compute_id(self) -> str:
+        """Weights hash plus numeric precision and variant: everything in the network that changes an embedding."""
+        dt = "fp32" if self.dtype is None else str(self.dtype).replace("torch.", "")
+        return f"{self.weights_hash}|{dt}{self.variant}"
 
 
 def load_model(name: str | ModelSpec = "litemedsam", *, weights: str | os.PathLike | None = None,

@@ -102,7 +102,7 @@ class VolumeEncoder:
 
     def key(self, index: int) -> EmbeddingKey:
         return EmbeddingKey(content_hash=self.content_hash, model=self.loaded.name,
-                            weights_hash=self.loaded.weights_hash, preprocess=self._prep,
+                            weights_hash=self.loaded.compute_id, preprocess=self._prep,
                             axis=self.axis, index=int(index))
 
     def is_cached(self, index: int) -> bool:

@@ -194,20 +194,28 @@ class SliceTransform:
     original: tuple[int, int]
     resized: tuple[int, int]
     input_size: int
+    squash: bool = False
 
     @classmethod
     def for_model(cls, original: tuple[int, int], spec: ModelSpec) -> SliceTransform:
         h, w = int(original[0]), int(original[1])
         s = spec.input_size
         if spec.resize == "squash":
-            return cls((h, w), (s, s), s)
+            return cls((h, w), (s, s), s, squash=True)
         scale = s / max(h, w)
         return cls((h, w), (int(h * scale + 0.5), int(w * scale + 0.5)), s)
 
     @property
     def scale_rc(self) -> tuple[float, float]:
-        """Row and column scale factors from original pixels to the model frame."""
-        return self.resized[0] / self.original[0], self.resized[1] / self.original[1]
+        """Row and column scale factors from original pixels to the model frame.
+
+        Longest-side resizing uses one factor for both axes (``input_size / max(H, W)``), as the
+        published pipelines scale boxes; squashing scales each axis on its own.
+        """
+        if self.squash:
+            return self.resized[0] / self.original[0], self.resized[1] / self.original[1]
+        f = self.input_size / max(self.original)
+        return f, f
 
     def rc_to_model(self, rc: np.ndarray) -> np.ndarray:
         """``(N, 2)`` (row, col) original pixels -> (row, col) in the model's input frame."""

@@ -151,7 +151,9 @@ def _read_nifti(path: pathlib.Path, lazy: bool) -> ImageVolume:
     proxy = img.dataobj
     _check_nifti_size(path, img, shape)
     dtype = _nifti_dtype(proxy, shape)
-    if lazy:
+    # gzip cannot seek: every lazy slice read of a .nii.gz would decompress the file again,
+    # so compressed NIfTI is decompressed once into memory; uncompressed .nii stays memory-mapped.
+    if lazy and not path.name.lower().endswith(".gz"):
         data: Any = LazyArray(proxy, dtype=dtype, drop_axes=drop, source=str(path), format="nifti")
     else:
         full = np.asanyarray(proxy)

@@ -1,0 +1,127 @@
+"""Pieces every subcommand shares: model/device options, progress bars, output writing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "litemedsam") -> None:
+    p.add_argument("--model", default=default_model, help=f"registered model name (default {default_model}); "
+                   "see `napari-medsam models`")
+    p.add_argument("--weights", default=None, help="a checkpoint file to use instead of the registered weights")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps or cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision (auto: bf16/fp16 on GPUs and bf16-capable CPUs, else fp32)")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache folder for embeddings and weights (default: the user cache directory)")
+    p.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
+
+
+def add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--axis", type=int, default=0,
+                   help="array axis to take 2D slices along (default 0), in the array order as read; "
+                        "for NIfTI that is nibabel's (i, j, k) voxel order")
+    p.add_argument("--intensity", default="auto", choices=("auto", "ct", "mr", "minmax", "none"),
+                   help="intensity mapping: CT window, MR percentile clipping, min-max, or none (auto detects)")
+    p.add_argument("--window", default=None,
+                   help="CT window: soft_tissue, lung, bone, brain, or WIDTH,LEVEL in HU (implies --intensity ct)")
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    from ..core.build import load_model
+
+    bar = _DownloadBar()
+    try:
+        return load_model(args.model, weights=args.weights, device=args.device, precision=args.precision,
+                          cache_dir=args.cache_dir, progress=bar)
+    finally:
+        bar.close()
+
+
+def cache_from_args(args: argparse.Namespace) -> Any:
+    from ..core.embeddings import EmbeddingCache
+
+    root = None if args.cache_dir is None else Path(args.cache_dir) / "embeddings"
+    return EmbeddingCache(root, disk=not args.no_disk_cache)
+
+
+def intensity_from_args(args: argparse.Namespace, volume: Any, axis: int) -> Any:
+    from ..core.preprocess import compute_intensity
+
+    window: Any = args.window
+    if window is not None and "," in window:
+        w, level = (float(v) for v in window.split(","))
+        window = (w, level)
+    mode = "ct" if window is not None and args.intensity == "auto" else args.intensity
+    return compute_intensity(volume.data, mode, window=window, axis=axis, rgb=volume.rgb)
+
+
+def encoder_from_args(args: argparse.Namespace, loaded: Any, volume: Any) -> Any:
+    from ..core.encoder import VolumeEncoder
+
+    axis = getattr(args, "axis", 0)
+    return VolumeEncoder(loaded, volume, axis=axis, intensity=intensity_from_args(args, volume, axis),
+                         cache=cache_from_args(args))
+
+
+class _DownloadBar:
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total or None, unit="B", unit_scale=True, desc="download", file=sys.stderr)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run_with_progress(gen: Generator[Any, None, T], desc: str, *, unit: str = "slice") -> T:
+    """Drain a core progress generator, drawing a tqdm bar on stderr; return its result."""
+    from tqdm import tqdm
+
+    bar = None
+    try:
+        while True:
+            try:
+                prog = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if bar is None:
+                bar = tqdm(total=prog.total or None, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+            if prog.total and bar.total != prog.total:
+                bar.total = prog.total
+            post = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in prog.info.items()
+                    if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+            if post:
+                bar.set_postfix(post, refresh=False)
+            bar.update(prog.step - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+        gen.close()
+
+
+def parse_int_list(text: str | None) -> list[int] | None:
+    """``"3,17,40"`` -> ``[3, 17, 40]``; also accepts ranges ``"10-20"``."""
+    if not text:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out

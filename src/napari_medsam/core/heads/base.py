@@ -1,0 +1,49 @@
+"""What every head shares: its identity (kind, classes, config) and the output geometry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..registry import ModelSpec
+
+
+class Head(nn.Module):
+    """Base class of the prompt-free heads: ``(B, C, h, w)`` embeddings -> ``(B, K, L, L)`` logits.
+
+    ``config`` holds the JSON-able keyword options that rebuild the same architecture with
+    :func:`~napari_medsam.core.heads.build_head`; ``out_size`` is ``L`` (4x the embedding grid).
+    """
+
+    kind = ""
+    uses_image = False      # forward needs the model-input image (B, 3, S, S)
+    default_lr = 1e-3
+
+    def __init__(self, *, num_classes: int, spec: ModelSpec, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.embedding_shape = tuple(int(s) for s in spec.embedding_shape)
+        self.input_size = int(spec.input_size)
+        self.out_size = int(spec.low_res_size)
+        self.config = dict(config)
+
+    def forward(self, embedding: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def group_norm(channels: int, groups: int = 8) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= ``groups`` that divides ``channels``."""
+    g = max(1, min(groups, channels))
+    while channels % g:
+        g -= 1
+    return nn.GroupNorm(g, channels)
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """3x3 conv, GroupNorm, GELU: batch-size independent (training batches hold 1-8 slices)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), group_norm(c_out), nn.GELU())

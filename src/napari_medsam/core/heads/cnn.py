@@ -1,0 +1,91 @@
+"""A UNet-style convolutional decoder from the embedding grid up to the decoder's 4x resolution.
+
+AutoSAM's CNN head is a plain stack of convolutions and two transposed convolutions (~20M
+parameters, no skips). This one keeps its shape with far fewer channels (the embedding is already
+a rich feature map; a few labelled slices cannot fit 20M weights) and adds what makes a UNet a
+UNet when asked: skip connections, here from a shallow pyramid over the model-input image, so
+that edges finer than a 4x4-pixel token can be placed (``image_skip=True``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import ModelSpec
+from .base import Head, conv_block, group_norm
+
+
+class CNNHead(Head):
+    """``(B, C, h, w)`` -> stem -> ``n`` x [2x transposed conv, (skip concat,) 2 conv blocks] -> 1x1 -> logits.
+
+    ``width`` channels at the embedding grid, halved at each 2x stage (64 -> 128 -> 256 for
+    LiteMedSAM: two stages). With ``image_skip`` the image ``(B, 3, S, S)`` is resampled to the
+    output side and encoded by a small conv pyramid (``skip_width`` channels at full resolution,
+    doubled per level) whose levels are concatenated into the matching decoder stages.
+    """
+
+    kind = "cnn"
+    default_lr = 1e-3
+
+    def __init__(self, *, num_classes: int, spec: ModelSpec, backbone: Any = None, width: int = 128,
+                 image_skip: bool = False, skip_width: int = 16) -> None:
+        super().__init__(num_classes=num_classes, spec=spec,
+                         config={"width": int(width), "image_skip": bool(image_skip), "skip_width": int(skip_width)})
+        self.uses_image = bool(image_skip)
+        c, h, _ = self.embedding_shape
+        self.n_up = max(0, round(math.log2(self.out_size / h)))
+        self.stem = nn.Sequential(nn.Conv2d(c, width, kernel_size=1), group_norm(width), nn.GELU(),
+                                  conv_block(width, width))
+        self.up = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        ch = width
+        for i in range(self.n_up):
+            out = max(ch // 2, 8)
+            level = self.n_up - 1 - i  # 0 = full output resolution
+            skip = skip_width * 2**level if image_skip else 0
+            self.up.append(nn.ConvTranspose2d(ch, out, kernel_size=2, stride=2))
+            self.blocks.append(nn.Sequential(conv_block(out + skip, out), conv_block(out, out)))
+            ch = out
+        self.out = nn.Conv2d(ch, self.num_classes, kernel_size=1)
+        self.pyramid = nn.ModuleList()
+        if image_skip:
+            prev = 3
+            for level in range(self.n_up):
+                cw = skip_width * 2**level
+                self.pyramid.append(nn.Sequential(conv_block(prev, cw), conv_block(cw, cw)))
+                prev = cw
+
+    def _image_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        if image.shape[-1] != self.out_size:
+            mode = "area" if image.shape[-1] > self.out_size else "bilinear"
+            image = F.interpolate(image, size=(self.out_size, self.out_size), mode=mode)
+        feats = []
+        x = image
+        for level, block in enumerate(self.pyramid):
+            if level:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            feats.append(x)  # (B, skip_width * 2**level, L / 2**level, L / 2**level)
+        return feats
+
+    def forward(self, embedding: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        feats: list[torch.Tensor] = []
+        if self.uses_image:
+            if image is None:
+                raise ValueError("this cnn head was built with image_skip=True and needs the model-input image")
+            feats = self._image_features(image.to(embedding.dtype))
+        x = self.stem(embedding)  # (B, width, h, w)
+        for i, (up, block) in enumerate(zip(self.up, self.blocks, strict=True)):
+            x = up(x)
+            if feats:
+                x = torch.cat([x, feats[self.n_up - 1 - i]], dim=1)
+            x = block(x)
+        x = self.out(x)  # (B, K, L, L) unless the grid ratio is not a power of 2
+        if x.shape[-1] != self.out_size:
+            x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        return x

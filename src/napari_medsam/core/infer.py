@@ -1,0 +1,149 @@
+"""Prompt-free segmentation of a 2D image or a whole volume with a trained head.
+
+:func:`predict_slices` runs the head on the cached embeddings of every requested slice, in
+batches, and assembles a label array of the image's spatial shape (optionally with per-voxel
+class probabilities). :func:`encoder_for_head` builds the
+:class:`~napari_medsam.core.encoder.VolumeEncoder` a head expects: its slice axis and its
+intensity mapping.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import Cancelled, HeadMismatchError, InvalidImageError
+from .progress import Progress, ProgressGen
+
+
+@dataclass(frozen=True, eq=False)
+class PredictionResult:
+    """Labels and (optionally) probabilities of a prompt-free prediction.
+
+    ``labels``: the image's spatial shape, uint8 (uint16 when a class id exceeds 255), holding the
+    head's class ids (0 background); slices not predicted stay 0. ``probs``: ``(K, *spatial)``
+    float16 softmax probabilities, channel 0 background, channel ``k`` class ``class_ids[k-1]``
+    (0 on slices not predicted), or None. ``slices``: the predicted indices along ``axis``.
+    """
+
+    labels: np.ndarray
+    probs: np.ndarray | None
+    slices: tuple[int, ...]
+    class_ids: tuple[int, ...]
+    class_names: tuple[str, ...]
+    axis: int
+    seconds: float
+
+
+def head_intensity(meta: Any, volume: Any) -> Any:
+    """The intensity mapping a head expects on ``volume``.
+
+    Fixed mappings (CT windows, pass-through) are reused exactly; per-volume ones (MR percentiles,
+    min-max) are recomputed on ``volume`` with the same rule, as at training time.
+    """
+    from .preprocess import compute_intensity
+
+    trained = meta.intensity_mapping()
+    if trained.mode in ("ct", "none"):
+        return trained
+    from .encoder import as_volume
+
+    vol = as_volume(volume)
+    return compute_intensity(vol.data, trained.mode, axis=meta.axis, rgb=vol.rgb)
+
+
+def encoder_for_head(loaded: Any, image: Any, head: Any, *, cache: Any = None, **kw: Any) -> Any:
+    """A VolumeEncoder of ``image`` with the slice axis and intensity mapping of ``head``'s training."""
+    from .encoder import VolumeEncoder, as_volume
+    from .finetune import _check_head_backbone
+
+    meta = head.meta
+    _check_head_backbone(meta, loaded)
+    vol = as_volume(image)
+    return VolumeEncoder(loaded, vol, axis=meta.axis, intensity=head_intensity(meta, vol), cache=cache, **kw)
+
+
+def _label_dtype(class_ids: Sequence[int]) -> Any:
+    top = max(class_ids, default=0)
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dt).max:
+            return dt
+    raise InvalidImageError(f"class id {top} does not fit in uint32")
+
+
+def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = None, batch_size: int = 8,
+                   return_probs: bool = False,
+                   cancel: threading.Event | None = None) -> ProgressGen[PredictionResult]:
+    """Segment slices (all by default) of ``encoder``'s volume with a trained head, no prompt needed.
+
+    ``encoder``: a :class:`~napari_medsam.core.encoder.VolumeEncoder` of the backbone the head was
+    trained on (see :func:`encoder_for_head`); ``head``: a
+    :class:`~napari_medsam.core.finetune.TrainedHead`. Slices are embedded (through the cache) and
+    decoded ``batch_size`` at a time. Yields :class:`Progress` per batch; stops between batches
+    when ``cancel`` is set (raising :class:`Cancelled`) or the generator is closed.
+    Returns a :class:`PredictionResult`.
+    """
+    import torch
+
+    from .finetune import _check_head_backbone
+
+    meta = head.meta
+    loaded = encoder.loaded
+    _check_head_backbone(meta, loaded)
+    if tuple(meta.embedding_shape) != tuple(loaded.spec.embedding_shape):
+        raise HeadMismatchError(f"the head expects embeddings of shape {tuple(meta.embedding_shape)}, "
+                                f"the model gives {tuple(loaded.spec.embedding_shape)}")
+    n = encoder.n_slices
+    order = list(range(n)) if slices is None else sorted({int(s) for s in slices})
+    for s in order:
+        if not 0 <= s < n:
+            raise InvalidImageError(f"slice {s} is outside 0..{n - 1} along axis {encoder.axis}")
+    spatial = tuple(int(v) for v in encoder.volume.spatial_shape)
+    class_ids = tuple(int(c) for c in meta.class_ids)
+    lut = np.array((0, *class_ids), dtype=_label_dtype(class_ids))
+    labels = np.zeros(spatial, dtype=lut.dtype)
+    k = len(lut)
+    probs = np.zeros((k, *spatial), dtype=np.float16) if return_probs else None
+    is_3d = encoder.is_3d
+    lab_view = np.moveaxis(labels, encoder.axis, 0) if is_3d else labels[None]
+    prob_view = None
+    if probs is not None:
+        prob_view = np.moveaxis(probs, encoder.axis + 1, 1) if is_3d else probs[:, None]
+    tf = encoder.transform()
+    module = head.module
+    module.eval()
+    bs = max(1, int(batch_size))
+    t0 = time.perf_counter()
+    yield Progress(0, len(order), "predicting")
+    for start in range(0, len(order), bs):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"prediction stopped after {start} of {len(order)} slices; nothing was written")
+        chunk = order[start:start + bs]
+        for _ in encoder.embed(chunk, cancel=cancel):
+            pass
+        with torch.inference_mode():
+            emb = torch.cat([encoder.get(i) for i in chunk])  # (B, C, h, w)
+            img = None
+            if getattr(module, "uses_image", False):
+                img = torch.from_numpy(np.stack([encoder.model_input(i) for i in chunk])).to(emb.device)
+            logits = module(emb, img)  # (B, K, L, L)
+            full = tf.logits_to_original(logits)  # (B, K, H, W)
+            p = torch.softmax(full, dim=1)
+            best = p.argmax(dim=1).cpu().numpy()  # (B, H, W)
+            p_np = p.cpu().numpy().astype(np.float16) if prob_view is not None else None
+        for j, i in enumerate(chunk):
+            lab_view[i] = lut[best[j]]
+            if prob_view is not None and p_np is not None:
+                prob_view[:, i] = p_np[j]
+        yield Progress(start + len(chunk), len(order), "predicting", {"slice": chunk[-1]})
+    return PredictionResult(labels=labels, probs=probs, slices=tuple(order), class_ids=class_ids,
+                            class_names=tuple(meta.class_names), axis=encoder.axis,
+                            seconds=time.perf_counter() - t0)
+
+
+__all__ = ["PredictionResult", "encoder_for_head", "head_intensity", "predict_slices"]
