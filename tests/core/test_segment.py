@@ -137,3 +137,17 @@ def test_real_box_on_mni_brain(litemedsam, mni):
         scores.append(dice(res.mask, gt))
     assert np.mean(scores) > 0.55, scores
     assert min(scores) > 0.4, scores
+
+
+@pytest.mark.slow
+def test_real_propagation_on_mni_brain(litemedsam, mni):
+    """One box on coronal slice 93, propagated +-10 slices: measured 3D Dice 0.76."""
+    enc = VolumeEncoder(litemedsam, mni["t1"], axis=1)
+    z = 93
+    gt = mni["brain"][:, z, :]
+    out = drain(propagate(enc, {z: Prompt2D.from_box(_box(gt))}, params=PropagationParams(max_slices=10)))
+    zs = range(z - 10, z + 11)
+    pred = np.stack([out.get(k, np.zeros_like(gt)) for k in zs])
+    ref = np.stack([mni["brain"][:, k, :] for k in zs])
+    assert set(out) <= set(zs)
+    assert dice(pred, ref) > 0.65

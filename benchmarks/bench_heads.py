@@ -1,0 +1,246 @@
+"""Few-shot prompt-free heads on frozen LiteMedSAM embeddings vs a UNet trained from scratch.
+
+Data: the MNI152 2009 template shipped with nilearn (197 x 233 x 189, 1 mm). Labels: 0 background,
+1 grey matter, 2 white matter: the argmax of nilearn's GM / WM probability maps where GM + WM > 0.5.
+Slices: coronal, i.e. array axis 1 of the NIfTI as nibabel reads it. For k = 1, 3, 5, 10 labelled
+slices spread evenly through the brain, every head is trained on those slices' cached embeddings
+and evaluated on all other brain slices (Dice per class, pooled over the evaluation slices), next
+to a small UNet trained from scratch on the same slices' images with the same loss, augmentation
+policy and stopping rule. Training times are wall-clock seconds on this machine with the stated
+thread count; the embedding time of the labelled slices is reported apart (heads need it, the
+UNet does not; a napari session has usually computed it already for prompting).
+
+Prints a markdown table and writes it to ``--out``::
+
+    python benchmarks/bench_heads.py --out docs/bench_heads.md \
+        --cache-dir /tmp/medsam-dev-cache/embeddings
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def load_mni() -> tuple[object, np.ndarray]:
+    from nilearn import datasets
+
+    from napari_medsam.io import read_image
+
+    image = read_image(datasets.MNI152_FILE_PATH)
+    gm = np.asarray(read_image(datasets.GM_MNI152_FILE_PATH).data[...], np.float32) / 255.0
+    wm = np.asarray(read_image(datasets.WM_MNI152_FILE_PATH).data[...], np.float32) / 255.0
+    labels = np.where(gm + wm > 0.5, np.where(wm > gm, 2, 1), 0).astype(np.uint8)
+    return image, labels
+
+
+def spread(brain: list[int], k: int) -> list[int]:
+    """``k`` slices evenly spread through the brain (the outermost, nearly empty slices excluded)."""
+    pos = np.linspace(0, len(brain) - 1, k + 2)[1:-1]
+    return sorted({brain[int(round(p))] for p in pos})
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes: tuple[int, ...]) -> list[float]:
+    out = []
+    for c in classes:
+        p, t = pred == c, truth == c
+        denom = p.sum() + t.sum()
+        out.append(float(2.0 * (p & t).sum() / denom) if denom else 1.0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the baseline: a small UNet from scratch on the raw slices
+
+
+class UNet(nn.Module):
+    """Four levels (16, 32, 64, 128 channels), two 3x3 conv + GroupNorm + ReLU per level."""
+
+    def __init__(self, in_ch: int = 1, num_classes: int = 3, base: int = 16) -> None:
+        super().__init__()
+        chs = [base * 2**i for i in range(4)]
+
+        def block(a: int, b: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.GroupNorm(8, b), nn.ReLU(inplace=True),
+                                 nn.Conv2d(b, b, 3, padding=1, bias=False), nn.GroupNorm(8, b), nn.ReLU(inplace=True))
+
+        self.down = nn.ModuleList([block(in_ch, chs[0])] + [block(chs[i - 1], chs[i]) for i in range(1, 4)])
+        self.up = nn.ModuleList(nn.ConvTranspose2d(chs[i], chs[i - 1], 2, stride=2) for i in range(3, 0, -1))
+        self.dec = nn.ModuleList(block(2 * chs[i - 1], chs[i - 1]) for i in range(3, 0, -1))
+        self.out = nn.Conv2d(chs[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, blk in enumerate(self.down):
+            x = blk(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips[:-1]), strict=True):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.out(x)
+
+
+def _pad16(x: np.ndarray) -> np.ndarray:
+    h, w = x.shape[-2:]
+    return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, -h % 16), (0, -w % 16)])
+
+
+def train_unet(images: np.ndarray, labels: np.ndarray, *, epochs: int, patience: int, seed: int,
+               batch_size: int = 4, lr: float = 1e-3, augment: bool = True) -> tuple[nn.Module, float, int]:
+    """Train from scratch on ``(N, H, W)`` images in [0, 1] and labels; same loss and stopping rule as the heads."""
+    from napari_medsam.core.finetune import segmentation_loss
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(images)
+    x_all = torch.from_numpy(_pad16(images)[:, None].astype(np.float32))
+    onehot = np.stack([labels == c for c in range(3)], axis=1).astype(np.float32)
+    t_all = torch.from_numpy(_pad16(onehot))  # padding: all-zero targets, ignored by the loss
+    net = UNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    bs = batch_size if augment else min(batch_size, n)
+    steps_per_epoch = max(1, math.ceil(n / bs))
+    best, ema, wait, reduced, step = math.inf, None, 0, False, 0
+    t0 = time.perf_counter()
+    net.train()
+    for _epoch in range(epochs):
+        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps_per_epoch * bs / n))])
+        total = 0.0
+        for s in range(steps_per_epoch):
+            idx = order[s * bs:(s + 1) * bs]
+            x, t = x_all[idx].clone(), t_all[idx].clone()
+            if augment:
+                for j in range(len(idx)):
+                    for dim in (-2, -1):
+                        if bool(torch.rand((), generator=gen) < 0.5):
+                            x[j], t[j] = torch.flip(x[j], (dim,)), torch.flip(t[j], (dim,))
+                    dy, dx = (int(v) for v in torch.randint(-8, 9, (2,), generator=gen))
+                    x[j], t[j] = torch.roll(x[j], (dy, dx), (-2, -1)), torch.roll(t[j], (dy, dx), (-2, -1))
+            warm = min(1.0, (step + 1) / 10)
+            for g in opt.param_groups:
+                g["lr"] = lr * warm
+            loss = segmentation_loss(net(x), t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            total += float(loss)
+        total /= steps_per_epoch
+        ema = total if ema is None else 0.7 * ema + 0.3 * total
+        if ema < best * 0.99:
+            best, wait = ema, 0
+        else:
+            wait += 1
+        if wait >= max(1, patience // 2) and not reduced:
+            lr, reduced, wait = lr / 3.0, True, 0
+        elif wait >= patience:
+            break
+    net.eval()
+    return net, time.perf_counter() - t0, step
+
+
+def predict_unet(net: nn.Module, images: np.ndarray) -> np.ndarray:
+    h, w = images.shape[-2:]
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), 8):
+            x = torch.from_numpy(_pad16(images[start:start + 8])[:, None].astype(np.float32))
+            out.append(net(x)[..., :h, :w].argmax(1).numpy().astype(np.uint8))
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    ap.add_argument("--ks", default="1,3,5,10", help="numbers of labelled slices")
+    ap.add_argument("--heads", default="linear,cnn,cnn+img,autosam",
+                    help="heads to train; cnn+img is the cnn head with image skips")
+    ap.add_argument("--cache-dir", default=None, help="embedding cache folder (default: the user cache)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for everything (default 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-augment", action="store_true", help="train heads and UNet without augmentation")
+    ap.add_argument("--no-unet", action="store_true", help="skip the scratch UNet baseline")
+    ap.add_argument("--unet-epochs", type=int, default=300)
+    args = ap.parse_args(argv)
+
+    from napari_medsam.core.build import load_model
+    from napari_medsam.core.embeddings import EmbeddingCache
+    from napari_medsam.core.encoder import VolumeEncoder
+    from napari_medsam.core.finetune import TrainParams, collect_training_data, fine_tune
+    from napari_medsam.core.infer import predict_slices
+    from napari_medsam.core.progress import drain
+
+    torch.set_num_threads(args.threads)
+    ks = [int(k) for k in args.ks.split(",")]
+    heads = [h for h in args.heads.split(",") if h]
+    image, labels = load_mni()
+    axis = 1
+    brain = [i for i in range(labels.shape[axis]) if labels[:, i].any()]
+    loaded = load_model("litemedsam", device="cpu", precision="fp32")
+    enc = VolumeEncoder(loaded, image, axis=axis, cache=EmbeddingCache(args.cache_dir))
+    t0 = time.perf_counter()
+    todo = [i for i in brain if not enc.is_cached(i)]
+    drain(enc.embed(brain))
+    embed_s = (time.perf_counter() - t0) / max(1, len(todo)) if todo else float("nan")
+    print(f"{len(brain)} brain slices along axis {axis}; embedded {len(todo)} "
+          f"({embed_s:.2f} s/slice)" if todo else f"{len(brain)} brain slices, all cached", file=sys.stderr)
+    raw = np.moveaxis(np.asarray(image.data[...], np.float32) / 255.0, axis, 0)  # (233, 197, 189)
+    lab_sl = np.moveaxis(labels, axis, 0)
+    rows = []
+    for k in ks:
+        train = spread(brain, k)
+        evals = [i for i in brain if i not in train]
+        truth = lab_sl[evals]
+        t_emb = time.perf_counter()
+        data = drain(collect_training_data(enc, labels, train))
+        collect_s = time.perf_counter() - t_emb
+        for name in heads:
+            kind, cfg = ("cnn", {"image_skip": True}) if name == "cnn+img" else (name, {})
+            params = TrainParams(head=kind, head_config=cfg, seed=args.seed, augment=not args.no_augment,
+                                 threads=0)
+            head = drain(fine_tune(data, params, loaded=loaded, class_names=("GM", "WM")))
+            res = drain(predict_slices(enc, head, slices=evals))
+            pred = np.moveaxis(res.labels, axis, 0)[evals]
+            d = dice_per_class(pred, truth, (1, 2))
+            h = head.meta.history
+            rows.append((k, name, d[0], d[1], float(np.mean(d)), h["seconds"], h["steps"], collect_s))
+            print(rows[-1], file=sys.stderr)
+        if not args.no_unet:
+            net, secs, steps = train_unet(raw[train], lab_sl[train], epochs=args.unet_epochs, patience=15,
+                                          seed=args.seed, augment=not args.no_augment)
+            pred = predict_unet(net, raw[evals])
+            d = dice_per_class(pred, truth, (1, 2))
+            rows.append((k, "unet (scratch)", d[0], d[1], float(np.mean(d)), secs, steps, 0.0))
+            print(rows[-1], file=sys.stderr)
+    lines = [
+        f"MNI152 GM/WM, coronal (axis 1), LiteMedSAM fp32 embeddings, {len(brain)} brain slices; "
+        f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}; "
+        f"augment={'off' if args.no_augment else 'on'}, seed {args.seed}",
+        "",
+        "| k | method | Dice GM | Dice WM | mean Dice | train (s) | steps | embed k slices (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, name, g, w, m, s, steps, e in rows:
+        emb = f"{e:.1f}" if name != "unet (scratch)" else "-"
+        lines.append(f"| {k} | {name} | {g:.3f} | {w:.3f} | {m:.3f} | {s:.1f} | {steps} | {emb} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

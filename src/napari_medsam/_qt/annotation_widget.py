@@ -1,0 +1,795 @@
+"""Annotation dock widget: prompts -> live preview -> commit into a Labels layer -> 3D propagation.
+
+Points (positive / negative clicks) and boxes live in a Points and a Shapes layer made for the
+selected image. Every prompt change on the slice under view re-runs the model in a thread worker
+(the latest prompt wins; a preview that comes back for an older prompt or another slice is
+dropped). *Commit* writes the preview into the Labels layer with the current class's label, only
+where the labels are 0. *Propagate* carries the object through the volume in a worker. The geometry
+(world -> data, which axis is sliced) is :mod:`napari_medsam._layers`'s job; the model work is
+:class:`~napari_medsam._qt.session.Session`'s.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QColorDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import _layers
+from ..core.registry import DEFAULT_MODEL
+from . import _workers
+from ._layer_combo import LayerCombo
+from .model_widget import encoder_request, is_image, load_model_job
+from .session import ModelChoice, Session, session_for
+
+SHORTCUTS = (
+    ("Click", "positive point (Points layer in add mode, key P)"),
+    ("Shift+click", "negative point"),
+    ("N", "toggle negative clicks"),
+    ("R", "draw a box (Shapes layer in rectangle mode)"),
+    ("C", "commit the preview into the labels"),
+    ("G", "propagate the current class through the volume"),
+    ("Q", "clear the prompts on this slice"),
+    ("Shift+Q", "clear all prompts"),
+    ("U", "undo the last commit or propagation"),
+)
+_TRANSIENT = ("adding", "changing", "removing")
+
+
+def _action(event: Any) -> str:
+    return str(getattr(event, "action", "") or "")
+
+
+def _prompt_signature(prompt: Any) -> bytes:
+    if prompt is None:
+        return b""
+    parts = [np.asarray(prompt.points, np.float32).tobytes(), np.asarray(prompt.labels, np.int64).tobytes(),
+             np.asarray(prompt.box if prompt.box is not None else (), np.float32).tobytes()]
+    return b"|".join(parts)
+
+
+class AnnotationWidget(QWidget):
+    """Prompted segmentation of the selected image into a Labels layer, class by class."""
+
+    def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session or session_for(napari_viewer)
+        self.classes: list[_layers.LabelClass] = _layers.default_classes()
+        self._prompt_layers: dict[int, tuple[Any, Any]] = {}
+        self._preview: Any = None
+        self._preview_view: _layers.SliceView | None = None
+        self._last: tuple[tuple, Any] | None = None  # (tag, MaskResult) of the preview on screen
+        self._preview_job: _workers.Job | None = None
+        self._preview_dirty = False
+        self._prompt_time: float | None = None
+        self._commit_pending = False
+        self._negative = False
+        self._edits: list[tuple[Any, _layers.LabelEdit]] = []
+        self._committed: dict[tuple, set[int]] = {}
+        self._watched_image: Any = None
+        self.load_job: _workers.Job | None = None
+        self.propagate_job: _workers.Job | None = None
+        self.latencies: list[float] = []  # seconds from a prompt change to its preview on screen
+        self._preview_timer = QTimer(self)
+        self._preview_timer.setSingleShot(True)
+        self._preview_timer.setInterval(15)
+        self._preview_timer.timeout.connect(self._run_preview)
+
+        # -- layers
+        self.image_combo = LayerCombo(napari_viewer, is_image)
+        self.labels_combo = LayerCombo(napari_viewer, self._accept_labels, extra="new labels layer")
+        lform = QFormLayout()
+        lform.addRow("Image", self.image_combo)
+        lform.addRow("Labels", self.labels_combo)
+
+        # -- classes
+        self.class_table = QTableWidget(0, 3)
+        self.class_table.setHorizontalHeaderLabels(["Class", "Colour", "Label"])
+        self.class_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.class_table.verticalHeader().setVisible(False)
+        self.class_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.class_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.class_table.setMaximumHeight(130)
+        self.add_class_button = QPushButton("Add class")
+        self.remove_class_button = QPushButton("Remove class")
+        class_buttons = QHBoxLayout()
+        class_buttons.addWidget(self.add_class_button)
+        class_buttons.addWidget(self.remove_class_button)
+        class_box = QGroupBox("Classes")
+        cb = QVBoxLayout(class_box)
+        cb.addWidget(self.class_table)
+        cb.addLayout(class_buttons)
+
+        # -- prompts and actions
+        self.points_button = QPushButton("Points (P)")
+        self.box_button = QPushButton("Box (R)")
+        self.negative_button = QPushButton("Negative clicks (N)")
+        self.negative_button.setCheckable(True)
+        self.commit_button = QPushButton("Commit (C)")
+        self.propagate_button = QPushButton("Propagate (G)")
+        self.clear_button = QPushButton("Clear (Q)")
+        self.undo_button = QPushButton("Undo (U)")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        grid = QGridLayout()
+        grid.addWidget(self.points_button, 0, 0)
+        grid.addWidget(self.box_button, 0, 1)
+        grid.addWidget(self.negative_button, 0, 2)
+        grid.addWidget(self.commit_button, 1, 0)
+        grid.addWidget(self.propagate_button, 1, 1)
+        grid.addWidget(self.cancel_button, 1, 2)
+        grid.addWidget(self.clear_button, 2, 0)
+        grid.addWidget(self.undo_button, 2, 1)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setVisible(False)
+        self.hint_label = QLabel("")
+        self.hint_label.setWordWrap(True)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        self.shortcuts_label = QLabel(
+            "<b>Shortcuts</b> (with the prompt layers selected)<br>"
+            + "<br>".join(f"<b>{k}</b>: {v}" for k, v in SHORTCUTS))
+        self.shortcuts_label.setWordWrap(True)
+        self.shortcuts_label.setTextFormat(Qt.TextFormat.RichText)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(lform)
+        layout.addWidget(class_box)
+        layout.addLayout(grid)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.hint_label)
+        layout.addWidget(self.status_label)
+        layout.addWidget(self.shortcuts_label)
+        layout.addStretch(1)
+
+        # -- wiring
+        self.add_class_button.clicked.connect(self._on_add_class)
+        self.remove_class_button.clicked.connect(self._on_remove_class)
+        self.class_table.itemChanged.connect(self._on_class_edited)
+        self.class_table.cellDoubleClicked.connect(self._on_class_double_clicked)
+        self.class_table.itemSelectionChanged.connect(self._on_class_selected)
+        self.points_button.clicked.connect(self.activate_points)
+        self.box_button.clicked.connect(self.activate_box)
+        self.negative_button.toggled.connect(self._on_negative_toggled)
+        self.commit_button.clicked.connect(self.commit)
+        self.propagate_button.clicked.connect(self.propagate)
+        self.clear_button.clicked.connect(self.clear_slice)
+        self.undo_button.clicked.connect(self.undo)
+        self.cancel_button.clicked.connect(self._on_cancel)
+        self.image_combo.layer_changed.connect(self._on_image_changed)
+        self.labels_combo.layer_changed.connect(self._on_labels_changed)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        self.viewer.dims.events.current_step.connect(self._on_view_changed)
+        self.viewer.dims.events.order.connect(self._on_view_changed)
+        self.viewer.dims.events.ndisplay.connect(self._on_view_changed)
+        self.session.model_changed.connect(self._on_model_changed)
+        self._fill_class_table()
+        self._on_image_changed(self.image_combo.layer)
+
+    # ---- public state ----------------------------------------------------------------------------
+    @property
+    def image_layer(self) -> Any:
+        return self.image_combo.layer
+
+    @property
+    def labels_layer(self) -> Any:
+        return self.labels_combo.layer
+
+    @property
+    def current_class(self) -> _layers.LabelClass:
+        rows = self.class_table.selectionModel().selectedRows() if self.class_table.selectionModel() else []
+        row = rows[0].row() if rows else 0
+        return self.classes[min(row, len(self.classes) - 1)]
+
+    def prompt_layers(self, create: bool = True) -> tuple[Any, Any]:
+        """The Points and Shapes layers of the selected image (made again if the user deleted them)."""
+        image = self.image_layer
+        if image is None:
+            return None, None
+        pts, shp = self._prompt_layers.get(id(image), (None, None))
+        if not create:
+            return (pts if pts in self.viewer.layers else None, shp if shp in self.viewer.layers else None)
+        if shp is None or shp not in self.viewer.layers:
+            shp = self.viewer.add_shapes(ndim=image.ndim, name=f"{image.name} boxes", scale=image.scale,
+                                         translate=image.translate, edge_color="yellow", face_color="transparent",
+                                         edge_width=max(float(np.min(image.scale[-2:])), 1e-3) * 1.5)
+            shp.events.data.connect(self._on_prompts_changed)
+            self._bind_keys(shp)
+        if pts is None or pts not in self.viewer.layers:
+            pts = self.viewer.add_points(
+                np.zeros((0, image.ndim)), ndim=image.ndim, name=f"{image.name} points", scale=image.scale,
+                translate=image.translate, features={_layers.POSITIVE: np.zeros(0, dtype=bool)},
+                face_color=_layers.POSITIVE, face_color_cycle={True: "lime", False: "red"},
+                border_color="white", size=max(6.0 * float(np.min(image.scale[-2:])), 1e-3),
+            )
+            pts.feature_defaults = {_layers.POSITIVE: not self._negative}
+            pts.events.data.connect(self._on_prompts_changed)
+            pts.mouse_drag_callbacks.insert(0, self._on_points_press)
+            self._bind_keys(pts)
+            pts.mode = "add"
+        self._prompt_layers[id(image)] = (pts, shp)
+        return pts, shp
+
+    # ---- classes ------------------------------------------------------------------------------------
+    def set_classes(self, classes: list[_layers.LabelClass]) -> None:
+        self.classes = list(classes) or _layers.default_classes()
+        self._fill_class_table()
+
+    def select_class(self, index: int) -> None:
+        self.class_table.selectRow(int(index))
+
+    def _fill_class_table(self) -> None:
+        self.class_table.blockSignals(True)
+        try:
+            self.class_table.setRowCount(len(self.classes))
+            for row, c in enumerate(self.classes):
+                self.class_table.setItem(row, 0, QTableWidgetItem(c.name))
+                colour = QTableWidgetItem("")
+                colour.setBackground(QColor(c.color))
+                colour.setFlags(colour.flags() & ~Qt.ItemFlag.ItemIsEditable)
+                colour.setToolTip("double-click to change")
+                self.class_table.setItem(row, 1, colour)
+                self.class_table.setItem(row, 2, QTableWidgetItem(str(c.label_id)))
+        finally:
+            self.class_table.blockSignals(False)
+        if not self.class_table.selectionModel().selectedRows():
+            self.class_table.selectRow(0)
+        self._apply_class_colours()
+
+    def _on_add_class(self) -> None:
+        used = {c.label_id for c in self.classes}
+        new_id = next(i for i in range(1, len(used) + 2) if i not in used)
+        color = _layers.DEFAULT_COLORS[(new_id - 1) % len(_layers.DEFAULT_COLORS)]
+        self.classes.append(_layers.LabelClass(f"structure {new_id}", color, new_id))
+        self._fill_class_table()
+        self.class_table.selectRow(len(self.classes) - 1)
+
+    def _on_remove_class(self) -> None:
+        if len(self.classes) <= 1:
+            return
+        rows = self.class_table.selectionModel().selectedRows()
+        row = rows[0].row() if rows else len(self.classes) - 1
+        del self.classes[row]
+        self._fill_class_table()
+
+    def _on_class_edited(self, item: QTableWidgetItem) -> None:
+        row, col = item.row(), item.column()
+        if not 0 <= row < len(self.classes):
+            return
+        c = self.classes[row]
+        if col == 0:
+            self.classes[row] = _layers.LabelClass(item.text() or c.name, c.color, c.label_id)
+        elif col == 2:
+            try:
+                value = int(item.text())
+            except ValueError:
+                value = -1
+            others = {k.label_id for i, k in enumerate(self.classes) if i != row}
+            if value < 1 or value in others:
+                self.class_table.blockSignals(True)
+                item.setText(str(c.label_id))
+                self.class_table.blockSignals(False)
+                self.hint_label.setText("A label must be a positive integer that no other class uses.")
+                return
+            self.classes[row] = _layers.LabelClass(c.name, c.color, value)
+        self._apply_class_colours()
+
+    def _on_class_double_clicked(self, row: int, col: int) -> None:
+        if col != 1:
+            return
+        c = self.classes[row]
+        colour = QColorDialog.getColor(QColor(c.color), self, f"Colour of {c.name}")
+        if colour.isValid():
+            self.classes[row] = _layers.LabelClass(c.name, colour.name(), c.label_id)
+            self._fill_class_table()
+
+    def _on_class_selected(self) -> None:
+        self._apply_class_colours()
+
+    def _apply_class_colours(self) -> None:
+        labels = self.labels_layer
+        if labels is not None:
+            if _layers.is_ours(labels):
+                labels.colormap = _layers.class_colormap(self.classes)
+            labels.selected_label = self.current_class.label_id
+        if self._preview is not None and self._preview in self.viewer.layers:
+            c = self.current_class
+            self._preview.colormap = _layers.class_colormap([_layers.LabelClass(c.name, c.color, 1)])
+
+    # ---- layers -------------------------------------------------------------------------------------
+    def _accept_labels(self, layer: Any) -> bool:
+        from napari.layers import Labels
+
+        image = self.image_layer if hasattr(self, "image_combo") else None
+        return (isinstance(layer, Labels) and layer is not self._preview and image is not None
+                and _layers.fits(layer, image))
+
+    def _on_image_changed(self, image: Any) -> None:
+        self._cancel_preview()
+        self._clear_preview()
+        if self._watched_image is not None:
+            try:
+                self._watched_image.events.data.disconnect(self._on_image_data)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        self._watched_image = image
+        for pid, (pts, shp) in self._prompt_layers.items():  # show only the selected image's prompts
+            for ly in (pts, shp):
+                if ly is not None and ly in self.viewer.layers:
+                    ly.visible = image is not None and pid == id(image)
+        self.labels_combo.refresh()
+        if image is not None:
+            image.events.data.connect(self._on_image_data)
+            self.prompt_layers(create=True)
+            self.activate_box() if self._box_preferred() else self.activate_points()
+        self._update_status()
+
+    def _on_image_data(self, event: Any = None) -> None:
+        """The image's data were replaced: its old embeddings and preview no longer apply."""
+        self._cancel_preview()
+        self._clear_preview()
+        self.labels_combo.refresh()
+        self._schedule_preview()
+
+    def _on_labels_changed(self, labels: Any) -> None:
+        self._apply_class_colours()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        layer = event.value
+        if layer is self._preview:
+            self._preview = None
+            self._preview_view = None
+            self._last = None
+        removed = self._prompt_layers.pop(id(layer), None)
+        if removed is not None:  # an image went: its prompt layers and encoders go too
+            self.session.forget_image(id(layer))
+            for ly in removed:
+                if ly is not None and ly in self.viewer.layers:
+                    self.viewer.layers.remove(ly)
+        self._edits = [(ref, e) for ref, e in self._edits if ref() is not None and ref() is not layer]
+
+    def _target_labels(self) -> Any:
+        """The Labels layer to write into; a new one for the image when none is selected."""
+        labels = self.labels_layer
+        image = self.image_layer
+        if labels is not None and labels in self.viewer.layers:
+            return labels
+        if image is None:
+            return None
+        labels = self.viewer.add_labels(**_layers.new_labels_kwargs(image))
+        labels.colormap = _layers.class_colormap(self.classes)
+        self._bind_keys(labels)
+        self.labels_combo.refresh()
+        self.labels_combo.set_layer(labels)
+        self._reselect_prompt_layer()
+        return labels
+
+    def _ensure_preview(self) -> Any:
+        image = self.image_layer
+        shape = _layers.spatial_shape(image)
+        prev = self._preview
+        if prev is not None and prev in self.viewer.layers and tuple(prev.data.shape) == shape and \
+                np.allclose(prev.scale, image.scale) and np.allclose(prev.translate, image.translate):
+            return prev
+        if prev is not None and prev in self.viewer.layers:
+            self.viewer.layers.remove(prev)
+        c = self.current_class
+        prev = self.viewer.add_labels(np.zeros(shape, dtype=np.uint8), name="MedSAM preview", scale=image.scale,
+                                      translate=image.translate, opacity=0.55, blending="translucent",
+                                      colormap=_layers.class_colormap([_layers.LabelClass(c.name, c.color, 1)]))
+        prev.editable = False
+        self._bind_keys(prev)
+        self._preview = prev
+        self._preview_view = None
+        self.labels_combo.refresh()
+        self._reselect_prompt_layer()
+        return prev
+
+    def _reselect_prompt_layer(self) -> None:
+        pts, shp = self.prompt_layers(create=False)
+        active = self.viewer.layers.selection.active
+        if active not in (pts, shp):
+            target = shp if self._box_preferred() and shp is not None else pts
+            if target is not None:
+                self.viewer.layers.selection.active = target
+
+    def _bind_keys(self, layer: Any) -> None:
+        bindings = {
+            "C": lambda _ly: self.commit(),
+            "G": lambda _ly: self.propagate(),
+            "Q": lambda _ly: self.clear_slice(),
+            "Shift-Q": lambda _ly: self.clear_all(),
+            "U": lambda _ly: self.undo(),
+            "N": lambda _ly: self.negative_button.toggle(),
+        }
+        for key, fn in bindings.items():
+            layer.bind_key(key, fn, overwrite=True)
+
+    # ---- prompt modes -------------------------------------------------------------------------------
+    def _box_preferred(self) -> bool:
+        from ..core.registry import get_spec
+
+        loaded = self.session.loaded
+        spec = loaded.spec if loaded is not None else get_spec(DEFAULT_MODEL)
+        return spec.box_preferred
+
+    def activate_points(self) -> None:
+        pts, _ = self.prompt_layers()
+        if pts is not None:
+            self.viewer.layers.selection.active = pts
+            pts.mode = "add"
+
+    def activate_box(self) -> None:
+        _, shp = self.prompt_layers()
+        if shp is not None:
+            self.viewer.layers.selection.active = shp
+            shp.mode = "add_rectangle"
+
+    def _on_negative_toggled(self, checked: bool) -> None:
+        self._negative = bool(checked)
+        pts, _ = self.prompt_layers(create=False)
+        if pts is not None:
+            pts.feature_defaults = {_layers.POSITIVE: not self._negative}
+
+    def _on_points_press(self, layer: Any, event: Any) -> None:
+        """Shift+click adds a negative point (or a positive one while negative clicks are on)."""
+        if layer.mode != "add":
+            return
+        shift = "Shift" in [str(m) for m in getattr(event, "modifiers", ())]
+        layer.feature_defaults = {_layers.POSITIVE: not (self._negative ^ shift)}
+
+    # ---- preview ------------------------------------------------------------------------------------
+    def _on_prompts_changed(self, event: Any = None) -> None:
+        if _action(event) in _TRANSIENT:
+            return
+        if self._prompt_time is None:
+            self._prompt_time = time.perf_counter()
+        self._schedule_preview()
+
+    def _on_view_changed(self, event: Any = None) -> None:
+        self._schedule_preview()
+        self._update_status()
+
+    def _schedule_preview(self) -> None:
+        self._preview_timer.start()
+
+    def _snapshot(self) -> tuple[Any, _layers.SliceView, Any, Any, tuple] | None:
+        image = self.image_layer
+        if image is None:
+            return None
+        view = _layers.current_slice(self.viewer.dims, image)
+        if view is None:
+            return None
+        pts, shp = self.prompt_layers(create=False)
+        prompt = _layers.slice_prompt(pts, shp, image, view)
+        req = encoder_request(image, self.viewer, self.session)
+        tag = (id(image), id(_layers._plain_data(image)), view.axis, view.index, _prompt_signature(prompt))
+        return image, view, prompt, req, tag
+
+    def _run_preview(self) -> None:
+        if self._preview_job is not None and self._preview_job.running:
+            self._preview_dirty = True
+            return
+        snap = self._snapshot()
+        if snap is None:
+            self._clear_preview()
+            return
+        image, view, prompt, req, tag = snap
+        if prompt is None:
+            self._clear_preview()
+            self._prompt_time = None
+            return
+        if self._last is not None and self._last[0] == tag:
+            return  # already on screen
+        if self.session.loaded is None:
+            self._load_default_model(then=self._schedule_preview)
+            return
+        if prompt.n_points and self.session.loaded.spec.box_preferred:
+            self.hint_label.setText(f"{self.session.loaded.name} was trained with boxes: draw a box (R) "
+                                    "around the structure for a reliable mask; points are experimental.")
+        else:
+            self.hint_label.setText("")
+        self._preview_dirty = False
+        self._preview_job = _workers.start(
+            lambda cancel: self.session.preview_steps(req, view.index, prompt), desc="MedSAM preview",
+            show_bar=False, cancelable=False,
+            on_returned=lambda res: self._on_preview_result(tag, view, res),
+            on_finished=self._on_preview_finished)
+
+    def _on_preview_result(self, tag: tuple, view: _layers.SliceView, res: Any) -> None:
+        snap = self._snapshot()
+        if snap is None or snap[4] != tag:
+            self._preview_dirty = True  # the prompt or the slice changed meanwhile: run again
+            return
+        if self.image_layer is None:
+            return
+        self._last = (tag, res)
+        self._draw_preview(res.mask, view)
+        if self._prompt_time is not None:
+            self.latencies.append(time.perf_counter() - self._prompt_time)
+            self._prompt_time = None
+        self._update_status(iou=res.iou)
+        if self._job_embedded(self._preview_job):
+            self.session.embeddings_changed.emit(tag[0])
+        if self._commit_pending:
+            self._commit_pending = False
+            self.commit()
+
+    @staticmethod
+    def _job_embedded(job: _workers.Job | None) -> bool:
+        return bool(job is not None and job.last is not None and job.last.info.get("embedded_now"))
+
+    def _on_preview_finished(self, job: _workers.Job) -> None:
+        if self._preview_dirty:  # prompts changed while it ran: run the latest (a pending commit waits)
+            self._preview_dirty = False
+            self._schedule_preview()
+        else:  # done, or failed (the error was shown): a pending commit has nothing to wait for
+            self._commit_pending = False
+
+    def _draw_preview(self, mask: np.ndarray | None, view: _layers.SliceView | None = None) -> None:
+        if self.image_layer is None:
+            return
+        view = view or self._preview_view
+        if view is None:
+            return
+        prev = self._ensure_preview()
+        _layers.show_preview(prev, view, mask, 1, self._preview_view)
+        self._preview_view = view
+
+    def _clear_preview(self) -> None:
+        self._last = None
+        if self._preview is not None and self._preview in self.viewer.layers and self._preview_view is not None:
+            _layers.show_preview(self._preview, self._preview_view, None, 0, self._preview_view)
+        self._preview_view = None
+
+    def _cancel_preview(self) -> None:
+        self._preview_timer.stop()
+        self._commit_pending = False
+        self._prompt_time = None
+
+    # ---- model --------------------------------------------------------------------------------------
+    def _load_default_model(self, then: Any = None) -> None:
+        if self.load_job is not None and self.load_job.running:
+            return
+        choice = ModelChoice(DEFAULT_MODEL)
+        self.status_label.setText(f"Loading {choice.name} (first prompt)…")
+
+        def done(job: _workers.Job) -> None:
+            if self.session.loaded is not None and then is not None:
+                then()
+
+        self.load_job = load_model_job(self.session, choice, on_done=done)
+
+    def _on_model_changed(self, loaded: Any) -> None:
+        self._last = None
+        self._schedule_preview()
+        self._update_status()
+
+    # ---- commit / propagate / clear / undo ---------------------------------------------------------
+    def commit(self) -> None:
+        """Write the preview of the slice under view into the Labels layer (current class, where 0)."""
+        snap = self._snapshot()
+        if snap is None:
+            return
+        image, view, prompt, _req, tag = snap
+        if prompt is None:
+            self.hint_label.setText("Nothing to commit: click a point or draw a box first.")
+            return
+        if self._last is None or self._last[0] != tag:
+            self._commit_pending = True  # commit as soon as the preview of this prompt arrives
+            self._schedule_preview()
+            return
+        labels = self._target_labels()
+        if labels is None:
+            return
+        cls = self.current_class
+        edit = _layers.paint_masks(labels, view, {view.index: self._last[1].mask}, cls.label_id,
+                                   description=f"commit {cls.name} on slice {view.index}")
+        if edit is not None:
+            self._edits.append((weakref.ref(labels), edit))
+        self._committed.setdefault((id(labels), cls.label_id, view.axis), set()).add(view.index)
+        pts, shp = self.prompt_layers(create=False)
+        self._cancel_preview()
+        _layers.remove_prompts(pts, shp, image, view)
+        self._clear_preview()
+        n = 0 if edit is None else edit.n_voxels
+        self.status_label.setText(f"Committed {cls.name} (label {cls.label_id}) on slice {view.index}: {n} voxels.")
+
+    def _seeds(self, image: Any, view: _layers.SliceView, labels: Any, label_id: int) -> tuple[dict, set[int]]:
+        from ..core.segment import Prompt2D, box_of
+
+        pts, shp = self.prompt_layers(create=False)
+        seeds: dict[int, Any] = {}
+        for z in _layers.prompted_slices(pts, shp, image, view):
+            p = _layers.slice_prompt(pts, shp, image, _layers.with_index(view, z))
+            if p is not None:
+                seeds[z] = p
+        committed: set[int] = set()
+        if labels is not None:
+            for z in sorted(self._committed.get((id(labels), label_id, view.axis), set())):
+                box = box_of(_layers.label_mask(labels, _layers.with_index(view, z), label_id))
+                if box is not None:
+                    committed.add(z)
+                    seeds.setdefault(z, Prompt2D.from_box(box))
+            if not seeds:
+                box = box_of(_layers.label_mask(labels, view, label_id))
+                if box is not None:
+                    seeds[view.index] = Prompt2D.from_box(box)
+                    committed.add(view.index)
+        return seeds, committed
+
+    def propagate(self) -> None:
+        """Carry the current class through the volume from its prompts / committed slices (worker)."""
+        if self.propagate_job is not None and self.propagate_job.running:
+            return
+        snap = self._snapshot()
+        if snap is None:
+            return
+        image, view, _prompt, req, _tag = snap
+        if not view.is_3d:
+            self.hint_label.setText("Propagation needs a 3D volume; on a 2D image use Commit.")
+            return
+        if self.session.loaded is None:
+            self._load_default_model(then=self.propagate)
+            return
+        labels = self.labels_layer
+        cls = self.current_class
+        seeds, committed = self._seeds(image, view, labels, cls.label_id)
+        if not seeds:
+            self.hint_label.setText("Nothing to propagate: draw a box on a slice (and commit it) first.")
+            return
+        self.hint_label.setText("")
+        self.progress_bar.setVisible(True)
+        self.progress_bar.setRange(0, 0)
+        self.cancel_button.setEnabled(True)
+        self.propagate_button.setEnabled(False)
+        self.status_label.setText(f"Propagating {cls.name} from slice(s) {sorted(seeds)}…")
+        labels_ref = weakref.ref(labels) if labels is not None else None
+        image_ref = weakref.ref(image)
+
+        def returned(masks: dict) -> None:
+            self._on_propagated(image_ref, labels_ref, view, cls, masks, committed)
+
+        self.propagate_job = _workers.start(
+            lambda cancel: self.session.propagate_steps(req, seeds, cancel=cancel),
+            desc=f"Propagating {cls.name}", on_progress=self._on_job_progress, on_returned=returned,
+            on_finished=self._on_propagate_finished)
+
+    def _on_job_progress(self, p: Any) -> None:
+        if p.total:
+            self.progress_bar.setRange(0, p.total)
+            self.progress_bar.setValue(p.step)
+
+    def _on_propagated(self, image_ref: Any, labels_ref: Any, view: _layers.SliceView, cls: _layers.LabelClass,
+                       masks: dict, committed: set[int]) -> None:
+        image = image_ref()
+        if image is None or image not in self.viewer.layers:
+            self.status_label.setText("The image was removed during propagation; nothing was written.")
+            return
+        labels = labels_ref() if labels_ref is not None else None
+        if labels is None or labels not in self.viewer.layers or not _layers.fits(labels, image):
+            if self.image_layer is not image:
+                self.status_label.setText("The image changed during propagation; nothing was written.")
+                return
+            labels = self._target_labels()
+        todo = {z: m for z, m in masks.items() if z not in committed}
+        edit = _layers.paint_masks(labels, view, todo, cls.label_id, description=f"propagate {cls.name}")
+        if edit is not None:
+            self._edits.append((weakref.ref(labels), edit))
+        key = (id(labels), cls.label_id, view.axis)
+        self._committed.setdefault(key, set()).update(masks)
+        pts, shp = self.prompt_layers(create=False)
+        if self.image_layer is image:
+            _layers.remove_prompts(pts, shp, image, None)
+            self._clear_preview()
+        span = f"slices {min(masks)}-{max(masks)}" if masks else "no slice"
+        n = 0 if edit is None else edit.n_voxels
+        self.status_label.setText(f"Propagated {cls.name} over {len(masks)} slices ({span}): {n} voxels written.")
+        self.session.embeddings_changed.emit(id(image))
+
+    def _on_propagate_finished(self, job: _workers.Job) -> None:
+        self.progress_bar.setVisible(False)
+        self.cancel_button.setEnabled(False)
+        self.propagate_button.setEnabled(True)
+        if job.cancelled:
+            self.status_label.setText("Propagation cancelled; nothing was written.")
+
+    def _on_cancel(self) -> None:
+        if self.propagate_job is not None:
+            self.propagate_job.cancel()
+
+    def clear_slice(self) -> None:
+        """Remove the prompts on the slice under view and the preview."""
+        image = self.image_layer
+        view = _layers.current_slice(self.viewer.dims, image) if image is not None else None
+        if view is None:
+            return
+        pts, shp = self.prompt_layers(create=False)
+        self._cancel_preview()
+        _layers.remove_prompts(pts, shp, image, view)
+        self._clear_preview()
+
+    def clear_all(self) -> None:
+        """Remove every prompt of the selected image and the preview."""
+        image = self.image_layer
+        if image is None:
+            return
+        pts, shp = self.prompt_layers(create=False)
+        self._cancel_preview()
+        _layers.remove_prompts(pts, shp, image, None)
+        self._clear_preview()
+
+    def undo(self) -> None:
+        """Undo the last commit or propagation (voxels repainted since then are left alone)."""
+        while self._edits:
+            ref, edit = self._edits.pop()
+            labels = ref()
+            if labels is None or labels not in self.viewer.layers:
+                continue
+            _layers.undo_edit(labels, edit)
+            for key, slices in self._committed.items():
+                if key[0] == id(labels) and key[1] == edit.label_id:
+                    slices.difference_update(edit.slices)
+            self.status_label.setText(f"Undid {edit.description} ({edit.n_voxels} voxels).")
+            return
+        self.status_label.setText("Nothing to undo.")
+
+    # ---- status -------------------------------------------------------------------------------------
+    def _update_status(self, iou: float | None = None) -> None:
+        image = self.image_layer
+        if image is None:
+            self.status_label.setText("Open an image (File > Open, or File > Open Sample > MedSAM).")
+            return
+        if self.session.loaded is None:
+            self.status_label.setText(f"No model loaded: the first prompt loads {DEFAULT_MODEL} "
+                                      "(or choose one in the Model widget).")
+            return
+        view = _layers.current_slice(self.viewer.dims, image)
+        where = "" if view is None or not view.is_3d else f"slice {view.index} / {view.n_slices - 1} (axis {view.axis}) · "
+        extra = "" if iou is None else f"predicted IoU {iou:.2f}"
+        if iou is not None and self.latencies:
+            extra += f" · {1000 * self.latencies[-1]:.0f} ms"
+        if int(self.viewer.dims.ndisplay) == 3:
+            extra = "switch to the 2D view to place prompts"
+        self.status_label.setText(f"{where}{self.session.loaded.name} · {extra}".rstrip(" ·"))
+
+    # ---- cleanup ------------------------------------------------------------------------------------
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        self.cleanup()
+        super().closeEvent(event)
+
+    def cleanup(self) -> None:
+        self._preview_timer.stop()
+        for job in (self.propagate_job, self._preview_job):
+            if job is not None:
+                job.cancel()
+        self.image_combo.disconnect_viewer()
+        self.labels_combo.disconnect_viewer()
+        self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        self.viewer.dims.events.current_step.disconnect(self._on_view_changed)
+        self.viewer.dims.events.order.disconnect(self._on_view_changed)
+        self.viewer.dims.events.ndisplay.disconnect(self._on_view_changed)
+        self.session.model_changed.disconnect(self._on_model_changed)
+        if self._watched_image is not None:
+            self._watched_image.events.data.disconnect(self._on_image_data)

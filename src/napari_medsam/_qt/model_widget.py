@@ -1,0 +1,367 @@
+"""Model & embeddings dock widget: choose and load a model, precompute an image's embeddings.
+
+Opening this widget imports neither torch nor the networks: the model list comes from the registry
+and the weights' availability from the file system. Pressing *Load* loads the model in a thread
+worker; *Embed image* embeds every slice (the slice under view first) with a napari progress bar
+and a Cancel button. What is cached is shown for the selected image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import _layers
+from ..core.device import DEVICES, PRECISIONS
+from ..core.registry import DEFAULT_MODEL, MODELS, get_spec, list_models
+from . import _workers
+from ._layer_combo import LayerCombo
+from .session import EncoderRequest, IntensityChoice, ModelChoice, Session, session_for
+
+INTENSITIES: dict[str, IntensityChoice] = {
+    "auto (CT window or MR percentiles)": IntensityChoice("auto"),
+    "CT soft tissue (W400 L40)": IntensityChoice("ct", "soft_tissue"),
+    "CT lung (W1500 L-600)": IntensityChoice("ct", "lung"),
+    "CT bone (W1800 L400)": IntensityChoice("ct", "bone"),
+    "CT brain (W80 L40)": IntensityChoice("ct", "brain"),
+    "MR (0.5-99.5 percentiles)": IntensityChoice("mr"),
+    "min-max": IntensityChoice("minmax"),
+}
+
+
+def is_image(layer: Any) -> bool:
+    from napari.layers import Image
+
+    return isinstance(layer, Image) and int(layer.ndim) in (2, 3)
+
+
+def availability(name: str) -> tuple[bool, str]:
+    """Whether a model can be loaded now (or downloaded on Load), and a line saying why."""
+    from ..core.weights import how_to_get, weights_available
+
+    spec = get_spec(name)
+    if spec.weights.random_init:
+        return True, "random weights (tests and demos only)"
+    found = weights_available(spec)
+    if found is not None:
+        where = "bundled" if spec.weights.bundled_package else "found"
+        return True, f"{where}: {found}"
+    if spec.weights.url:
+        size = f" ({spec.weights.size / 1e6:.0f} MB)" if spec.weights.size else ""
+        return True, f"downloaded on Load{size} from {spec.weights.url}"
+    return False, f"weights missing: {how_to_get(spec)}"
+
+
+def encoder_request(layer: Any, viewer: Any, session: Session) -> EncoderRequest | None:
+    """Snapshot (main thread) of what to embed for ``layer`` along the axis under view."""
+    if layer is None or not is_image(layer):
+        return None
+    view = _layers.current_slice(viewer.dims, layer)
+    axis = view.axis if view is not None else _layers.slice_axis(viewer.dims, layer) if layer.ndim == 3 else 0
+    data = _layers._plain_data(layer)
+    return EncoderRequest(image_id=id(layer), data_id=id(data), volume=_layers.image_volume(layer), axis=axis,
+                          intensity=session.intensity, name=layer.name)
+
+
+def load_model_job(session: Session, choice: ModelChoice, *, on_progress: Any = None,
+                   on_done: Any = None) -> _workers.Job:
+    """Load ``choice`` into ``session`` in a thread worker (shared by every widget)."""
+
+    def returned(loaded: Any) -> None:
+        session.set_model(loaded, choice)
+
+    def finished(job: _workers.Job) -> None:
+        if on_done is not None:
+            on_done(job)
+
+    return _workers.start(lambda cancel: session.load_model_steps(choice), desc=f"Loading {choice.name}",
+                          on_progress=on_progress, on_returned=returned, on_finished=finished,
+                          cancelable=False)
+
+
+class ModelWidget(QWidget):
+    """Choose, load and inspect a model; precompute embeddings of an image."""
+
+    def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session or session_for(napari_viewer)
+        self.load_job: _workers.Job | None = None
+        self.embed_job: _workers.Job | None = None
+        self.status_job: _workers.Job | None = None
+        self._current_index = 0
+        self._after_load: Any = None
+
+        # -- model group
+        self.model_combo = QComboBox()
+        for name in list_models(include_test=True):
+            ok, _ = availability(name)
+            tag = " (test)" if "test" in MODELS[name].tags else ""
+            self.model_combo.addItem(f"{'✓' if ok else '✗'} {name}{tag}", name)
+        self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(DEFAULT_MODEL)))
+        self.model_info = QLabel()
+        self.model_info.setWordWrap(True)
+        self.model_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setPlaceholderText("registered weights (or choose a .pth file)")
+        self.weights_button = QPushButton("Choose…")
+        weights_row = QHBoxLayout()
+        weights_row.addWidget(self.weights_edit)
+        weights_row.addWidget(self.weights_button)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(list(PRECISIONS))
+        self.load_button = QPushButton("Load")
+        self.load_status = QLabel("No model loaded.")
+        self.load_status.setWordWrap(True)
+        self.load_bar = QProgressBar()
+        self.load_bar.setVisible(False)
+
+        form = QFormLayout()
+        form.addRow("Model", self.model_combo)
+        form.addRow("", self.model_info)
+        form.addRow("Weights", weights_row)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Precision", self.precision_combo)
+        model_box = QGroupBox("Model")
+        mb = QVBoxLayout(model_box)
+        mb.addLayout(form)
+        mb.addWidget(self.load_button)
+        mb.addWidget(self.load_bar)
+        mb.addWidget(self.load_status)
+
+        # -- embeddings group
+        self.image_combo = LayerCombo(napari_viewer, is_image)
+        self.intensity_combo = QComboBox()
+        self.intensity_combo.addItems(list(INTENSITIES))
+        self.cache_label = QLabel("")
+        self.cache_label.setWordWrap(True)
+        self.embed_button = QPushButton("Embed image")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.embed_bar = QProgressBar()
+        self.embed_bar.setVisible(False)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.embed_button)
+        buttons.addWidget(self.cancel_button)
+        eform = QFormLayout()
+        eform.addRow("Image", self.image_combo)
+        eform.addRow("Intensity", self.intensity_combo)
+        emb_box = QGroupBox("Embeddings")
+        eb = QVBoxLayout(emb_box)
+        eb.addLayout(eform)
+        eb.addLayout(buttons)
+        eb.addWidget(self.embed_bar)
+        eb.addWidget(self.cache_label)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(model_box)
+        layout.addWidget(emb_box)
+        layout.addStretch(1)
+
+        # -- wiring
+        self.model_combo.currentIndexChanged.connect(self._on_model_selected)
+        self.weights_button.clicked.connect(self._on_choose_weights)
+        self.weights_edit.textChanged.connect(self._on_weights_text)
+        self.load_button.clicked.connect(self._on_load)
+        self.embed_button.clicked.connect(self._on_embed)
+        self.cancel_button.clicked.connect(self._on_cancel)
+        self.intensity_combo.currentIndexChanged.connect(self._on_intensity)
+        self.image_combo.layer_changed.connect(self._on_image_changed)
+        self.session.model_changed.connect(self._on_model_changed)
+        self.session.embeddings_changed.connect(self._on_embeddings_changed)
+        self.viewer.dims.events.current_step.connect(self._on_dims)
+        self.viewer.dims.events.order.connect(self._on_image_changed)
+        self._on_model_selected()
+        self._on_model_changed(self.session.loaded)
+
+    # -- model ----------------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return str(self.model_combo.currentData())
+
+    def select_model(self, name: str) -> None:
+        self.model_combo.setCurrentIndex(self.model_combo.findData(name))
+
+    def _on_model_selected(self, *_: Any) -> None:
+        name = self.model_name
+        spec = get_spec(name)
+        ok, where = availability(name)
+        prompts = ", ".join(spec.prompts)
+        lines = [spec.description, f"Prompts it was trained with: {prompts}.", where]
+        if spec.box_preferred:
+            lines.append("Boxes are the reliable prompt for this model; points are experimental.")
+        self.model_info.setText("\n".join(lines))
+        missing = not ok
+        self.weights_button.setText("Choose weights file…" if missing else "Choose…")
+        self.load_button.setEnabled(not missing or bool(self.weights_edit.text().strip()))
+
+    def _on_weights_text(self, text: str) -> None:
+        ok, _ = availability(self.model_name)
+        self.load_button.setEnabled(ok or bool(text.strip()))
+
+    def _on_choose_weights(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, f"Weights for {self.model_name}", "",
+                                              "PyTorch checkpoints (*.pth *.pt *.bin);;All files (*)")
+        if path:
+            self.weights_edit.setText(path)
+
+    def choice(self) -> ModelChoice:
+        weights = self.weights_edit.text().strip() or None
+        return ModelChoice(name=self.model_name, weights=weights, device=self.device_combo.currentText(),
+                           precision=self.precision_combo.currentText())
+
+    def _on_load(self, *_: Any, then: Any = None) -> None:
+        if self.load_job is not None and self.load_job.running:
+            return
+        self._after_load = then
+        choice = self.choice()
+        self.load_button.setEnabled(False)
+        self.load_bar.setVisible(True)
+        self.load_bar.setRange(0, 0)
+        self.load_status.setText(f"Loading {choice.name}…")
+        self.load_job = load_model_job(self.session, choice, on_progress=self._on_load_progress,
+                                       on_done=self._on_load_done)
+
+    def _on_load_progress(self, p: Any) -> None:
+        if p.total:
+            self.load_bar.setRange(0, p.total)
+            self.load_bar.setValue(p.step)
+        if p.message:
+            self.load_status.setText(p.message + "…")
+
+    def _on_load_done(self, job: _workers.Job) -> None:
+        self.load_bar.setVisible(False)
+        self.load_button.setEnabled(True)
+        if self.session.loaded is None or job.cancelled:
+            self.load_status.setText("No model loaded (see the notification).")
+            return
+        then, self._after_load = self._after_load, None
+        if then is not None:
+            then()
+
+    def _on_model_changed(self, loaded: Any) -> None:
+        if loaded is None:
+            self.load_status.setText("No model loaded.")
+        else:
+            dtype = "fp32" if loaded.dtype is None else str(loaded.dtype).replace("torch.", "")
+            self.load_status.setText(f"Loaded {loaded.name} on {loaded.device} ({dtype}); "
+                                     f"weights {loaded.weights_hash[:12]}")
+        self._refresh_cache_status()
+
+    # -- embeddings -----------------------------------------------------------------------------------
+    def request(self) -> EncoderRequest | None:
+        return encoder_request(self.image_combo.layer, self.viewer, self.session)
+
+    def _on_intensity(self, *_: Any) -> None:
+        self.session.intensity = INTENSITIES[self.intensity_combo.currentText()]
+        self._refresh_cache_status()
+
+    def _on_image_changed(self, *_: Any) -> None:
+        self._on_dims()
+        self._refresh_cache_status()
+
+    def _on_dims(self, *_: Any) -> None:
+        layer = self.image_combo.layer
+        if layer is None:
+            return
+        view = _layers.current_slice(self.viewer.dims, layer)
+        if view is not None:
+            self._current_index = view.index
+
+    def _on_embeddings_changed(self, image_id: Any) -> None:
+        layer = self.image_combo.layer
+        if layer is not None and image_id == id(layer) and not (self.embed_job and self.embed_job.running):
+            self._refresh_cache_status()
+
+    def _refresh_cache_status(self) -> None:
+        req = self.request()
+        if req is None:
+            self.cache_label.setText("No 2D or 3D image layer open.")
+            self.embed_button.setEnabled(False)
+            return
+        self.embed_button.setEnabled(not (self.embed_job and self.embed_job.running))
+        if self.session.loaded is None:
+            self.cache_label.setText("Load a model to see what is cached.")
+            return
+        if self.status_job is not None and self.status_job.running:
+            return
+        self.cache_label.setText("Checking the cache…")
+        self.status_job = _workers.start(lambda cancel: self.session.status_steps(req), desc="cache status",
+                                         show_bar=False, on_returned=self._show_status)
+
+    def _show_status(self, status: dict) -> None:
+        layer = self.image_combo.layer
+        if layer is None or status.get("image_id") != id(layer):
+            return
+        req = self.request()
+        axis = "" if req is None or req.volume.spatial_ndim == 2 else f" along axis {req.axis}"
+        self.cache_label.setText(f"{status['cached']} / {status['n_slices']} slices cached{axis} "
+                                 f"for {self.session.loaded.name if self.session.loaded else '?'}.")
+
+    def _on_embed(self) -> None:
+        if self.embed_job is not None and self.embed_job.running:
+            return
+        req = self.request()
+        if req is None:
+            return
+        if self.session.loaded is None:
+            # Load first, then embed: the same button press, no second click needed.
+            self._on_load(then=self._on_embed)
+            return
+        self._on_dims()
+        self.embed_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.embed_bar.setVisible(True)
+        self.embed_bar.setRange(0, 0)
+        self.embed_job = _workers.start(
+            lambda cancel: self.session.embed_steps(req, lambda: self._current_index, cancel=cancel),
+            desc=f"Embedding {req.name}", on_progress=self._on_embed_progress, on_finished=self._on_embed_done)
+
+    def _on_embed_progress(self, p: Any) -> None:
+        if p.total:
+            self.embed_bar.setRange(0, p.total)
+            self.embed_bar.setValue(p.step)
+            self.cache_label.setText(f"Embedding: {p.step} / {p.total} slices cached…")
+
+    def _on_embed_done(self, job: _workers.Job) -> None:
+        self.embed_bar.setVisible(False)
+        self.cancel_button.setEnabled(False)
+        self.embed_button.setEnabled(True)
+        if job.last is not None and job.last.total:
+            self.session.embeddings_changed.emit(job.last.info.get("image_id"))
+        self._refresh_cache_status()
+
+    def _on_cancel(self) -> None:
+        if self.embed_job is not None:
+            self.embed_job.cancel()
+
+    # -- cleanup --------------------------------------------------------------------------------------
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        self.cleanup()
+        super().closeEvent(event)
+
+    def cleanup(self) -> None:
+        for job in (self.embed_job, self.load_job):
+            if job is not None:
+                job.cancel()
+        self.image_combo.disconnect_viewer()
+        self.session.model_changed.disconnect(self._on_model_changed)
+        self.session.embeddings_changed.disconnect(self._on_embeddings_changed)
+        self.viewer.dims.events.current_step.disconnect(self._on_dims)
+        self.viewer.dims.events.order.disconnect(self._on_image_changed)

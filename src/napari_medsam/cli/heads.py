@@ -1,0 +1,187 @@
+"""``napari-medsam train`` and ``napari-medsam predict``: few-shot prompt-free heads from the shell.
+
+``train IMAGE LABELS --head KIND -o HEAD`` embeds the labelled slices (through the cache), trains a
+head on them and writes one head file. ``predict IMAGE [IMAGE...] --head HEAD -o OUT`` segments
+whole images with it, no prompt: the model, slice axis and intensity mapping come from the head
+file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from ._common import add_image_args, add_model_args, parse_int_list, run_with_progress
+
+HEAD_KINDS = ("linear", "cnn", "autosam")
+
+
+def register(sub: Any) -> None:
+    t = sub.add_parser(
+        "train", help="train a prompt-free head on a few labelled slices",
+        description="Train a light head on frozen embeddings of the labelled slices of IMAGE "
+                    "(AutoSAM recipe) and write it to one head file.",
+    )
+    t.add_argument("image", metavar="IMAGE", help="the image (NIfTI, TIFF, .npy, zarr)")
+    t.add_argument("labels", metavar="LABELS",
+                   help="integer labels of the same shape: 0 background, 1..K classes")
+    t.add_argument("--head", required=True, choices=HEAD_KINDS, help="head family")
+    t.add_argument("-o", "--output", required=True, metavar="HEAD", help="head file to write (e.g. brain.head.pt)")
+    t.add_argument("--slices", default=None,
+                   help="training slices along --axis, e.g. 3,17,40 or 10-20 (default: every slice with a label)")
+    t.add_argument("--epochs", type=int, default=None, help="most passes over the labelled slices (default 100)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the head's own)")
+    t.add_argument("--batch-size", type=int, default=None, help="slices per step (default 4)")
+    t.add_argument("--patience", type=int, default=None,
+                   help="stop after this many epochs without improvement (default 15; 0: never)")
+    t.add_argument("--no-augment", action="store_true", help="no random flips and shifts")
+    t.add_argument("--image-skip", action="store_true", help="cnn head: add skip connections from the image")
+    t.add_argument("--class-names", default=None, help="comma-separated names of classes 1..K, e.g. GM,WM")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training (default: all cores but one; 0: torch's default)")
+    add_model_args(t)
+    add_image_args(t)
+    t.set_defaults(func=run_train)
+
+    p = sub.add_parser(
+        "predict", help="segment whole images with a trained head, no prompt",
+        description="Segment every slice of each IMAGE with a head trained by `napari-medsam train`. "
+                    "The model, slice axis and intensity mapping come from the head file.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="one or more images")
+    p.add_argument("--head", required=True, metavar="HEAD", help="a head file written by `napari-medsam train`")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output labels: a file for one input; a folder for several (one file per input, "
+                        "named after it: .nii.gz for NIfTI inputs, else the input's extension)")
+    p.add_argument("--probabilities", default=None, metavar="PATH",
+                   help="also write per-class probabilities (float32) into the folder PATH, one file per "
+                        "input and class: <input name>_prob_<class name><ext>")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps or cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="encoder autocast precision")
+    p.add_argument("--weights", default=None, help="the backbone's checkpoint when the head was trained on a local one")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache folder for embeddings and weights (default: the user cache directory)")
+    p.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per batch (default 8)")
+    p.set_defaults(func=run_predict)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _read_labels(path: str, image: Any) -> Any:
+    import numpy as np
+
+    from ..core.errors import InvalidImageError
+    from ..io import read_image
+
+    lab = np.asarray(read_image(path).data[...])
+    if lab.dtype.kind == "f":
+        if not np.all(np.isfinite(lab)) or not np.all(lab == np.round(lab)):
+            raise InvalidImageError(f"{path}: labels must be whole numbers (0 background, 1..K classes)")
+        lab = lab.astype(np.int64)
+    if tuple(lab.shape) != tuple(image.spatial_shape):
+        raise InvalidImageError(
+            f"{path}: labels of shape {tuple(lab.shape)} do not match the image's shape "
+            f"{tuple(image.spatial_shape)} (same array order, voxel for voxel)")
+    return lab
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..core.errors import MedSamError
+    from ..core.finetune import TrainParams, collect_training_data, fine_tune, save_head
+    from ..io import read_image
+    from ._common import encoder_from_args, load_from_args
+
+    image = read_image(args.image)
+    labels = _read_labels(args.labels, image)
+    loaded = load_from_args(args)
+    encoder = encoder_from_args(args, loaded, image)
+    slices = parse_int_list(args.slices)
+    data = run_with_progress(collect_training_data(encoder, labels, slices), "embedding")
+    names = None
+    if args.class_names:
+        names = [n.strip() for n in args.class_names.split(",")]
+        if len(names) != len(data.class_ids):
+            raise MedSamError(f"--class-names gives {len(names)} names but the labels hold "
+                              f"{len(data.class_ids)} classes ({list(data.class_ids)})")
+    kw: dict[str, Any] = {}
+    for name in ("epochs", "lr", "batch_size", "patience", "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    config = {"image_skip": True} if args.image_skip and args.head == "cnn" else {}
+    params = TrainParams(head=args.head, head_config=config, seed=args.seed, augment=not args.no_augment, **kw)
+    head = run_with_progress(fine_tune(data, params, loaded=loaded, class_names=names), "training", unit="step")
+    out = save_head(args.output, head)
+    h = head.meta.history
+    print(f"trained a {args.head} head on {len(data.slices)} slice(s) along axis {data.axis} "
+          f"({', '.join(str(s) for s in data.slices[:12])}{', ...' if len(data.slices) > 12 else ''}), "
+          f"classes {list(data.class_ids)}: {h['steps']} steps in {h['seconds']:.1f} s, "
+          f"final loss {h['final_loss']:.4f}; wrote {out}")
+    return 0
+
+
+def _output_name(path: Path) -> str:
+    from ..io.readers import image_format, split_extension
+
+    stem, ext = split_extension(path)
+    return f"{stem}.nii.gz" if image_format(path) == "nifti" else f"{stem}{ext}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..core.build import load_model
+    from ..core.errors import MedSamError
+    from ..core.finetune import load_head, read_head_meta
+    from ..core.infer import encoder_for_head, predict_slices
+    from ..io import read_image, write_image, write_labels
+    from ..io.readers import split_extension
+    from ._common import _DownloadBar, cache_from_args
+
+    inputs = [Path(p) for p in args.images]
+    out = Path(args.output)
+    several = len(inputs) > 1 or out.is_dir()
+    if several:
+        names = [_output_name(p) for p in inputs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise MedSamError(f"several inputs would be written to the same output name(s) {dupes} in {out}; "
+                              "rename them or predict them one at a time")
+        targets = [out / n for n in names]
+    else:
+        targets = [out]
+    meta = read_head_meta(args.head)
+    bar = _DownloadBar()
+    try:
+        loaded = load_model(meta.backbone, weights=args.weights, device=args.device, precision=args.precision,
+                            cache_dir=args.cache_dir, progress=bar)
+    finally:
+        bar.close()
+    head = load_head(args.head, loaded=loaded)
+    cache = cache_from_args(args)
+    for src, dst in zip(inputs, targets, strict=True):
+        image = read_image(src)
+        encoder = encoder_for_head(loaded, image, head, cache=cache)
+        res = run_with_progress(predict_slices(encoder, head, batch_size=args.batch_size,
+                                               return_probs=args.probabilities is not None),
+                                f"predict {src.name}")
+        written = write_labels(dst, res.labels, reference=image, name=f"{meta.kind} head")
+        found = {int(v): int(n) for v, n in zip(*np.unique(res.labels, return_counts=True), strict=True) if v}
+        print(f"{src} -> {written} (voxels per class: {found})")
+        if args.probabilities is not None and res.probs is not None:
+            folder = Path(args.probabilities)
+            stem, ext = split_extension(dst)
+            for k, name in enumerate(("background", *res.class_names)):
+                write_image(folder / f"{stem}_prob_{_safe(name)}{ext}", res.probs[k], reference=image)
+    return 0
+
