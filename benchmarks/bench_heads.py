@@ -14,6 +14,9 @@ Prints a markdown table and writes it to ``--out``::
 
     python benchmarks/bench_heads.py --out docs/bench_heads.md \
         --cache-dir /tmp/medsam-dev-cache/embeddings
+
+Heads use their general defaults (``TrainParams()``); the rows ``cnn no-image``, ``cnn no-aug``
+and ``cnn +flips`` are ablations of the cnn head's image skips and augmentation.
 """
 
 from __future__ import annotations
@@ -93,9 +96,13 @@ def _pad16(x: np.ndarray) -> np.ndarray:
     return np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, -h % 16), (0, -w % 16)])
 
 
-def train_unet(images: np.ndarray, labels: np.ndarray, *, epochs: int, patience: int, seed: int,
+def train_unet(images: np.ndarray, labels: np.ndarray, *, max_steps: int, patience: int, seed: int,
                batch_size: int = 4, lr: float = 1e-3, augment: bool = True) -> tuple[nn.Module, float, int]:
-    """Train from scratch on ``(N, H, W)`` images in [0, 1] and labels; same loss and stopping rule as the heads."""
+    """Train from scratch on ``(N, H, W)`` images in [0, 1] and labels.
+
+    Same loss, batch rule, step-budget and plateau rule as the heads; pixel-level flips of both
+    axes and shifts of up to 8 px (for a network on pixels flips are exact).
+    """
     from napari_medsam.core.finetune import segmentation_loss
 
     torch.manual_seed(seed)
@@ -106,8 +113,9 @@ def train_unet(images: np.ndarray, labels: np.ndarray, *, epochs: int, patience:
     t_all = torch.from_numpy(_pad16(onehot))  # padding: all-zero targets, ignored by the loss
     net = UNet()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    bs = batch_size if augment else min(batch_size, n)
+    bs = min(batch_size, n)
     steps_per_epoch = max(1, math.ceil(n / bs))
+    epochs = max(1, math.ceil(max_steps / steps_per_epoch))
     best, ema, wait, reduced, step = math.inf, None, 0, False, 0
     t0 = time.perf_counter()
     net.train()
@@ -132,17 +140,18 @@ def train_unet(images: np.ndarray, labels: np.ndarray, *, epochs: int, patience:
             loss.backward()
             opt.step()
             step += 1
-            total += float(loss)
+            total += float(loss.detach())
         total /= steps_per_epoch
         ema = total if ema is None else 0.7 * ema + 0.3 * total
         if ema < best * 0.99:
             best, wait = ema, 0
         else:
             wait += 1
-        if wait >= max(1, patience // 2) and not reduced:
-            lr, reduced, wait = lr / 3.0, True, 0
-        elif wait >= patience:
-            break
+        if patience > 0:
+            if wait >= max(1, patience // 2) and not reduced:
+                lr, reduced, wait = lr / 3.0, True, 0
+            elif wait >= patience:
+                break
     net.eval()
     return net, time.perf_counter() - t0, step
 
@@ -160,41 +169,56 @@ def predict_unet(net: nn.Module, images: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
+VARIANTS = {
+    # name: (head kind, head config, TrainParams overrides)
+    "linear": ("linear", {}, {}),
+    "cnn": ("cnn", {}, {}),
+    "cnn no-image": ("cnn", {"image_skip": False}, {}),
+    "cnn no-aug": ("cnn", {}, {"augment": False}),
+    "cnn +flips": ("cnn", {}, {"flip": True}),
+    "autosam": ("autosam", {}, {}),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     ap.add_argument("--ks", default="1,3,5,10", help="numbers of labelled slices")
-    ap.add_argument("--heads", default="linear,cnn,cnn+img,autosam",
-                    help="heads to train; cnn+img is the cnn head with image skips")
+    ap.add_argument("--heads", default=",".join(VARIANTS), help=f"heads to train, from: {', '.join(VARIANTS)}")
+    ap.add_argument("--autosam-ks", default="1,3",
+                    help="the k at which to train the (slow on CPU) autosam head (default 1,3; 'all')")
     ap.add_argument("--cache-dir", default=None, help="embedding cache folder (default: the user cache)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for everything (default 1)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-augment", action="store_true", help="train heads and UNet without augmentation")
     ap.add_argument("--no-unet", action="store_true", help="skip the scratch UNet baseline")
-    ap.add_argument("--unet-epochs", type=int, default=300)
+    ap.add_argument("--unet-steps", type=int, default=300, help="step budget of the scratch UNet (default 300)")
     args = ap.parse_args(argv)
 
     from napari_medsam.core.build import load_model
     from napari_medsam.core.embeddings import EmbeddingCache
-    from napari_medsam.core.encoder import VolumeEncoder
+    from napari_medsam.core.encoder import VolumeEncoder, run_encoder
     from napari_medsam.core.finetune import TrainParams, collect_training_data, fine_tune
     from napari_medsam.core.infer import predict_slices
     from napari_medsam.core.progress import drain
 
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
-    heads = [h for h in args.heads.split(",") if h]
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    for h in heads:
+        if h not in VARIANTS:
+            ap.error(f"unknown head {h!r}; choose from {', '.join(VARIANTS)}")
+    autosam_ks = ks if args.autosam_ks == "all" else [int(k) for k in args.autosam_ks.split(",") if k]
     image, labels = load_mni()
     axis = 1
     brain = [i for i in range(labels.shape[axis]) if labels[:, i].any()]
     loaded = load_model("litemedsam", device="cpu", precision="fp32")
     enc = VolumeEncoder(loaded, image, axis=axis, cache=EmbeddingCache(args.cache_dir))
-    t0 = time.perf_counter()
-    todo = [i for i in brain if not enc.is_cached(i)]
     drain(enc.embed(brain))
-    embed_s = (time.perf_counter() - t0) / max(1, len(todo)) if todo else float("nan")
-    print(f"{len(brain)} brain slices along axis {axis}; embedded {len(todo)} "
-          f"({embed_s:.2f} s/slice)" if todo else f"{len(brain)} brain slices, all cached", file=sys.stderr)
+    # the encoder's own cost per slice, measured uncached on three slices
+    t0 = time.perf_counter()
+    for i in brain[len(brain) // 2:len(brain) // 2 + 3]:
+        run_encoder(loaded, enc.model_input(i)[None])
+    embed_s = (time.perf_counter() - t0) / 3
     raw = np.moveaxis(np.asarray(image.data[...], np.float32) / 255.0, axis, 0)  # (233, 197, 189)
     lab_sl = np.moveaxis(labels, axis, 0)
     rows = []
@@ -202,37 +226,37 @@ def main(argv: list[str] | None = None) -> int:
         train = spread(brain, k)
         evals = [i for i in brain if i not in train]
         truth = lab_sl[evals]
-        t_emb = time.perf_counter()
         data = drain(collect_training_data(enc, labels, train))
-        collect_s = time.perf_counter() - t_emb
         for name in heads:
-            kind, cfg = ("cnn", {"image_skip": True}) if name == "cnn+img" else (name, {})
-            params = TrainParams(head=kind, head_config=cfg, seed=args.seed, augment=not args.no_augment,
-                                 threads=0)
+            kind, cfg, over = VARIANTS[name]
+            if kind == "autosam" and k not in autosam_ks:
+                continue
+            params = TrainParams(head=kind, head_config=cfg, seed=args.seed, threads=0, **over)
             head = drain(fine_tune(data, params, loaded=loaded, class_names=("GM", "WM")))
             res = drain(predict_slices(enc, head, slices=evals))
             pred = np.moveaxis(res.labels, axis, 0)[evals]
             d = dice_per_class(pred, truth, (1, 2))
             h = head.meta.history
-            rows.append((k, name, d[0], d[1], float(np.mean(d)), h["seconds"], h["steps"], collect_s))
-            print(rows[-1], file=sys.stderr)
+            rows.append((k, name, d[0], d[1], float(np.mean(d)), h["seconds"], h["steps"], k * embed_s))
+            print(rows[-1], file=sys.stderr, flush=True)
         if not args.no_unet:
-            net, secs, steps = train_unet(raw[train], lab_sl[train], epochs=args.unet_epochs, patience=15,
-                                          seed=args.seed, augment=not args.no_augment)
+            net, secs, steps = train_unet(raw[train], lab_sl[train], max_steps=args.unet_steps, patience=15,
+                                          seed=args.seed)
             pred = predict_unet(net, raw[evals])
             d = dice_per_class(pred, truth, (1, 2))
-            rows.append((k, "unet (scratch)", d[0], d[1], float(np.mean(d)), secs, steps, 0.0))
-            print(rows[-1], file=sys.stderr)
+            rows.append((k, "unet (scratch)", d[0], d[1], float(np.mean(d)), secs, steps, None))
+            print(rows[-1], file=sys.stderr, flush=True)
+    header = (f"MNI152 2009 template (nilearn), GM/WM, coronal slices (array axis 1), {len(brain)} brain slices; "
+              f"LiteMedSAM fp32 embeddings ({embed_s:.2f} s/slice to embed); torch {torch.__version__}, "
+              f"{args.threads} thread(s) on {platform.machine()}; seed {args.seed}; "
+              f"scratch UNet budget {args.unet_steps} steps")
     lines = [
-        f"MNI152 GM/WM, coronal (axis 1), LiteMedSAM fp32 embeddings, {len(brain)} brain slices; "
-        f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}; "
-        f"augment={'off' if args.no_augment else 'on'}, seed {args.seed}",
-        "",
-        "| k | method | Dice GM | Dice WM | mean Dice | train (s) | steps | embed k slices (s) |",
+        header, "",
+        "| k | method | Dice GM | Dice WM | mean Dice | train (s) | steps | + embed k slices (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for k, name, g, w, m, s, steps, e in rows:
-        emb = f"{e:.1f}" if name != "unet (scratch)" else "-"
+        emb = "-" if e is None else f"{e:.1f}"
         lines.append(f"| {k} | {name} | {g:.3f} | {w:.3f} | {m:.3f} | {s:.1f} | {steps} | {emb} |")
     table = "\n".join(lines)
     print(table)

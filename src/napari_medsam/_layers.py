@@ -34,6 +34,17 @@ POSITIVE = "positive"  # Points feature: True for a positive click, False for a 
 LayerData = tuple[Any, dict[str, Any], str]
 
 
+def unwrap(obj: Any) -> Any:
+    """The object behind napari's ``PublicOnlyProxy`` (plugin widgets receive the viewer wrapped).
+
+    Proxies are new objects on every attribute access, so identity, ``id()`` and weak references
+    of layers reached through them are meaningless; the widgets keep the real viewer instead.
+    """
+    while hasattr(obj, "__wrapped__"):
+        obj = obj.__wrapped__
+    return obj
+
+
 # ---- image volumes <-> layers -------------------------------------------------------------------
 
 
@@ -443,7 +454,9 @@ def show_preview(preview_layer: Any, view: SliceView, mask: np.ndarray | None, l
     if mask is not None:
         region = view.region(ndim)
         data[region] = np.where(np.asarray(mask, dtype=bool), np.uint8(min(int(label_id), 255)), np.uint8(0))
-    preview_layer.refresh()
+    # No thumbnail or extent update: the preview changes on every prompt, and the layer list's
+    # thumbnail repaint costs the main thread more than the slice itself.
+    preview_layer.refresh(thumbnail=False, extent=False, highlight=False)
 
 
 # ---- classes ------------------------------------------------------------------------------------
@@ -473,6 +486,19 @@ def class_colormap(classes: Sequence[LabelClass]) -> Any:
     for c in classes:
         colors[int(c.label_id)] = c.color
     return DirectLabelColormap(color_dict=colors)
+
+
+def preview_metadata(image_layer: Any) -> dict[str, Any]:
+    return {META_KEY: {"role": "preview", "created_by": "napari-medsam", "image_id": id(image_layer)}}
+
+
+def is_preview(layer: Any, of: Any = None) -> bool:
+    """True for the preview Labels layer (of the image ``of``, when given)."""
+    md = getattr(layer, "metadata", None)
+    ours = md.get(META_KEY) if isinstance(md, dict) else None
+    if not isinstance(ours, dict) or ours.get("role") != "preview":
+        return False
+    return of is None or ours.get("image_id") == id(of)
 
 
 def is_ours(layer: Any) -> bool:

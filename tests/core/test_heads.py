@@ -11,7 +11,8 @@ from napari_medsam.core.finetune import segmentation_loss
 from napari_medsam.core.heads import HEADS, build_head
 
 K = 4  # background + 3 classes: an odd head width
-CONFIGS = [("linear", {}), ("cnn", {}), ("cnn", {"image_skip": True, "width": 24}), ("autosam", {})]
+CONFIGS = [("linear", {}), ("cnn", {"width": 16}), ("cnn", {"image_skip": True, "width": 24, "skip_width": 8}),
+           ("autosam", {})]
 IDS = ["linear", "cnn", "cnn+img", "autosam"]
 
 
@@ -43,10 +44,10 @@ def test_output_shape_and_config(loaded, kind, config):
 @pytest.mark.parametrize(("kind", "config"), CONFIGS, ids=IDS)
 def test_every_head_parameter_gets_a_gradient_and_no_encoder_parameter(loaded, kind, config):
     head = build_head(kind, num_classes=K, loaded=loaded, **config)
-    image = _inputs(loaded, 2)
+    image = _inputs(loaded, 1)
     emb = loaded.model.image_encoder(image)  # through the frozen encoder, autograd on
     side = loaded.spec.low_res_size
-    target = torch.softmax(torch.randn(2, K, side, side), dim=1)
+    target = torch.softmax(torch.randn(1, K, side, side), dim=1)
     segmentation_loss(head(emb, image), target).backward()
     for name, p in head.named_parameters():
         assert p.requires_grad, name

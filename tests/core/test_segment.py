@@ -7,8 +7,8 @@ from napari_medsam.core.encoder import VolumeEncoder
 from napari_medsam.core.errors import Cancelled, PromptError
 from napari_medsam.core.progress import drain
 from napari_medsam.core.segment import (
-    PropagationParams,
     Prompt2D,
+    PropagationParams,
     _rc_to_xy,
     box_of,
     decode,

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from napari_medsam.core.build import build_sam, load_model
-from napari_medsam.core.errors import CheckpointError, ChecksumError, UnknownModelError, WeightsUnavailableError
+from napari_medsam.core.errors import (
+    CheckpointError,
+    ChecksumError,
+    UnknownModelError,
+    WeightsUnavailableError,
+)
 from napari_medsam.core.registry import LITEMEDSAM_SHA256, WeightsSource, get_spec
 from napari_medsam.core.weights import (
     bundled_path,

@@ -63,9 +63,7 @@ class LayerCombo(QComboBox):
             self._layers = layers
             if previous in layers:
                 self.setCurrentIndex(layers.index(previous))
-            elif layers:
-                self.setCurrentIndex(0)
-            elif self.extra is not None:
+            elif layers or self.extra is not None:
                 self.setCurrentIndex(0)
         finally:
             self.blockSignals(False)

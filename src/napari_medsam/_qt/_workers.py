@@ -9,22 +9,31 @@ else as napari's error notification with the traceback.
 
 Cancelling sets the ``threading.Event`` the generator received (core loops check it between
 steps) and asks the worker to quit at its next ``yield``.
+
+napari's own progress bar (``show_bar=True``) is off by default: while any napari progress bar
+exists, napari plays an animated "loading" GIF in its status bar, and under software OpenGL
+(Mesa llvmpipe: Xvfb, remote desktops, VMs) every frame of it re-composites the window on the main
+thread: ``benchmarks/bench_gui.py`` measured the main thread blocked ~40 ms of every 50 and the
+worker 6x slower. The widgets show progress and Cancel in their own determinate bars instead, and
+offer napari's activity bar as an option (``Session.napari_progress``).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
 from napari.qt.threading import GeneratorWorker
-from napari.utils.progress import cancelable_progress, progress
 from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.progress import cancelable_progress, progress
 from qtpy.QtCore import QThreadPool
 
 from ..core.errors import Cancelled, MedSamError
 from ..core.progress import Progress
 
+BAR_INTERVAL = 0.1  # seconds between two updates of the napari progress bar
 MIN_POOL_THREADS = 4  # embedding + propagation + previews at once, without previews queueing
 
 
@@ -74,6 +83,8 @@ class Job:
         self.done = False
         self.cancelled = False
         self.last: Progress | None = None
+        self.returned = False
+        self.bar_time = 0.0
 
     @property
     def running(self) -> bool:
@@ -100,7 +111,7 @@ def start(
     on_returned: Callable[[Any], None] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
     on_finished: Callable[[Job], None] | None = None,
-    show_bar: bool = True,
+    show_bar: bool = False,
     cancelable: bool = True,
     notify_errors: bool = True,
 ) -> Job:
@@ -121,20 +132,31 @@ def start(
         bar.cancel_callback = job.cancel
 
     def _yielded(p: Any) -> None:
-        if not isinstance(p, Progress):
+        # napari's progress bar calls QApplication.processEvents() on every update, so this may run
+        # re-entrantly: late steps after the result arrived are dropped, and the bar is updated at
+        # most every BAR_INTERVAL seconds, after the widget's callback.
+        if not isinstance(p, Progress) or job.returned or job.done:
             return
         job.last = p
-        if bar is not None:
-            if p.total and bar.total != p.total:
-                bar.total = p.total
-            if p.message and p.message != bar.desc:
-                bar.set_description(f"{desc}: {p.message}" if p.message != desc else desc)
-            if p.step != bar.n:
-                bar.update(p.step - bar.n)
         if on_progress is not None:
             on_progress(p)
+        if bar is None or job.done or job.returned:
+            return
+        now = time.perf_counter()
+        final = bool(p.total) and p.step >= p.total
+        if now - job.bar_time < BAR_INTERVAL and not final:
+            return
+        job.bar_time = now
+        if p.total and bar.total != p.total:
+            bar.total = p.total
+        text = f"{desc}: {p.message}" if p.message and p.message != desc else desc
+        if text != bar.desc:
+            bar.set_description(text)
+        if p.step != bar.n:
+            bar.update(p.step - bar.n)
 
     def _returned(result: Any) -> None:
+        job.returned = True
         if on_returned is not None and not job.cancelled:
             on_returned(result)
 
@@ -170,10 +192,22 @@ def start(
     return job
 
 
+def show_progress(bar: Any, p: Progress | None = None) -> None:
+    """Show a widget's QProgressBar determinate (0 of 1 until the total is known): an indeterminate
+    bar animates continuously, which costs the main thread under software OpenGL."""
+    bar.setVisible(True)
+    if p is None or not p.total:
+        if bar.maximum() == 0 or p is None:
+            bar.setRange(0, 1)
+            bar.setValue(0)
+        return
+    if bar.maximum() != p.total:
+        bar.setRange(0, p.total)
+    bar.setValue(min(p.step, p.total))
+
+
 def wait(job: Job | None, timeout_ms: int = 60_000) -> None:
     """Process Qt events until ``job`` is done (scripts and tests; never from a callback)."""
-    import time
-
     from qtpy.QtWidgets import QApplication
 
     if job is None:

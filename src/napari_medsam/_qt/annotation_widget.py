@@ -11,6 +11,7 @@ where the labels are 0. *Propagate* carries the object through the volume in a w
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from typing import Any
@@ -39,6 +40,7 @@ from .. import _layers
 from ..core.registry import DEFAULT_MODEL
 from . import _workers
 from ._layer_combo import LayerCombo
+from ._layout import scroll_layout
 from .model_widget import encoder_request, is_image, load_model_job
 from .session import ModelChoice, Session, session_for
 
@@ -53,6 +55,9 @@ SHORTCUTS = (
     ("Shift+Q", "clear all prompts"),
     ("U", "undo the last commit or propagation"),
 )
+SHORT_NAMES = {"Click": "positive point", "Shift+click": "negative point", "N": "negative clicks",
+               "R": "box", "C": "commit", "G": "propagate", "Q": "clear slice", "Shift+Q": "clear all",
+               "U": "undo"}
 _TRANSIENT = ("adding", "changing", "removing")
 
 
@@ -73,7 +78,7 @@ class AnnotationWidget(QWidget):
 
     def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
         self.classes: list[_layers.LabelClass] = _layers.default_classes()
         self._prompt_layers: dict[int, tuple[Any, Any]] = {}
@@ -91,6 +96,8 @@ class AnnotationWidget(QWidget):
         self.load_job: _workers.Job | None = None
         self.propagate_job: _workers.Job | None = None
         self.latencies: list[float] = []  # seconds from a prompt change to its preview on screen
+        self.compute_times: list[float] = []  # seconds the model took for each of those previews
+        self.preview_in_worker = True  # False decodes on the main thread (benchmarks/bench_gui.py compares)
         self._preview_timer = QTimer(self)
         self._preview_timer.setSingleShot(True)
         self._preview_timer.setInterval(15)
@@ -110,6 +117,7 @@ class AnnotationWidget(QWidget):
         self.class_table.verticalHeader().setVisible(False)
         self.class_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.class_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.class_table.setMinimumHeight(84)
         self.class_table.setMaximumHeight(130)
         self.add_class_button = QPushButton("Add class")
         self.remove_class_button = QPushButton("Remove class")
@@ -148,12 +156,13 @@ class AnnotationWidget(QWidget):
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         self.shortcuts_label = QLabel(
-            "<b>Shortcuts</b> (with the prompt layers selected)<br>"
-            + "<br>".join(f"<b>{k}</b>: {v}" for k, v in SHORTCUTS))
+            "<b>Keys</b> (prompt layers selected): "
+            + " · ".join(f"<b>{k}</b> {SHORT_NAMES.get(k, v)}" for k, v in SHORTCUTS))
         self.shortcuts_label.setWordWrap(True)
         self.shortcuts_label.setTextFormat(Qt.TextFormat.RichText)
+        self.shortcuts_label.setToolTip("\n".join(f"{k}: {v}" for k, v in SHORTCUTS))
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addLayout(lform)
         layout.addWidget(class_box)
         layout.addLayout(grid)
@@ -245,8 +254,8 @@ class AnnotationWidget(QWidget):
             self.class_table.setRowCount(len(self.classes))
             for row, c in enumerate(self.classes):
                 self.class_table.setItem(row, 0, QTableWidgetItem(c.name))
-                colour = QTableWidgetItem("")
-                colour.setBackground(QColor(c.color))
+                colour = QTableWidgetItem(c.color)
+                colour.setData(Qt.ItemDataRole.DecorationRole, QColor(c.color))  # a swatch, visible when selected
                 colour.setFlags(colour.flags() & ~Qt.ItemFlag.ItemIsEditable)
                 colour.setToolTip("double-click to change")
                 self.class_table.setItem(row, 1, colour)
@@ -308,6 +317,7 @@ class AnnotationWidget(QWidget):
         self._apply_class_colours()
 
     def _apply_class_colours(self) -> None:
+        self.session.class_names = {c.label_id: c.name for c in self.classes}
         labels = self.labels_layer
         if labels is not None:
             if _layers.is_ours(labels):
@@ -322,17 +332,15 @@ class AnnotationWidget(QWidget):
         from napari.layers import Labels
 
         image = self.image_layer if hasattr(self, "image_combo") else None
-        return (isinstance(layer, Labels) and layer is not self._preview and image is not None
-                and _layers.fits(layer, image))
+        return (isinstance(layer, Labels) and layer is not self._preview and not _layers.is_preview(layer)
+                and image is not None and _layers.fits(layer, image))
 
     def _on_image_changed(self, image: Any) -> None:
         self._cancel_preview()
         self._clear_preview()
         if self._watched_image is not None:
-            try:
+            with contextlib.suppress(RuntimeError, TypeError, ValueError):
                 self._watched_image.events.data.disconnect(self._on_image_data)
-            except (RuntimeError, TypeError, ValueError):
-                pass
         self._watched_image = image
         for pid, (pts, shp) in self._prompt_layers.items():  # show only the selected image's prompts
             for ly in (pts, shp):
@@ -362,8 +370,11 @@ class AnnotationWidget(QWidget):
             self._preview_view = None
             self._last = None
         removed = self._prompt_layers.pop(id(layer), None)
-        if removed is not None:  # an image went: its prompt layers and encoders go too
+        if removed is not None:  # an image went: its prompt layers, preview and encoders go too
             self.session.forget_image(id(layer))
+            prev = self._preview
+            if prev is not None and _layers.is_preview(prev, of=layer):
+                removed = (*removed, prev)
             for ly in removed:
                 if ly is not None and ly in self.viewer.layers:
                     self.viewer.layers.remove(ly)
@@ -397,7 +408,8 @@ class AnnotationWidget(QWidget):
         c = self.current_class
         prev = self.viewer.add_labels(np.zeros(shape, dtype=np.uint8), name="MedSAM preview", scale=image.scale,
                                       translate=image.translate, opacity=0.55, blending="translucent",
-                                      colormap=_layers.class_colormap([_layers.LabelClass(c.name, c.color, 1)]))
+                                      colormap=_layers.class_colormap([_layers.LabelClass(c.name, c.color, 1)]),
+                                      metadata=_layers.preview_metadata(image))
         prev.editable = False
         self._bind_keys(prev)
         self._preview = prev
@@ -469,7 +481,6 @@ class AnnotationWidget(QWidget):
 
     def _on_view_changed(self, event: Any = None) -> None:
         self._schedule_preview()
-        self._update_status()
 
     def _schedule_preview(self) -> None:
         self._preview_timer.start()
@@ -511,10 +522,15 @@ class AnnotationWidget(QWidget):
         else:
             self.hint_label.setText("")
         self._preview_dirty = False
+        if not self.preview_in_worker:  # benchmarks only: the same work, blocking the main thread
+            from ..core.progress import drain
+
+            self._preview_job = None
+            self._on_preview_result(tag, view, drain(self.session.preview_steps(req, view.index, prompt)))
+            return
         self._preview_job = _workers.start(
             lambda cancel: self.session.preview_steps(req, view.index, prompt), desc="MedSAM preview",
-            show_bar=False, cancelable=False,
-            on_returned=lambda res: self._on_preview_result(tag, view, res),
+            cancelable=False, on_returned=lambda res: self._on_preview_result(tag, view, res),
             on_finished=self._on_preview_finished)
 
     def _on_preview_result(self, tag: tuple, view: _layers.SliceView, res: Any) -> None:
@@ -528,6 +544,9 @@ class AnnotationWidget(QWidget):
         self._draw_preview(res.mask, view)
         if self._prompt_time is not None:
             self.latencies.append(time.perf_counter() - self._prompt_time)
+            job = self._preview_job
+            self.compute_times.append(float(job.last.info.get("seconds", float("nan")))
+                                      if job is not None and job.last is not None else float("nan"))
             self._prompt_time = None
         self._update_status(iou=res.iou)
         if self._job_embedded(self._preview_job):
@@ -660,8 +679,7 @@ class AnnotationWidget(QWidget):
             self.hint_label.setText("Nothing to propagate: draw a box on a slice (and commit it) first.")
             return
         self.hint_label.setText("")
-        self.progress_bar.setVisible(True)
-        self.progress_bar.setRange(0, 0)
+        _workers.show_progress(self.progress_bar)
         self.cancel_button.setEnabled(True)
         self.propagate_button.setEnabled(False)
         self.status_label.setText(f"Propagating {cls.name} from slice(s) {sorted(seeds)}…")
@@ -674,12 +692,10 @@ class AnnotationWidget(QWidget):
         self.propagate_job = _workers.start(
             lambda cancel: self.session.propagate_steps(req, seeds, cancel=cancel),
             desc=f"Propagating {cls.name}", on_progress=self._on_job_progress, on_returned=returned,
-            on_finished=self._on_propagate_finished)
+            on_finished=self._on_propagate_finished, show_bar=self.session.napari_progress)
 
     def _on_job_progress(self, p: Any) -> None:
-        if p.total:
-            self.progress_bar.setRange(0, p.total)
-            self.progress_bar.setValue(p.step)
+        _workers.show_progress(self.progress_bar, p)
 
     def _on_propagated(self, image_ref: Any, labels_ref: Any, view: _layers.SliceView, cls: _layers.LabelClass,
                        masks: dict, committed: set[int]) -> None:
@@ -766,7 +782,7 @@ class AnnotationWidget(QWidget):
                                       "(or choose one in the Model widget).")
             return
         view = _layers.current_slice(self.viewer.dims, image)
-        where = "" if view is None or not view.is_3d else f"slice {view.index} / {view.n_slices - 1} (axis {view.axis}) · "
+        where = "" if view is None or not view.is_3d else f"slice {view.index} (axis {view.axis}) · "
         extra = "" if iou is None else f"predicted IoU {iou:.2f}"
         if iou is not None and self.latencies:
             extra += f" · {1000 * self.latencies[-1]:.0f} ms"

@@ -12,6 +12,7 @@ from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -30,6 +31,7 @@ from ..core.device import DEVICES, PRECISIONS
 from ..core.registry import DEFAULT_MODEL, MODELS, get_spec, list_models
 from . import _workers
 from ._layer_combo import LayerCombo
+from ._layout import scroll_layout
 from .session import EncoderRequest, IntensityChoice, ModelChoice, Session, session_for
 
 INTENSITIES: dict[str, IntensityChoice] = {
@@ -58,8 +60,9 @@ def availability(name: str) -> tuple[bool, str]:
         return True, "random weights (tests and demos only)"
     found = weights_available(spec)
     if found is not None:
-        where = "bundled" if spec.weights.bundled_package else "found"
-        return True, f"{where}: {found}"
+        if spec.weights.bundled_package and spec.weights.bundled_package in str(found).replace("-", "_"):
+            return True, f"bundled with {spec.weights.bundled_package.replace('_', '-')}: works offline"
+        return True, f"weights found: {found.name} in {found.parent}"
     if spec.weights.url:
         size = f" ({spec.weights.size / 1e6:.0f} MB)" if spec.weights.size else ""
         return True, f"downloaded on Load{size} from {spec.weights.url}"
@@ -90,7 +93,7 @@ def load_model_job(session: Session, choice: ModelChoice, *, on_progress: Any = 
 
     return _workers.start(lambda cancel: session.load_model_steps(choice), desc=f"Loading {choice.name}",
                           on_progress=on_progress, on_returned=returned, on_finished=finished,
-                          cancelable=False)
+                          cancelable=False, show_bar=session.napari_progress)
 
 
 class ModelWidget(QWidget):
@@ -98,7 +101,7 @@ class ModelWidget(QWidget):
 
     def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
         super().__init__()
-        self.viewer = napari_viewer
+        self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
         self.load_job: _workers.Job | None = None
         self.embed_job: _workers.Job | None = None
@@ -156,6 +159,10 @@ class ModelWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.embed_bar = QProgressBar()
         self.embed_bar.setVisible(False)
+        self.embed_bar.setFormat("%v / %m slices embedded")
+        self.napari_bar_check = QCheckBox("also show progress in napari's activity panel")
+        self.napari_bar_check.setToolTip("napari's animated activity indicator slows the window down with "
+                                         "software OpenGL (remote desktops, VMs); off by default")
         buttons = QHBoxLayout()
         buttons.addWidget(self.embed_button)
         buttons.addWidget(self.cancel_button)
@@ -168,8 +175,9 @@ class ModelWidget(QWidget):
         eb.addLayout(buttons)
         eb.addWidget(self.embed_bar)
         eb.addWidget(self.cache_label)
+        eb.addWidget(self.napari_bar_check)
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addWidget(model_box)
         layout.addWidget(emb_box)
         layout.addStretch(1)
@@ -182,6 +190,7 @@ class ModelWidget(QWidget):
         self.embed_button.clicked.connect(self._on_embed)
         self.cancel_button.clicked.connect(self._on_cancel)
         self.intensity_combo.currentIndexChanged.connect(self._on_intensity)
+        self.napari_bar_check.toggled.connect(self._on_napari_bar)
         self.image_combo.layer_changed.connect(self._on_image_changed)
         self.session.model_changed.connect(self._on_model_changed)
         self.session.embeddings_changed.connect(self._on_embeddings_changed)
@@ -232,16 +241,13 @@ class ModelWidget(QWidget):
         self._after_load = then
         choice = self.choice()
         self.load_button.setEnabled(False)
-        self.load_bar.setVisible(True)
-        self.load_bar.setRange(0, 0)
+        _workers.show_progress(self.load_bar)
         self.load_status.setText(f"Loading {choice.name}…")
         self.load_job = load_model_job(self.session, choice, on_progress=self._on_load_progress,
                                        on_done=self._on_load_done)
 
     def _on_load_progress(self, p: Any) -> None:
-        if p.total:
-            self.load_bar.setRange(0, p.total)
-            self.load_bar.setValue(p.step)
+        _workers.show_progress(self.load_bar, p)
         if p.message:
             self.load_status.setText(p.message + "…")
 
@@ -251,6 +257,7 @@ class ModelWidget(QWidget):
         if self.session.loaded is None or job.cancelled:
             self.load_status.setText("No model loaded (see the notification).")
             return
+        self._on_model_changed(self.session.loaded)
         then, self._after_load = self._after_load, None
         if then is not None:
             then()
@@ -267,6 +274,9 @@ class ModelWidget(QWidget):
     # -- embeddings -----------------------------------------------------------------------------------
     def request(self) -> EncoderRequest | None:
         return encoder_request(self.image_combo.layer, self.viewer, self.session)
+
+    def _on_napari_bar(self, checked: bool) -> None:
+        self.session.napari_progress = bool(checked)
 
     def _on_intensity(self, *_: Any) -> None:
         self.session.intensity = INTENSITIES[self.intensity_combo.currentText()]
@@ -327,17 +337,17 @@ class ModelWidget(QWidget):
         self._on_dims()
         self.embed_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.embed_bar.setVisible(True)
-        self.embed_bar.setRange(0, 0)
+        self.cache_label.setText(f"Embedding {req.name}, the slice under view first…")
+        _workers.show_progress(self.embed_bar)
         self.embed_job = _workers.start(
             lambda cancel: self.session.embed_steps(req, lambda: self._current_index, cancel=cancel),
-            desc=f"Embedding {req.name}", on_progress=self._on_embed_progress, on_finished=self._on_embed_done)
+            desc=f"Embedding {req.name}", on_progress=self._on_embed_progress, on_finished=self._on_embed_done,
+            show_bar=self.session.napari_progress)
 
     def _on_embed_progress(self, p: Any) -> None:
-        if p.total:
-            self.embed_bar.setRange(0, p.total)
-            self.embed_bar.setValue(p.step)
-            self.cache_label.setText(f"Embedding: {p.step} / {p.total} slices cached…")
+        # Only the bar changes while embedding: a label's new text re-lays out the dock, which costs
+        # the main thread tens of milliseconds with software OpenGL.
+        _workers.show_progress(self.embed_bar, p)
 
     def _on_embed_done(self, job: _workers.Job) -> None:
         self.embed_bar.setVisible(False)

@@ -15,12 +15,16 @@ or two tests, never share a model or an encoder.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,60 @@ from psygnal import Signal
 from ..core.progress import Progress, ProgressGen, drain
 from ..core.registry import DEFAULT_MODEL
 
-__all__ = ["EncoderRequest", "IntensityChoice", "ModelChoice", "Session", "session_for"]
+__all__ = ["EncoderRequest", "IntensityChoice", "ModelChoice", "Session", "avoid_triton_llvm_clash", "session_for"]
+
+_log = logging.getLogger(__name__)
+
+
+def avoid_triton_llvm_clash() -> bool:
+    """Keep torch from importing triton into a process where Mesa's LLVM is already loaded.
+
+    napari's OpenGL canvas on Mesa drivers (llvmpipe under Xvfb, radeonsi, ...) maps
+    ``libLLVM-*.so``; triton's ``libtriton.so`` carries its own LLVM, and importing it afterwards
+    crashes the process (segmentation fault). torch imports triton lazily the first time an
+    optimiser is built (``torch._dynamo``), i.e. when a head is trained. Eager CPU and GPU code needs
+    no triton, so when the clash is certain (Linux, LLVM mapped, triton installed but not imported)
+    ``import triton`` is made to fail cleanly instead. Returns True when it did so.
+    """
+    if "triton" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/self/maps") as f:
+            mapped = "libLLVM" in f.read()
+    except OSError:
+        return False
+    if not mapped:
+        return False
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return False
+    except (ImportError, ValueError):
+        return False
+    sys.modules["triton"] = None  # type: ignore[assignment]  # `import triton` raises ImportError
+    _log.info("Mesa's LLVM is loaded: torch will run without triton (importing it would crash)")
+    return True
+
+
+@contextlib.contextmanager
+def worker_threads() -> Iterator[None]:
+    """On 4 cores or more, run torch on all cores but one in this (worker) thread, leaving one to
+    the GUI thread. With 2 cores it changes nothing: halving the encoder's threads cost 40 % of its
+    speed there (benchmarks/bench_gui.py) while the window stayed as responsive either way.
+
+    With PyTorch's OpenMP backend the count is per calling thread; it is restored on exit.
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    cores = os.cpu_count() or 2
+    want = prev if cores < 4 else max(1, min(prev, cores - 1))
+    if want != prev:
+        torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if want != prev:
+            torch.set_num_threads(prev)
 
 
 @dataclass(frozen=True)
@@ -90,6 +147,8 @@ class Session:
         self.loaded: Any = None
         self.model_choice: ModelChoice | None = None
         self.intensity = IntensityChoice()
+        self.class_names: dict[int, str] = {}  # label id -> class name, from the Annotate widget
+        self.napari_progress = False  # also show long jobs in napari's activity panel (see _workers)
         self._cache: Any = None
         self._encoders: dict[tuple, Any] = {}
         self._lock = threading.RLock()
@@ -103,13 +162,37 @@ class Session:
 
         spec = get_spec(choice.name)
         yield Progress(0, 0, f"loading {spec.name}")
+        avoid_triton_llvm_clash()
         kwargs = {"weights": choice.weights, "device": choice.device, "precision": choice.precision}
         if choice.weights is None and not spec.weights.random_init and weights_available(spec) is None:
             loaded = yield from _steps_from_callback(load_model, spec.name, **kwargs)
         else:
             loaded = load_model(spec.name, **kwargs)
+        yield Progress(0, 0, f"warming up {spec.name}")
+        with worker_threads():
+            self._warm_up(loaded)
         yield Progress(1, 1, f"{spec.name} loaded")
         return loaded
+
+    def _warm_up(self, loaded: Any) -> None:
+        """Import what embedding and decoding need and run both once (worker thread).
+
+        Importing C extensions (zarr's codecs) and torch's first kernels hold the GIL for hundreds
+        of milliseconds; done here, while the user waits for Load anyway, they do not stall the
+        window later during embedding or the first prompt.
+        """
+        import numpy as np
+
+        from ..core.encoder import run_encoder
+        from ..core.preprocess import SliceTransform
+        from ..core.segment import Prompt2D, decode
+
+        if self.disk_cache:
+            import zarr  # noqa: F401 - imported for its side effect of loading codecs now
+        s = loaded.spec.input_size
+        emb = run_encoder(loaded, np.zeros((1, 3, s, s), np.float32))
+        tf = SliceTransform.for_model((s, s), loaded.spec)
+        decode(loaded, emb, tf, [Prompt2D.from_box((1.0, 1.0, s / 2, s / 2))])
 
     def set_model(self, loaded: Any, choice: ModelChoice | None = None) -> None:
         """Use ``loaded`` from now on (main thread); encoders of the previous model are dropped."""
@@ -176,6 +259,11 @@ class Session:
         through the volume while it embeds moves the work there.
         """
         yield Progress(0, 0, "preparing")
+        with worker_threads():
+            return (yield from self._embed(req, current, cancel))
+
+    def _embed(self, req: EncoderRequest, current: Callable[[], int] | None,
+               cancel: threading.Event | None) -> ProgressGen[dict]:
         enc = self.encoder(req)
         n = enc.n_slices
         todo = set(range(n)) - enc.cached_indices()
@@ -206,10 +294,12 @@ class Session:
         from ..core.segment import segment_slice
 
         yield Progress(0, 1, "segmenting")
-        enc = self.encoder(req)
-        cached = enc.is_cached(index)
-        res = segment_slice(enc, index, [prompt])[0]
-        yield Progress(1, 1, "segmented", {"embedded_now": not cached})
+        t0 = time.perf_counter()
+        with worker_threads():
+            enc = self.encoder(req)
+            cached = enc.is_cached(index)
+            res = segment_slice(enc, index, [prompt])[0]
+        yield Progress(1, 1, "segmented", {"embedded_now": not cached, "seconds": time.perf_counter() - t0})
         return res
 
     def propagate_steps(self, req: EncoderRequest, seeds: dict[int, Any], params: Any = None, *,
@@ -218,8 +308,9 @@ class Session:
         from ..core.segment import PropagationParams, propagate
 
         yield Progress(0, 0, "preparing")
-        enc = self.encoder(req)
-        masks = yield from propagate(enc, seeds, params=params or PropagationParams(), cancel=cancel)
+        with worker_threads():
+            enc = self.encoder(req)
+            masks = yield from propagate(enc, seeds, params=params or PropagationParams(), cancel=cancel)
         return masks
 
 

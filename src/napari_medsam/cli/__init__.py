@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 
-SUBCOMMANDS = ("models", "embed", "segment", "heads", "bench")
+SUBCOMMANDS = ("models", "embed", "segment", "heads", "bench", "gui")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,11 +88,13 @@ class LoadedModel:
 def load_model(name: str | ModelSpec = "litemedsam", *, weights: str | os.PathLike | None = None,
                device: str = "auto", precision: str = "auto", cache_dir: str | os.PathLike | None = None,
                download: bool = True, progress: Callable[[int, int], None] | None = None,
-               seed: int = 0, fuse: bool = True) -> LoadedModel:
+               seed: int = 0, fuse: bool = True, optimize: bool = True, int8: bool = False) -> LoadedModel:
     """Build a registered model and load its weights strictly; move it to ``device``.
 
     Test models (``test_*``) get seeded random weights. ``fuse`` folds conv+batchnorm pairs
-    for inference (same outputs, fewer kernels).
+    for inference (same outputs, fewer kernels). ``optimize`` applies the exact inference
+    speed-ups of :func:`~napari_medsam.core.speed.optimize_for_inference`; ``int8`` adds its
+    int8 quantization of the encoder (CPU; other embeddings, so other cache keys).
     """
     import torch
 
@@ -120,7 +122,12 @@ def load_model(name: str | ModelSpec = "litemedsam", *, weights: str | os.PathLi
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(dev)
-    return LoadedModel(spec=spec, model=model, device=dev, dtype=dtype, weights_path=path, weights_hash=digest)
+    loaded = LoadedModel(spec=spec, model=model, device=dev, dtype=dtype, weights_path=path, weights_hash=digest)
+    if optimize or int8:
+        from .speed import optimize_for_inference
+
+        loaded = optimize_for_inference(loaded, int8=int8)
+    return loaded
 
 
 def count_parameters(spec: ModelSpec) -> int:

@@ -52,29 +52,38 @@ class TrainParams:
 
     ``head``: family in :data:`~napari_medsam.core.heads.HEADS` (ignored when continuing from
     ``init``, whose family and options are kept); ``head_config``: the family's options.
-    ``epochs``: the most passes over the labelled slices (``ceil(N / batch_size)`` steps each);
-    training stops earlier when the loss has not improved by ``min_delta`` (relative) for
-    ``patience`` epochs (0: never), after lowering the learning rate 3x once ``patience // 2``
-    epochs went by without improvement. ``lr``: AdamW learning rate (None: the head's default).
-    ``augment``: random flips of both in-plane axes and shifts of up to ``max_shift`` embedding
-    cells, applied alike to embeddings, images and labels. ``threads``: torch threads for the
-    thread that runs the training (None: all cores but one; 0: leave torch's setting alone);
-    see :func:`fine_tune` for what this changes.
+    A step trains on ``min(batch_size, N)`` of the N labelled slices; an epoch is
+    ``ceil(N / batch_size)`` steps. ``epochs``: the most epochs (None: as many as fit in
+    ``max_steps`` steps, so that one slice or fifty cost about the same). Training stops earlier
+    when the epoch loss (smoothed) has not improved by ``min_delta`` (relative) for ``patience``
+    epochs (0: never), after lowering the learning rate 3x once ``patience // 2`` epochs went by
+    without improvement. ``lr``: AdamW learning rate (None: the head's default), warmed up
+    linearly over ``warmup_steps``.
+    ``augment``: random shifts of up to ``max_shift`` embedding cells, plus random flips of both
+    in-plane axes when ``flip`` (off by default: the embedding of a flipped image is not the
+    flipped embedding, so flipped grids are features the encoder never produces), applied alike
+    to embeddings, images and labels. ``crop``: fully convolutional heads train on two random
+    windows of ``crop`` x ``crop`` cells per slice (None: half the grid; 0: whole slices).
+    ``threads``: torch threads for the thread that runs the training (None: all cores but one;
+    0: leave torch's setting alone); see :func:`fine_tune` for what this changes.
     """
 
-    head: str = "autosam"
+    head: str = "cnn"
     head_config: Mapping[str, Any] = field(default_factory=dict)
-    epochs: int = 100
+    epochs: int | None = None
+    max_steps: int = 150
     lr: float | None = None
     batch_size: int = 4
     seed: int = 0
     augment: bool = True
     max_shift: int = 2
+    flip: bool = False
     patience: int = 15
     min_delta: float = 0.01
     weight_decay: float = 1e-4
     dice_weight: float = 1.0
     warmup_steps: int = 10
+    crop: int | None = None
     threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -321,7 +330,8 @@ def segmentation_loss(logits: Any, target: Any, *, dice_weight: float = 1.0, smo
     return ce + dice_weight * dice.mean()
 
 
-def _augment(emb: Any, img: Any, tgt: Any, valid_cells: tuple[int, int], max_shift: int, gen: Any) -> tuple:
+def _augment(emb: Any, img: Any, tgt: Any, valid_cells: tuple[int, int], max_shift: int, gen: Any,
+             flip: bool = True) -> tuple:
     """Random flips (inside the image's own area) and shifts of one sample, the same for all three.
 
     ``emb`` (C, h, w), ``img`` (3, S, S) or None, ``tgt`` (K, L, L); ``valid_cells``: rows and
@@ -332,7 +342,7 @@ def _augment(emb: Any, img: Any, tgt: Any, valid_cells: tuple[int, int], max_shi
     w = emb.shape[-1]
     ft = tgt.shape[-1] // w  # pixels per embedding cell
     fi = img.shape[-1] // w if img is not None else 1
-    for dim, n in ((-2, valid_cells[0]), (-1, valid_cells[1])):
+    for dim, n in ((-2, valid_cells[0]), (-1, valid_cells[1])) if flip else ():
         if bool(torch.rand((), generator=gen) < 0.5):
             emb = _flip_prefix(emb, dim, n)
             tgt = _flip_prefix(tgt, dim, n * ft)
@@ -343,6 +353,25 @@ def _augment(emb: Any, img: Any, tgt: Any, valid_cells: tuple[int, int], max_shi
             emb = torch.roll(emb, (dy, dx), dims=(-2, -1))
             tgt = torch.roll(tgt, (dy * ft, dx * ft), dims=(-2, -1))
             img = torch.roll(img, (dy * fi, dx * fi), dims=(-2, -1)) if img is not None else None
+    return emb, img, tgt
+
+
+def _crop(emb: Any, img: Any, tgt: Any, valid_cells: tuple[int, int], crop: int, gen: Any) -> tuple:
+    """A random ``crop`` x ``crop``-cell window of one sample (inside the image's area where it fits)."""
+    import torch
+
+    h, w = emb.shape[-2:]
+    ft = tgt.shape[-1] // w
+    fi = img.shape[-1] // w if img is not None else 1
+    starts = []
+    for n, v in ((h, valid_cells[0]), (w, valid_cells[1])):
+        hi = max(0, min(n, max(v, crop)) - crop)
+        starts.append(int(torch.randint(0, hi + 1, (1,), generator=gen)))
+    r, c = starts
+    emb = emb[:, r:r + crop, c:c + crop]
+    tgt = tgt[:, r * ft:(r + crop) * ft, c * ft:(c + crop) * ft]
+    if img is not None:
+        img = img[:, r * fi:(r + crop) * fi, c * fi:(c + crop) * fi]
     return emb, img, tgt
 
 
@@ -381,6 +410,45 @@ def _remap_targets(targets: np.ndarray, src_ids: Sequence[int], dst_ids: Sequenc
     for j, c in enumerate(src_ids, start=1):
         out[:, dst_ids.index(c) + 1] = targets[:, j]
     return out
+
+
+class _AdamW:
+    """AdamW (decoupled weight decay, bias-corrected moments), the few lines the trainer needs.
+
+    ``torch.optim`` imports ``torch._dynamo`` on first use, which costs 4-10 s and a few hundred MB
+    in a napari session; this update is the same arithmetic as ``torch.optim.AdamW``'s defaults.
+    """
+
+    def __init__(self, params: Any, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        import torch
+
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v, strict=True):
+                if p.grad is None:
+                    continue
+                g = p.grad
+                p.mul_(1.0 - self.lr * self.weight_decay)
+                m.mul_(b1).add_(g, alpha=1.0 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                denom = (v / c2).sqrt_().add_(self.eps)
+                p.addcdiv_(m, denom, value=-self.lr / c1)
 
 
 def _seeded_head(kind: str, num_classes: int, loaded: Any, config: Mapping[str, Any], seed: int) -> Any:
@@ -431,8 +499,8 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
         names = tuple(class_names) if class_names is not None else tuple(f"class {c}" for c in class_ids)
     if len(names) != len(class_ids):
         raise MedSamError(f"{len(names)} class names for {len(class_ids)} classes ({list(class_ids)})")
-    if params.epochs < 1 or params.batch_size < 1:
-        raise MedSamError("epochs and batch_size must be at least 1")
+    if (params.epochs is not None and params.epochs < 1) or params.batch_size < 1 or params.max_steps < 1:
+        raise MedSamError("epochs, max_steps and batch_size must be at least 1")
 
     threads = default_threads() if params.threads is None else int(params.threads)
     prev_threads = torch.get_num_threads()
@@ -445,26 +513,32 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
             head = _seeded_head(kind, len(class_ids) + 1, loaded, config, params.seed)
         dev = loaded.device
         head.to(dev).train()
+        for p in head.parameters():
+            p.requires_grad_(True)
         lr = float(params.lr if params.lr is not None else head.default_lr)
-        trainable = [p for p in head.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=params.weight_decay)
+        opt = _AdamW(head.parameters(), lr=lr, weight_decay=params.weight_decay)
         emb_all = torch.from_numpy(np.ascontiguousarray(data.embeddings)).to(dev)  # (N, C, h, w) fp16
         img_all = torch.from_numpy(np.ascontiguousarray(data.images)).to(dev) if head.uses_image else None
         tgt_all = torch.from_numpy(np.ascontiguousarray(targets)).to(dev)  # (N, K, L, L)
         n = len(data)
-        bs = min(params.batch_size, n) if not params.augment else params.batch_size
+        bs = min(params.batch_size, n)
         steps_per_epoch = max(1, math.ceil(n / bs))
-        total = params.epochs * steps_per_epoch
+        epochs = params.epochs if params.epochs is not None else max(1, math.ceil(params.max_steps / steps_per_epoch))
+        total = epochs * steps_per_epoch
         gen = torch.Generator().manual_seed(params.seed)
         tf = data.transform
         c, h, w = data.embeddings.shape[1:]
         valid = (math.ceil(tf.resized[0] * h / tf.input_size), math.ceil(tf.resized[1] * w / tf.input_size))
+        crop = 0
+        if getattr(head, "crops", False):
+            crop = h // 2 if params.crop is None else int(params.crop)
+            crop = crop if 0 < crop < min(h, w) else 0
         t0 = time.perf_counter()
         step = 0
         best, ema, wait, reduced = math.inf, None, 0, False
         stopped = "epochs"
         epoch = 0
-        for epoch in range(1, params.epochs + 1):  # noqa: B007 - read after the loop
+        for epoch in range(1, epochs + 1):  # noqa: B007 - read after the loop
             order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(steps_per_epoch * bs / n))])
             epoch_loss = 0.0
             for s in range(steps_per_epoch):
@@ -474,17 +548,19 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
                 emb = emb_all[idx].float()
                 img = img_all[idx] if img_all is not None else None
                 tgt = tgt_all[idx]
-                if params.augment:
-                    parts = [_augment(emb[j], img[j] if img is not None else None, tgt[j], valid,
-                                      params.max_shift, gen) for j in range(len(idx))]
+                if params.augment or crop:
+                    parts = [(emb[j], img[j] if img is not None else None, tgt[j]) for j in range(len(idx))]
+                    if params.augment:
+                        parts = [_augment(*p, valid, params.max_shift, gen, params.flip) for p in parts]
+                    if crop:  # two windows per slice: about the pixels of one full slice
+                        parts = [_crop(*p, valid, crop, gen) for p in parts for _ in range(2)]
                     emb = torch.stack([p[0] for p in parts])
                     img = torch.stack([p[1] for p in parts]) if img is not None else None
                     tgt = torch.stack([p[2] for p in parts])
                 warm = min(1.0, (step + 1) / max(1, params.warmup_steps))
-                for g in opt.param_groups:
-                    g["lr"] = lr * warm
+                opt.lr = lr * warm
                 loss = segmentation_loss(head(emb, img), tgt, dice_weight=params.dice_weight)
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
                 opt.step()
                 step += 1

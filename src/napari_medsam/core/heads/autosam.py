@@ -17,12 +17,12 @@ head is trained.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..nets.common import LayerNorm2d
 from ..nets.sam import PositionEmbeddingRandom
 from ..registry import ModelSpec
 from .base import Head
@@ -31,24 +31,15 @@ from .base import Head
 def _decoder_skeleton(spec: ModelSpec) -> tuple[Any, Any]:
     """The backbone's (mask decoder, prompt encoder) architecture with fresh random weights.
 
-    Built on the meta device (no encoder weights are allocated), then materialised on the CPU and
-    re-initialised: for rebuilding a head whose weights are about to be loaded from a file.
+    For rebuilding a head whose weights are about to be loaded from a file. The decoder's
+    hyperparameters live in :func:`~napari_medsam.core.build.build_sam` and depend only on the
+    spec's embedding shape and input size, so the spec is built with the tiny test encoder in
+    place of its own: no large image encoder is allocated.
     """
     from ..build import build_sam
 
-    with torch.device("meta"):
-        sam = build_sam(spec)
-    dec = sam.mask_decoder.to_empty(device="cpu")
-    pe = sam.prompt_encoder.to_empty(device="cpu")
-    for module in (*dec.modules(), *pe.modules()):
-        if isinstance(module, LayerNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, PositionEmbeddingRandom):
-            nn.init.normal_(module.positional_encoding_gaussian_matrix)
-        elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    return dec, pe
+    sam = build_sam(dataclasses.replace(spec, encoder="test_tiny_vit"))
+    return sam.mask_decoder, sam.prompt_encoder
 
 
 class AutoSamHead(Head):

@@ -20,6 +20,7 @@ class Head(nn.Module):
     kind = ""
     uses_image = False      # forward needs the model-input image (B, 3, S, S)
     default_lr = 1e-3
+    crops = False           # fully convolutional: may be trained on crops of the embedding grid
 
     def __init__(self, *, num_classes: int, spec: ModelSpec, config: dict[str, Any]) -> None:
         super().__init__()

@@ -30,10 +30,11 @@ class CNNHead(Head):
     """
 
     kind = "cnn"
-    default_lr = 1e-3
+    default_lr = 3e-3
+    crops = True
 
-    def __init__(self, *, num_classes: int, spec: ModelSpec, backbone: Any = None, width: int = 128,
-                 image_skip: bool = False, skip_width: int = 16) -> None:
+    def __init__(self, *, num_classes: int, spec: ModelSpec, backbone: Any = None, width: int = 64,
+                 image_skip: bool = True, skip_width: int = 16) -> None:
         super().__init__(num_classes=num_classes, spec=spec,
                          config={"width": int(width), "image_skip": bool(image_skip), "skip_width": int(skip_width)})
         self.uses_image = bool(image_skip)
@@ -60,10 +61,10 @@ class CNNHead(Head):
                 self.pyramid.append(nn.Sequential(conv_block(prev, cw), conv_block(cw, cw)))
                 prev = cw
 
-    def _image_features(self, image: torch.Tensor) -> list[torch.Tensor]:
-        if image.shape[-1] != self.out_size:
-            mode = "area" if image.shape[-1] > self.out_size else "bilinear"
-            image = F.interpolate(image, size=(self.out_size, self.out_size), mode=mode)
+    def _image_features(self, image: torch.Tensor, size: tuple[int, int]) -> list[torch.Tensor]:
+        if tuple(image.shape[-2:]) != size:  # SAM's 1024 px input vs a 256 px output: average 4x4 blocks
+            mode = "area" if image.shape[-1] > size[-1] else "bilinear"
+            image = F.interpolate(image, size=size, mode=mode)
         feats = []
         x = image
         for level, block in enumerate(self.pyramid):
@@ -74,18 +75,26 @@ class CNNHead(Head):
         return feats
 
     def forward(self, embedding: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        # sizes follow the input, so the head also runs on crops: (h, w) cells -> (4h, 4w) pixels
+        scale = self.out_size // self.embedding_shape[1]
+        size = (embedding.shape[-2] * scale, embedding.shape[-1] * scale)
         feats: list[torch.Tensor] = []
         if self.uses_image:
             if image is None:
                 raise ValueError("this cnn head was built with image_skip=True and needs the model-input image")
-            feats = self._image_features(image.to(embedding.dtype))
+            image_size = (embedding.shape[-2] * self.input_size // self.embedding_shape[1],
+                          embedding.shape[-1] * self.input_size // self.embedding_shape[2])
+            if tuple(image.shape[-2:]) != image_size:
+                raise ValueError(f"image of size {tuple(image.shape[-2:])} for an embedding grid of "
+                                 f"{tuple(embedding.shape[-2:])}: expected {image_size}")
+            feats = self._image_features(image.to(embedding.dtype), size)
         x = self.stem(embedding)  # (B, width, h, w)
         for i, (up, block) in enumerate(zip(self.up, self.blocks, strict=True)):
             x = up(x)
             if feats:
                 x = torch.cat([x, feats[self.n_up - 1 - i]], dim=1)
             x = block(x)
-        x = self.out(x)  # (B, K, L, L) unless the grid ratio is not a power of 2
-        if x.shape[-1] != self.out_size:
-            x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        x = self.out(x)  # (B, K, 4h, 4w) unless the grid ratio is not a power of 2
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x

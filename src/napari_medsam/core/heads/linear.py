@@ -21,6 +21,7 @@ class LinearHead(Head):
 
     kind = "linear"
     default_lr = 1e-2
+    crops = True
 
     def __init__(self, *, num_classes: int, spec: ModelSpec, backbone: Any = None) -> None:
         super().__init__(num_classes=num_classes, spec=spec, config={})
@@ -28,4 +29,5 @@ class LinearHead(Head):
 
     def forward(self, embedding: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         x = self.proj(embedding)  # (B, K, h, w)
-        return F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        scale = self.out_size // self.embedding_shape[1]  # sizes follow the input: crops work too
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)

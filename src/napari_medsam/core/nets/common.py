@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,6 +21,10 @@ class LayerNorm2d(nn.Module):
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) * torch.rsqrt(var + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation for channels-last tokens ``(B, H, W, C)`` (one fused kernel)."""
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
 class MLPBlock(nn.Module):

@@ -6,6 +6,23 @@ with parameter names that match the published LiteMedSAM and MobileSAM checkpoin
 
 Input ``(B, 3, S, S)``; output ``(B, 256, S/4, S/4)`` for LiteMedSAM (S = 256, 1x1 patch embed) or
 ``(B, 256, S/16, S/16)`` for MobileSAM (S = 1024, two stride-2 3x3 convs in the patch embed).
+
+Layout. Inside the network every activation is a contiguous channels-last ``(B, H, W, C)`` tensor
+(the checkpoints' NCHW conv weights are used as they are): a 1x1 conv is then one matrix multiply
+over the pixels (:func:`pointwise`), a depthwise or strided conv runs on the zero-copy
+``permute(0, 3, 1, 2)`` view, which is a channels-last NCHW tensor that oneDNN convolves without
+reordering, and the attention stages need no transposes at all. This is the same arithmetic as
+the reference NCHW network (equal up to float round-off) and about twice as fast on a CPU, where
+NCHW 1x1 convs and the NCHW <-> NHWC copies dominated. The attention bias is passed to
+``scaled_dot_product_attention`` as a 4D mask, which selects PyTorch's fused (flash) CPU kernel
+instead of the unfused "math" fallback that a 3D mask gets.
+
+The MBConv stage at full resolution (LiteMedSAM: 256 x 256 pixels, 256 hidden channels, 64 MiB
+per activation) is bandwidth-bound: every GELU and residual add streams the whole activation
+through memory. :attr:`ConvStage.band_rows` runs it on horizontal bands of rows instead (each band
+carries the one-row halo its 3x3 depthwise convs need), so the activations of a band stay in the
+CPU cache. The result is the same arithmetic on the same pixels; ``band_rows = 0`` (the default)
+runs the stage whole. :func:`napari_medsam.core.speed.optimize_for_inference` sets it on CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +55,44 @@ class Conv2dBN(nn.Sequential):
         return conv
 
 
+def _is_pointwise_conv(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)
+            and m.padding == (0, 0) and m.groups == 1 and m.dilation == (1, 1))
+
+
+def pointwise(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a conv-like layer ``m`` to channels-last tokens ``(B, H, W, C)``; returns ``(B, H', W', C')``.
+
+    A plain 1x1 conv becomes ``F.linear`` over the tokens; any other conv (depthwise, strided,
+    an unfused :class:`Conv2dBN`) runs on the channels-last NCHW view; any other module (an
+    ``nn.Linear``, a quantized linear put in place of a 1x1 conv) is called on the tokens.
+    """
+    if _is_pointwise_conv(m):
+        return F.linear(x, m.weight.flatten(1), m.bias)  # type: ignore[union-attr]
+    if isinstance(m, (nn.Conv2d, Conv2dBN)):
+        y = m(x.permute(0, 3, 1, 2))  # channels-last NCHW view in, channels-last NCHW out
+        return y.permute(0, 2, 3, 1).contiguous()  # a no-op when oneDNN kept channels-last
+    return m(x)
+
+
+def _act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``, in place for a GELU when no autograd graph needs ``x``.
+
+    Only for fresh temporaries. A new full-resolution activation is a fresh memory map that the
+    kernel has to fault in page by page, which costs more than the GELU itself.
+    """
+    if isinstance(act, nn.GELU) and not (x.requires_grad and torch.is_grad_enabled()):
+        return torch._C._nn.gelu_(x, approximate=act.approximate)
+    return act(x)
+
+
+def _add(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y + x``, in place on the fresh temporary ``y`` when autograd allows."""
+    if not (y.requires_grad and torch.is_grad_enabled()) and y.shape == x.shape:
+        return y.add_(x)
+    return y + x
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int, *, kernel: int, stride: int) -> None:
         super().__init__()
@@ -48,8 +103,9 @@ class PatchEmbed(nn.Module):
             Conv2dBN(embed_dim // 2, embed_dim, kernel, stride, pad),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, Cin) -> (B, H', W', C)
+        c1, act, c2 = self.seq
+        return pointwise(c2, _act(act, pointwise(c1, x)))
 
 
 class MBConv(nn.Module):
@@ -60,15 +116,30 @@ class MBConv(nn.Module):
         self.conv2 = Conv2dBN(hidden, hidden, 3, 1, 1, groups=hidden)
         self.conv3 = Conv2dBN(hidden, dim)
         self.act = nn.GELU()
+        self.band_rows = 0  # > 0: compute in bands of this many rows (see the module docstring)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.conv1(x))
-        y = self.act(self.conv2(y))
-        return self.act(self.conv3(y) + x)
+    def _block(self, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        y = _act(self.act, pointwise(self.conv1, x))
+        y = _act(self.act, pointwise(self.conv2, y)[:, rows])
+        return _act(self.act, _add(pointwise(self.conv3, y), x[:, rows]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        h = x.shape[1]
+        band = self.band_rows
+        if band <= 0 or band >= h:
+            return self._block(x)
+        # The 3x3 depthwise conv needs one row above and below a band; rows at the image border
+        # get the conv's own zero padding, exactly as unbanded. Only the band's rows are kept.
+        parts = []
+        for r0 in range(0, h, band):
+            r1 = min(r0 + band, h)
+            lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
+            parts.append(self._block(x[:, lo:hi], slice(r0 - lo, r1 - lo)))
+        return torch.cat(parts, dim=1)
 
 
 class PatchMerging(nn.Module):
-    """Channel change plus (optional) stride-2 downsampling; works on ``(B, C, H, W)``."""
+    """Channel change plus (optional) stride-2 downsampling on ``(B, H, W, C)`` tokens."""
 
     def __init__(self, dim: int, out_dim: int, stride: int) -> None:
         super().__init__()
@@ -76,9 +147,32 @@ class PatchMerging(nn.Module):
         self.conv2 = Conv2dBN(out_dim, out_dim, 3, stride, 1, groups=out_dim)
         self.conv3 = Conv2dBN(out_dim, out_dim)
         self.act = nn.GELU()
+        self.band_rows = 0  # > 0: compute in bands of this many output rows (fused convs only)
+
+    def _tail(self, y: torch.Tensor) -> torch.Tensor:
+        return pointwise(self.conv3, _act(self.act, y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
+        band, conv2 = self.band_rows, self.conv2
+        h = x.shape[1]
+        if band <= 0 or not isinstance(conv2, nn.Conv2d) or conv2.padding != (1, 1) or conv2.kernel_size != (3, 3):
+            return self._tail(pointwise(conv2, _act(self.act, pointwise(self.conv1, x))))
+        s = conv2.stride[0]
+        h_out = (h - 1) // s + 1
+        if band >= h_out:
+            return self._tail(pointwise(conv2, _act(self.act, pointwise(self.conv1, x))))
+        parts = []
+        for r0 in range(0, h_out, band):
+            r1 = min(r0 + band, h_out)
+            # output rows r0..r1-1 read input rows s*r0 - 1 .. s*(r1-1) + 1 (zero outside the image)
+            lo, hi = s * r0 - 1, s * (r1 - 1) + 2
+            y = _act(self.act, pointwise(self.conv1, x[:, max(lo, 0):min(hi, h)]))
+            if lo < 0 or hi > h:
+                y = F.pad(y, (0, 0, 0, 0, max(-lo, 0), max(hi - h, 0)))
+            y = F.conv2d(y.permute(0, 3, 1, 2), conv2.weight, conv2.bias, conv2.stride, (0, 1),
+                         conv2.dilation, conv2.groups).permute(0, 2, 3, 1)
+            parts.append(self._tail(y.contiguous()))
+        return torch.cat(parts, dim=1)
 
 
 class WindowAttention(nn.Module):
@@ -107,7 +201,8 @@ class WindowAttention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=3)  # (B*, heads, N, hd) each
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
+        # (1, heads, N, N): a 4D mask gets the fused CPU kernel, a 3D one the slow math fallback
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -121,7 +216,7 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        return self.fc2(_act(self.act, self.fc1(self.norm(x))))
 
 
 class TinyViTBlock(nn.Module):
@@ -143,9 +238,8 @@ class TinyViTBlock(nn.Module):
         y = y.view(b, ph // ws, pw // ws, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
         if pad_b or pad_r:
             y = y[:, :h, :w]
-        x = x + y
-        x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return x + self.mlp(x)
+        x = pointwise(self.local_conv, x + y)
+        return _add(self.mlp(x), x)
 
 
 class ConvStage(nn.Module):
@@ -154,7 +248,7 @@ class ConvStage(nn.Module):
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
         self.downsample = PatchMerging(dim, out_dim, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C', H', W')
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H', W', C')
         for blk in self.blocks:
             x = blk(x)
         return self.downsample(x)
@@ -167,11 +261,9 @@ class AttnStage(nn.Module):
         self.blocks = nn.ModuleList(TinyViTBlock(dim, num_heads, window, mlp_ratio) for _ in range(depth))
         self.downsample = PatchMerging(dim, out_dim, stride) if out_dim is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        x = x.permute(0, 2, 3, 1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         for blk in self.blocks:
             x = blk(x)
-        x = x.permute(0, 3, 1, 2)
         return self.downsample(x) if self.downsample is not None else x
 
 
@@ -199,11 +291,14 @@ class TinyViT(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C, S', S')
+        x = self.patch_embed(x.permute(0, 2, 3, 1).contiguous())  # (B, S', S', C0) channels-last tokens
         for layer in self.layers:
             x = layer(x)
-        return self.neck(x)
+        conv1, ln1, conv2, ln2 = self.neck
+        x = ln1.forward_channels_last(pointwise(conv1, x))
+        x = ln2.forward_channels_last(pointwise(conv2, x))
+        return x.permute(0, 3, 1, 2).contiguous()  # (B, C, h, w), plain NCHW for the decoder
 
 
 def fuse_conv_bn(module: nn.Module) -> nn.Module:

@@ -1,0 +1,223 @@
+"""Inference speed: how a loaded model is prepared to run fast, and the CPU runtime policy.
+
+Nothing here runs on import. Two entry points:
+
+* :func:`optimize_for_inference` prepares a :class:`~napari_medsam.core.build.LoadedModel`:
+  row-banded execution of the full-resolution conv stage on CPU (exact: same arithmetic on the
+  same pixels, only cache-friendlier), optional int8 dynamic quantization of the encoder's
+  matrix multiplies (changes embeddings beyond round-off, so the returned model has another
+  ``variant`` and therefore other cache keys), optional ``torch.compile``. ``load_model`` calls it
+  with the exact defaults.
+* :func:`configure_runtime` is the process-wide CPU policy an application opts into once (the CLI
+  and the widgets do, a library user may): the intra-op thread count and glibc's allocator
+  thresholds. Both are global, which is why they are a separate, explicit call.
+
+Measured on a 2-core AVX2 CPU (``benchmarks/bench_encoder.py``, ``docs/benchmarks.md``): the
+channels-last network with the fused attention kernel, banding and the allocator setting embed a
+LiteMedSAM slice about 2x faster than the reference NCHW forward, with identical masks. bf16 is
+not used on CPUs without native bf16 instructions (it is ~100x slower there, see
+:func:`napari_medsam.core.device.cpu_has_fast_bf16`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import dataclasses
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from .build import LoadedModel
+
+__all__ = [
+    "INT8_VARIANT",
+    "RuntimeSettings",
+    "available_cpus",
+    "configure_runtime",
+    "optimize_for_inference",
+    "recommended_threads",
+    "set_band_rows",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Appended to ``LoadedModel.variant`` (and so to every embedding cache key) by int8 quantization.
+INT8_VARIANT = "+int8dyn"
+#: Rows per band for the full-resolution conv stage on CPU; the band's activations (e.g. 16 rows
+#: x 256 columns x 256 channels x 4 B = 4 MiB for LiteMedSAM) stay in the last-level cache.
+DEFAULT_BAND_ROWS = 16
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+# --------------------------------------------------------------------------------------------- runtime
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; cgroup-pinned containers included)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def recommended_threads() -> int:
+    """Intra-op threads for the encoder: one per physical core this process may use.
+
+    Hyper-threads share a core's FMA units, so a second thread per core only adds contention
+    to matrix multiplies; more threads than allowed CPUs (a container's affinity) oversubscribes.
+    """
+    n = available_cpus()
+    try:
+        import psutil
+
+        phys = psutil.cpu_count(logical=False)
+        logical = psutil.cpu_count(logical=True)
+        if phys and logical and logical > phys:
+            n = max(1, n * phys // logical)
+    except ImportError:
+        pass
+    return n
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """What :func:`configure_runtime` set (and what to pass back to undo the thread count)."""
+
+    threads: int
+    previous_threads: int
+    allocator_tuned: bool
+
+
+def _tune_glibc_allocator(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Serve tensors below ``mmap_threshold`` bytes from the reused heap instead of fresh mmaps.
+
+    glibc's default hands every allocation above 32 MiB to a new ``mmap`` and returns it to the
+    kernel on free, so each full-resolution activation is page-faulted in again on every slice
+    (a 64 MiB tensor costs ~45 ms of faults on this class of CPU, more than the GELU applied to
+    it). PyTorch's CPU tuning guide recommends jemalloc/tcmalloc for the same reason; this is the
+    no-dependency equivalent. Only glibc (Linux) is touched; returns whether it was applied.
+    """
+    name = ctypes.util.find_library("c")
+    if not name or "libc" not in name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok
+    return ok
+
+
+def configure_runtime(threads: int | None = None, *, allocator: bool = True,
+                      mmap_threshold: int = 128 * 2**20, trim_threshold: int = 256 * 2**20) -> RuntimeSettings:
+    """Set the process-wide CPU policy for inference; call once, from an application.
+
+    ``threads``: intra-op threads (default :func:`recommended_threads`). ``allocator``: keep
+    tensors up to ``mmap_threshold`` bytes on glibc's heap (freed memory above
+    ``trim_threshold`` still goes back to the system), see :func:`_tune_glibc_allocator`.
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    n = int(threads) if threads else recommended_threads()
+    if n != prev:
+        torch.set_num_threads(n)
+    tuned = _tune_glibc_allocator(mmap_threshold, trim_threshold) if allocator else False
+    _log.debug("runtime: %d threads (was %d), allocator tuned: %s", n, prev, tuned)
+    return RuntimeSettings(threads=n, previous_threads=prev, allocator_tuned=tuned)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def set_band_rows(encoder: Any, rows: int) -> int:
+    """Set the row band of every banded module of ``encoder`` (0: whole tensors); returns how many."""
+    from .nets.tiny_vit import ConvStage
+
+    n = 0
+    for stage in encoder.modules():
+        if isinstance(stage, ConvStage):
+            for m in stage.modules():
+                if hasattr(m, "band_rows"):
+                    m.band_rows = int(rows)
+                    n += 1
+    return n
+
+
+def _quantize_int8(encoder: Any) -> Any:
+    """A copy of ``encoder`` whose linear layers and 1x1 convs run as int8 dynamic-quantized matmuls.
+
+    Weights are quantized per output channel once; activations per tensor at run time (FBGEMM
+    on x86, QNNPACK on ARM). Depthwise and 3x3 convs, attention and norms stay fp32.
+    """
+    import torch
+    from torch import nn
+
+    from .nets.tiny_vit import _is_pointwise_conv
+
+    enc = copy.deepcopy(encoder)
+    for parent in list(enc.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_pointwise_conv(child):
+                lin = nn.Linear(child.in_channels, child.out_channels, bias=child.bias is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(child.weight.flatten(1))
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(parent, name, lin)
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.ao.quantization.quantize_dynamic(enc, {nn.Linear: qconfig}, dtype=torch.qint8)
+
+
+def optimize_for_inference(loaded: LoadedModel, *, band_rows: int | None = None, int8: bool = False,
+                           compile: bool = False) -> LoadedModel:  # noqa: A002 - torch's own word
+    """``loaded`` prepared for fast inference; the encoder's outputs stay fp32-equal unless ``int8``.
+
+    ``band_rows``: rows per band for the full-resolution conv stage (None: 16 on CPU, off on GPUs,
+    where whole tensors keep the device busy). ``int8``: dynamic int8 quantization of the
+    encoder's linear layers and 1x1 convs (CPU only); the returned model shares the decoder with
+    ``loaded``, has its own quantized encoder and ``variant`` ``+int8dyn``, so its embeddings are
+    cached apart. ``compile``: ``torch.compile`` the encoder in place (first call compiles, tens
+    of seconds to minutes; the compiled kernels are cached on disk by inductor).
+
+    Returns a new :class:`LoadedModel` when int8 changed the encoder, else ``loaded`` itself.
+    """
+    from .errors import DeviceError
+
+    model = loaded.model
+    on_cpu = loaded.device.type == "cpu"
+    rows = (DEFAULT_BAND_ROWS if on_cpu else 0) if band_rows is None else int(band_rows)
+    set_band_rows(model.image_encoder, rows)
+    out = loaded
+    if int8 and INT8_VARIANT not in loaded.variant:
+        if not on_cpu:
+            raise DeviceError("int8 quantization runs on the CPU only; drop --int8 or use --device cpu")
+        from .nets.sam import SamModel
+
+        q = SamModel(image_encoder=_quantize_int8(model.image_encoder), prompt_encoder=model.prompt_encoder,
+                     mask_decoder=model.mask_decoder).eval()
+        out = dataclasses.replace(loaded, model=q, variant=loaded.variant + INT8_VARIANT)
+    if compile:
+        _compile_encoder(out.model.image_encoder)
+    return out
+
+
+def _compile_encoder(encoder: Any) -> None:
+    """``torch.compile`` the encoder in place (module identity and state dict keys unchanged)."""
+    with contextlib.suppress(AttributeError):
+        if getattr(encoder, "_compiled_call_impl", None) is not None:
+            return
+    encoder.compile(dynamic=False)
