@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", default=",".join(VARIANTS), help=f"heads to train, from: {', '.join(VARIANTS)}")
     ap.add_argument("--autosam-ks", default="1,3",
                     help="the k at which to train the (slow on CPU) autosam head (default 1,3; 'all')")
+    ap.add_argument("--ablation-ks", default="1,3",
+                    help="the k at which to run the cnn ablations (no-image, no-aug, +flips) (default 1,3; 'all')")
     ap.add_argument("--cache-dir", default=None, help="embedding cache folder (default: the user cache)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for everything (default 1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if h not in VARIANTS:
             ap.error(f"unknown head {h!r}; choose from {', '.join(VARIANTS)}")
     autosam_ks = ks if args.autosam_ks == "all" else [int(k) for k in args.autosam_ks.split(",") if k]
+    ablation_ks = ks if args.ablation_ks == "all" else [int(k) for k in args.ablation_ks.split(",") if k]
     image, labels = load_mni()
     axis = 1
     brain = [i for i in range(labels.shape[axis]) if labels[:, i].any()]
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         data = drain(collect_training_data(enc, labels, train))
         for name in heads:
             kind, cfg, over = VARIANTS[name]
-            if kind == "autosam" and k not in autosam_ks:
+            if (kind == "autosam" and k not in autosam_ks) or (name.startswith("cnn ") and k not in ablation_ks):
                 continue
             params = TrainParams(head=kind, head_config=cfg, seed=args.seed, threads=0, **over)
             head = drain(fine_tune(data, params, loaded=loaded, class_names=("GM", "WM")))

@@ -1,9 +1,10 @@
 """Screenshots of the real napari window for the user guide (docs/images/*.png).
 
-Run under a display (``xvfb-run -a python docs/screenshots.py``); it takes a few minutes on a CPU
+Run under a display (``xvfb-run -a -s "-screen 0 1920x1200x24" python docs/screenshots.py``: the
+window is 1500 x 1000); it takes a few minutes on a CPU
 because it uses the bundled LiteMedSAM on the real MNI152 template: open the sample, load the model,
 draw a box around the left lateral ventricle on an axial slice, preview, commit, propagate, then
-train a small head on the result and segment the volume with it.
+train a small head on a few of the propagated slices and start segmenting the volume with it.
 ``--model test_tiny_lite`` gives a fast run with a random model (pictures of the layout only).
 """
 
@@ -46,7 +47,7 @@ def shot(viewer, name: str) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / name
     Image.fromarray(img).save(path, optimize=True)
-    print(f"wrote {path.relative_to(HERE.parent)} {img.shape[1]}x{img.shape[0]}", flush=True)
+    print(f"wrote {path} {img.shape[1]}x{img.shape[0]}", flush=True)
     return path
 
 
@@ -82,7 +83,7 @@ def main() -> int:
     import numpy as np
 
     viewer = napari.Viewer(title="napari-medsam")
-    viewer.window.resize(1500, 960)
+    viewer.window.resize(1500, 1000)
     viewer.open_sample("napari-medsam", "mni152")
     image = viewer.layers[0]
     t1 = np.asarray(image.data)
@@ -128,7 +129,12 @@ def main() -> int:
     filled = [z for z in range(labels.data.shape[AXIAL]) if labels.data[:, :, z].any()]
     print(f"propagated over axial slices {filled[0]}-{filled[-1]} ({len(filled)} slices)" if filled else
           "propagation wrote nothing", flush=True)
-    viewer.dims.set_point(AXIAL, image.data_to_world([0, 0, k + 4])[AXIAL])
+    if filled:  # show a slice a few millimetres from the prompt where the labels are large
+        near = [z for z in filled if 3 <= abs(z - k) <= 12] or filled
+        show = max(near, key=lambda z: int(labels.data[:, :, z].astype(bool).sum()))
+    else:
+        show = k
+    viewer.dims.set_point(AXIAL, image.data_to_world([0, 0, show])[AXIAL])
     viewer.layers.selection.active = labels
     shot(viewer, "05-propagated.png")
 
@@ -144,7 +150,7 @@ def main() -> int:
         layer.visible = True
 
     if not args.skip_finetune:
-        _, fw = viewer.window.add_plugin_dock_widget("napari-medsam", "Fine-tune")
+        _, fw = viewer.window.add_plugin_dock_widget("napari-medsam", "Fine-tune", tabify=True)
         fw.image_combo.set_layer(image)
         fw.labels_combo.set_layer(labels)
         fw.head_combo.setCurrentIndex(fw.head_combo.findData("cnn"))
@@ -155,9 +161,11 @@ def main() -> int:
         fw.epochs_spin.setValue(40)
         fw.train()
         wait(fw.train_job)
-        fw.segment()
-        wait(fw.predict_job)
+        fw.segment()  # embeds every remaining slice: minutes on a CPU, so shown running, then cancelled
+        pump(10.0)
         shot(viewer, "07-finetune.png")
+        fw._on_cancel()
+        wait(fw.predict_job)
     viewer.close()
     return 0
 

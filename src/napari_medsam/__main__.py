@@ -53,7 +53,13 @@ def _launch_gui(image: str | os.PathLike | None, *, model: str, device: str, blo
         viewer.open(os.fspath(image), plugin="napari-medsam")
     layer = viewer.layers[0] if len(viewer.layers) else None
     if layer is not None and layer.ndim == 3:
-        viewer.dims.set_current_step(0, layer.data.shape[0] // 2)
+        axis = 0
+        if image is None:  # the MNI template (RAS): axial slices, anterior at the top
+            axis = 2
+            viewer.dims.order = (2, 1, 0)
+            camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+            camera.orientation2d = ("up", "right")
+        viewer.dims.set_current_step(axis, layer.data.shape[axis] // 2)
     _, model_w = viewer.window.add_plugin_dock_widget("napari-medsam", "Model")
     viewer.window.add_plugin_dock_widget("napari-medsam", "Annotate", tabify=False)
     model_w.select_model(model)

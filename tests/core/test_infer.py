@@ -100,3 +100,27 @@ def test_encoder_for_head_uses_the_training_axis_and_intensity(setup, loaded, vo
     ct = dataclasses.replace(head.meta, intensity={"mode": "ct", "lo": -160.0, "hi": 240.0, "keep_zero": False})
     fixed = encoder_for_head(loaded, volume[0] * 2, dataclasses.replace(head, meta=ct))
     assert (fixed.intensity.lo, fixed.intensity.hi) == (-160.0, 240.0)
+
+
+@pytest.mark.slow
+def test_litemedsam_head_segments_mni152_grey_and_white_matter():
+    """Train the default head on 3 coronal slices of the MNI152 template, predict 10 others."""
+    from nilearn import datasets
+
+    from napari_medsam.io import read_image
+
+    image = read_image(datasets.MNI152_FILE_PATH)
+    gm = np.asarray(read_image(datasets.GM_MNI152_FILE_PATH).data[...], np.float32) / 255.0
+    wm = np.asarray(read_image(datasets.WM_MNI152_FILE_PATH).data[...], np.float32) / 255.0
+    labels = np.where(gm + wm > 0.5, np.where(wm > gm, 2, 1), 0).astype(np.uint8)
+    brain = [i for i in range(labels.shape[1]) if labels[:, i].any()]
+    train = [brain[round(p)] for p in np.linspace(0, len(brain) - 1, 5)[1:-1]]
+    evals = [i for i in brain[10:-10:16] if i not in train]
+    loaded = load_model("litemedsam", device="cpu", precision="fp32")
+    enc = VolumeEncoder(loaded, image, axis=1)
+    data = drain(collect_training_data(enc, labels, train))
+    head = drain(fine_tune(data, TrainParams(), loaded=loaded, class_names=("GM", "WM")))
+    res = drain(predict_slices(enc, head, slices=evals))
+    pred, truth = res.labels[:, evals], labels[:, evals]
+    dice = [2 * ((pred == c) & (truth == c)).sum() / ((pred == c).sum() + (truth == c).sum()) for c in (1, 2)]
+    assert min(dice) > DICE_MNI_MIN, dice

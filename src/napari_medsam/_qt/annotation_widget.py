@@ -39,8 +39,8 @@ from qtpy.QtWidgets import (
 from .. import _layers
 from ..core.registry import DEFAULT_MODEL
 from . import _workers
+from ._dock import fit_dock_height
 from ._layer_combo import LayerCombo
-from ._layout import scroll_layout
 from .model_widget import encoder_request, is_image, load_model_job
 from .session import ModelChoice, Session, session_for
 
@@ -80,6 +80,7 @@ class AnnotationWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
+        self._fitted = False
         self.classes: list[_layers.LabelClass] = _layers.default_classes()
         self._prompt_layers: dict[int, tuple[Any, Any]] = {}
         self._preview: Any = None
@@ -117,7 +118,7 @@ class AnnotationWidget(QWidget):
         self.class_table.verticalHeader().setVisible(False)
         self.class_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.class_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.class_table.setMinimumHeight(84)
+        self.class_table.setMinimumHeight(84)  # header and two rows, even on a small screen
         self.class_table.setMaximumHeight(130)
         self.add_class_button = QPushButton("Add class")
         self.remove_class_button = QPushButton("Remove class")
@@ -162,7 +163,7 @@ class AnnotationWidget(QWidget):
         self.shortcuts_label.setTextFormat(Qt.TextFormat.RichText)
         self.shortcuts_label.setToolTip("\n".join(f"{k}: {v}" for k, v in SHORTCUTS))
 
-        layout = scroll_layout(self)
+        layout = QVBoxLayout(self)
         layout.addLayout(lform)
         layout.addWidget(class_box)
         layout.addLayout(grid)
@@ -350,7 +351,10 @@ class AnnotationWidget(QWidget):
         if image is not None:
             image.events.data.connect(self._on_image_data)
             self.prompt_layers(create=True)
-            self.activate_box() if self._box_preferred() else self.activate_points()
+            if self._box_preferred():
+                self.activate_box()
+            else:
+                self.activate_points()
         self._update_status()
 
     def _on_image_data(self, event: Any = None) -> None:
@@ -400,8 +404,9 @@ class AnnotationWidget(QWidget):
         image = self.image_layer
         shape = _layers.spatial_shape(image)
         prev = self._preview
-        if prev is not None and prev in self.viewer.layers and tuple(prev.data.shape) == shape and \
-                np.allclose(prev.scale, image.scale) and np.allclose(prev.translate, image.translate):
+        if prev is not None and prev in self.viewer.layers and _layers.is_preview(prev, of=image) and \
+                tuple(prev.data.shape) == shape and np.allclose(prev.scale, image.scale) and \
+                np.allclose(prev.translate, image.translate):
             return prev
         if prev is not None and prev in self.viewer.layers:
             self.viewer.layers.remove(prev)
@@ -540,8 +545,8 @@ class AnnotationWidget(QWidget):
             return
         if self.image_layer is None:
             return
+        self._draw_preview(res.mask, view)  # may replace the preview layer (which resets _last)
         self._last = (tag, res)
-        self._draw_preview(res.mask, view)
         if self._prompt_time is not None:
             self.latencies.append(time.perf_counter() - self._prompt_time)
             job = self._preview_job
@@ -789,6 +794,12 @@ class AnnotationWidget(QWidget):
         if int(self.viewer.dims.ndisplay) == 3:
             extra = "switch to the 2D view to place prompts"
         self.status_label.setText(f"{where}{self.session.loaded.name} · {extra}".rstrip(" ·"))
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        if not self._fitted:  # once, when napari first docks it
+            self._fitted = True
+            fit_dock_height(self)
 
     # ---- cleanup ------------------------------------------------------------------------------------
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API

@@ -36,8 +36,8 @@ from qtpy.QtWidgets import (
 from .. import _layers
 from ..core.progress import Progress, ProgressGen
 from . import _workers
+from ._dock import fit_dock_height
 from ._layer_combo import LayerCombo
-from ._layout import scroll_layout
 from .model_widget import encoder_request, is_image
 from .session import EncoderRequest, Session, session_for, worker_threads
 
@@ -156,6 +156,7 @@ class FinetuneWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
+        self._fitted = False
         self.head: Any = None
         self.train_job: _workers.Job | None = None
         self.predict_job: _workers.Job | None = None
@@ -224,7 +225,7 @@ class FinetuneWidget(QWidget):
         io_row.addWidget(self.load_button)
         hb.addLayout(io_row)
         hb.addWidget(self.segment_button)
-        layout = scroll_layout(self)
+        layout = QVBoxLayout(self)
         layout.addWidget(train_box)
         layout.addWidget(head_box)
         layout.addStretch(1)
@@ -407,6 +408,12 @@ class FinetuneWidget(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Load head", "", "Head files (*.pt);;All files (*)")
         if path:
             self.load_head(path)
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        if not self._fitted:  # once, when napari first docks it
+            self._fitted = True
+            fit_dock_height(self)
 
     # ---- cleanup ------------------------------------------------------------------------------------
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API

@@ -22,6 +22,8 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -30,17 +32,17 @@ from .. import _layers
 from ..core.device import DEVICES, PRECISIONS
 from ..core.registry import DEFAULT_MODEL, MODELS, get_spec, list_models
 from . import _workers
+from ._dock import fit_dock_height
 from ._layer_combo import LayerCombo
-from ._layout import scroll_layout
 from .session import EncoderRequest, IntensityChoice, ModelChoice, Session, session_for
 
 INTENSITIES: dict[str, IntensityChoice] = {
-    "auto (CT window or MR percentiles)": IntensityChoice("auto"),
-    "CT soft tissue (W400 L40)": IntensityChoice("ct", "soft_tissue"),
-    "CT lung (W1500 L-600)": IntensityChoice("ct", "lung"),
-    "CT bone (W1800 L400)": IntensityChoice("ct", "bone"),
-    "CT brain (W80 L40)": IntensityChoice("ct", "brain"),
-    "MR (0.5-99.5 percentiles)": IntensityChoice("mr"),
+    "auto": IntensityChoice("auto"),
+    "CT soft tissue W400 L40": IntensityChoice("ct", "soft_tissue"),
+    "CT lung W1500 L-600": IntensityChoice("ct", "lung"),
+    "CT bone W1800 L400": IntensityChoice("ct", "bone"),
+    "CT brain W80 L40": IntensityChoice("ct", "brain"),
+    "MR 0.5-99.5 %iles": IntensityChoice("mr"),
     "min-max": IntensityChoice("minmax"),
 }
 
@@ -57,16 +59,16 @@ def availability(name: str) -> tuple[bool, str]:
 
     spec = get_spec(name)
     if spec.weights.random_init:
-        return True, "random weights (tests and demos only)"
+        return True, "random (tests and demos only)"
     found = weights_available(spec)
     if found is not None:
         if spec.weights.bundled_package and spec.weights.bundled_package in str(found).replace("-", "_"):
-            return True, f"bundled with {spec.weights.bundled_package.replace('_', '-')}: works offline"
-        return True, f"weights found: {found.name} in {found.parent}"
+            return True, f"bundled with {spec.weights.bundled_package.replace('_', '-')}, offline"
+        return True, f"found: {found.name} in {found.parent}"
     if spec.weights.url:
         size = f" ({spec.weights.size / 1e6:.0f} MB)" if spec.weights.size else ""
         return True, f"downloaded on Load{size} from {spec.weights.url}"
-    return False, f"weights missing: {how_to_get(spec)}"
+    return False, f"missing: {how_to_get(spec)}"
 
 
 def encoder_request(layer: Any, viewer: Any, session: Session) -> EncoderRequest | None:
@@ -103,6 +105,7 @@ class ModelWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
+        self._fitted = False
         self.load_job: _workers.Job | None = None
         self.embed_job: _workers.Job | None = None
         self.status_job: _workers.Job | None = None
@@ -118,6 +121,7 @@ class ModelWidget(QWidget):
         self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(DEFAULT_MODEL)))
         self.model_info = QLabel()
         self.model_info.setWordWrap(True)
+        self.model_info.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
         self.model_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.weights_edit = QLineEdit()
         self.weights_edit.setPlaceholderText("registered weights (or choose a .pth file)")
@@ -135,23 +139,44 @@ class ModelWidget(QWidget):
         self.load_bar = QProgressBar()
         self.load_bar.setVisible(False)
 
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.device_combo)
+        run_row.addWidget(QLabel("Precision"))
+        run_row.addWidget(self.precision_combo)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.load_button)
+        # What describes the model and how it runs folds away once a model is loaded.
+        self.details_button = QToolButton()
+        self.details_button.setCheckable(True)
+        self.details_button.setChecked(True)
+        self.details_button.setArrowType(Qt.ArrowType.DownArrow)
+        self.details_button.setToolTip("show or hide the model's description, weights file, device and precision")
+        self.details = QWidget()
+        details_form = QFormLayout(self.details)
+        details_form.setContentsMargins(0, 0, 0, 0)
+        details_form.addRow(self.model_info)
+        details_form.addRow("Weights", weights_row)
+        details_form.addRow("Device", run_row)
         form = QFormLayout()
-        form.addRow("Model", self.model_combo)
-        form.addRow("", self.model_info)
-        form.addRow("Weights", weights_row)
-        form.addRow("Device", self.device_combo)
-        form.addRow("Precision", self.precision_combo)
+        form.addRow("Model", model_row)
+        status_row = QHBoxLayout()
+        status_row.addWidget(self.details_button)
+        status_row.addWidget(self.load_status, 1)
         model_box = QGroupBox("Model")
         mb = QVBoxLayout(model_box)
         mb.addLayout(form)
-        mb.addWidget(self.load_button)
+        mb.addWidget(self.details)
         mb.addWidget(self.load_bar)
-        mb.addWidget(self.load_status)
+        mb.addLayout(status_row)
 
         # -- embeddings group
         self.image_combo = LayerCombo(napari_viewer, is_image)
         self.intensity_combo = QComboBox()
         self.intensity_combo.addItems(list(INTENSITIES))
+        self.intensity_combo.setToolTip("how raw intensities map to the model's input; auto: a CT soft-tissue "
+                                        "window for Hounsfield data, else MR percentile clipping (uint8 and RGB "
+                                        "data pass through)")
         self.cache_label = QLabel("")
         self.cache_label.setWordWrap(True)
         self.embed_button = QPushButton("Embed image")
@@ -177,13 +202,14 @@ class ModelWidget(QWidget):
         eb.addWidget(self.cache_label)
         eb.addWidget(self.napari_bar_check)
 
-        layout = scroll_layout(self)
+        layout = QVBoxLayout(self)
         layout.addWidget(model_box)
         layout.addWidget(emb_box)
         layout.addStretch(1)
 
         # -- wiring
         self.model_combo.currentIndexChanged.connect(self._on_model_selected)
+        self.details_button.toggled.connect(self._show_details)
         self.weights_button.clicked.connect(self._on_choose_weights)
         self.weights_edit.textChanged.connect(self._on_weights_text)
         self.load_button.clicked.connect(self._on_load)
@@ -212,13 +238,18 @@ class ModelWidget(QWidget):
         spec = get_spec(name)
         ok, where = availability(name)
         prompts = ", ".join(spec.prompts)
-        lines = [spec.description, f"Prompts it was trained with: {prompts}.", where]
+        lines = [spec.description, f"Trained with: {prompts}. Weights {where}."]
         if spec.box_preferred:
             lines.append("Boxes are the reliable prompt for this model; points are experimental.")
         self.model_info.setText("\n".join(lines))
         missing = not ok
         self.weights_button.setText("Choose weights file…" if missing else "Choose…")
         self.load_button.setEnabled(not missing or bool(self.weights_edit.text().strip()))
+
+    def _show_details(self, shown: bool) -> None:
+        self.details.setVisible(bool(shown))
+        self.details_button.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
+        fit_dock_height(self)
 
     def _on_weights_text(self, text: str) -> None:
         ok, _ = availability(self.model_name)
@@ -258,6 +289,7 @@ class ModelWidget(QWidget):
             self.load_status.setText("No model loaded (see the notification).")
             return
         self._on_model_changed(self.session.loaded)
+        self.details_button.setChecked(False)  # fold the details away: the embedding part matters now
         then, self._after_load = self._after_load, None
         if then is not None:
             then()
@@ -360,6 +392,12 @@ class ModelWidget(QWidget):
     def _on_cancel(self) -> None:
         if self.embed_job is not None:
             self.embed_job.cancel()
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        if not self._fitted:  # once, when napari first docks it
+            self._fitted = True
+            fit_dock_height(self)
 
     # -- cleanup --------------------------------------------------------------------------------------
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API

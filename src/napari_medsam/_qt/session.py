@@ -271,10 +271,13 @@ class Session:
         t0 = time.perf_counter()
         computed = 0
         yield Progress(done, n, "embedding", {"cached": done, "image_id": req.image_id})
+        # One slice at a time on a CPU: a prompt on a slice not embedded yet waits for the encoder
+        # while a batch runs, and the slice under view is re-read sooner. GPUs batch.
+        step = 1 if getattr(enc.loaded.device, "type", "cpu") == "cpu" else enc.batch_size
         while todo:
             c = current() if current is not None else 0
             c = min(max(int(c), 0), n - 1)
-            batch = sorted(todo, key=lambda i: (abs(i - c), i))[: enc.batch_size]
+            batch = sorted(todo, key=lambda i: (abs(i - c), i))[:step]
             summary = drain(enc.embed(batch, cancel=cancel))
             computed += summary["computed"]
             todo.difference_update(batch)

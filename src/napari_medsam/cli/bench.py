@@ -295,6 +295,8 @@ class Variant:
     kept: bool = True              # part of the default path
     note: str = ""
     loaded: Any = None             # for the mask agreement (None: not decoded)
+    threads: int | None = None     # intra-op threads while it runs (None: as configured)
+    allocator: str = "tuned"       # "tuned" (core.speed) or "glibc" (glibc's default steady state)
     times: list[float] = dataclasses.field(default_factory=list)  # seconds per slice, one per round
 
 
@@ -307,19 +309,62 @@ def _encode_fn(loaded: Any) -> Callable[[Any], Any]:
     return fn
 
 
+def _in_worker_thread(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` run in one persistent worker thread, as napari's thread workers embed in the GUI."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-worker")
+
+    def run_in_worker(x: Any) -> Any:
+        return pool.submit(fn, x).result()
+
+    return run_in_worker
+
+
+#: glibc's own thresholds once a process has freed a few big blocks (the mmap threshold grows to
+#: its 32 MiB maximum, the trim threshold is twice that): how a plain PyTorch process allocates.
+_GLIBC_STEADY = (32 * 2**20, 64 * 2**20)
+_TUNED = (128 * 2**20, 256 * 2**20)
+
+
+def _apply(v: Variant, default_threads: int) -> None:
+    import torch
+
+    from ..core.speed import _tune_glibc_allocator
+
+    n = v.threads or default_threads
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    _tune_glibc_allocator(*(_GLIBC_STEADY if v.allocator == "glibc" else _TUNED))
+
+
 def time_interleaved(variants: Sequence[Variant], inputs: Any, rounds: int, *, device: Any = "cpu") -> None:
-    """Time each variant on all ``inputs`` (B, 3, S, S) per round, the variants interleaved; warm up first."""
+    """Time each variant on all ``inputs`` (B, 3, S, S) per round, the variants interleaved; warm up first.
+
+    Each variant runs under its own thread count and allocator setting (restored afterwards).
+    """
+    import torch
+
+    configured = torch.get_num_threads()
     n = inputs.shape[0]
-    for v in variants:  # warm-up (allocations, oneDNN primitive caches, compile)
-        v.fn(inputs[: v.batch])
-        _sync(device)
-    for _ in range(rounds):
-        for v in variants:
-            t0 = time.perf_counter()
-            for s in range(0, n, v.batch):
-                v.fn(inputs[s:s + v.batch])
+    try:
+        for v in variants:  # warm-up (allocations, oneDNN primitive caches, compile)
+            _apply(v, configured)
+            v.fn(inputs[: v.batch])
             _sync(device)
-            v.times.append((time.perf_counter() - t0) / n)
+        for _ in range(rounds):
+            for v in variants:
+                _apply(v, configured)
+                t0 = time.perf_counter()
+                for s in range(0, n, v.batch):
+                    v.fn(inputs[s:s + v.batch])
+                _sync(device)
+                v.times.append((time.perf_counter() - t0) / n)
+    finally:
+        torch.set_num_threads(configured)
+        from ..core.speed import _tune_glibc_allocator
+
+        _tune_glibc_allocator(*_TUNED)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -343,8 +388,14 @@ def masks_from(fn: Callable[[Any], Any], loaded: Any, data: RealSlices, inputs: 
 
 def bench_encoder(name: str, *, device: str = "cpu", n_slices: int = 4, rounds: int = 3, compile: bool = False,  # noqa: A002
                   int8: bool = True, batch: int = 4, peak_gflops: float | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Encoder figures for one model (see the module docstring); returns a JSON-able dict."""
+                  default_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Encoder figures for one model (see the module docstring); returns a JSON-able dict.
+
+    Two baselines: the naive forward *as shipped* (PyTorch's default thread count
+    ``default_threads`` and glibc's default allocator behaviour) and the naive forward under
+    *our* runtime settings (same threads, tuned allocator), so that the network's own gain and
+    the runtime policy's gain can be told apart.
+    """
     import torch
 
     from ..core.device import cpu_has_fast_bf16
@@ -357,57 +408,79 @@ def bench_encoder(name: str, *, device: str = "cpu", n_slices: int = 4, rounds: 
     ve = VolumeEncoder(loaded, data.volume, axis=data.axis)
     tf = ve.transform()
     inputs = torch.from_numpy(np.stack([ve.model_input(k) for k in data.indices])).to(loaded.device)
+    ours_threads = torch.get_num_threads()
+    shipped_threads = default_threads or ours_threads
+    on_cpu = loaded.device.type == "cpu"
     log(f"[encoder] {name}: {gflops:.1f} GFLOPs/slice, {len(data.indices)} real slices x {rounds} rounds"
         f"{'' if real else ' (random weights: timings only)'}")
 
     variants: list[Variant] = []
     naive_fn, naive_note = naive_encoder(loaded)
     if naive_fn is not None:
-        variants.append(Variant("naive fp32 eager", naive_fn, kept=False, note=naive_note, loaded=loaded))
-    # ours without the banding: channels-last network + fused attention kernel only
+        variants.append(Variant("naive fp32 eager, as shipped", naive_fn, kept=False, loaded=loaded,
+                                threads=shipped_threads, allocator="glibc" if on_cpu else "tuned",
+                                note=f"{naive_note}; {shipped_threads} threads, glibc default allocator"))
+        variants.append(Variant("naive fp32 eager, our runtime", naive_fn, kept=False, loaded=None,
+                                note=f"{ours_threads} threads, tuned allocator"))
     layout = load_model_like(loaded, optimize=False)
     set_band_rows(layout.model.image_encoder, 0)
     variants.append(Variant("ours: channels-last + fused SDPA", _encode_fn(layout), kept=True,
-                            note="default network code; banding off", loaded=layout))
-    variants.append(Variant("ours (default)", _encode_fn(loaded), kept=True,
-                            note="+ row-banded conv stage" if loaded.device.type == "cpu" else "", loaded=loaded))
-    if batch > 1 and n_slices >= batch:
-        variants.append(Variant(f"ours, batch {batch}", _encode_fn(loaded), batch=batch, kept=False,
-                                note="slices per encoder call", loaded=None))
-    if int8 and loaded.device.type == "cpu":
+                            note="network code only (banding off)", loaded=layout))
+    variants.append(Variant("ours (default)", _encode_fn(loaded), kept=True, loaded=loaded,
+                            note="+ row-banded conv stage, one slice per call" if on_cpu else ""))
+    if on_cpu:
+        variants.append(Variant("ours: banding off, worker thread", _in_worker_thread(_encode_fn(layout)),
+                                kept=False, note="the GUI path without banding"))
+        variants.append(Variant("ours (default), worker thread", _in_worker_thread(_encode_fn(loaded)),
+                                kept=True, note="the GUI path (napari thread worker)"))
+    if batch > 1 and n_slices >= batch and on_cpu:
+        enc = loaded.model.image_encoder
+
+        def whole_batch(x: Any) -> Any:
+            with torch.inference_mode():
+                return enc(x)
+
+        variants.append(Variant(f"ours, {batch} slices per call", whole_batch, batch=batch, kept=False,
+                                note="what run_encoder avoids on CPU"))
+    if int8 and on_cpu:
         q = optimize_for_inference(loaded, int8=True)
         variants.append(Variant("ours + int8 dynamic", _encode_fn(q), kept=False,
                                 note="Linear + 1x1 conv int8 (FBGEMM)", loaded=q))
-    if loaded.device.type == "cuda" or cpu_has_fast_bf16():
+    if not on_cpu or cpu_has_fast_bf16():
         bf = dataclasses.replace(loaded, dtype=torch.bfloat16)
         variants.append(Variant("ours + bf16 autocast", _encode_fn(bf), kept=True, loaded=bf))
     if compile:
         c = load_model_like(loaded)
         optimize_for_inference(c, compile=True)
         t0 = time.perf_counter()
-        c.model.image_encoder(inputs[:1])
+        with torch.inference_mode():
+            c.model.image_encoder(inputs[:1])
         variants.append(Variant("ours + torch.compile", _encode_fn(c), kept=False,
                                 note=f"first call (compile) {time.perf_counter() - t0:.0f} s", loaded=c))
 
     time_interleaved(variants, inputs, rounds, device=loaded.device)
 
-    ref = variants[0]
-    ref_masks = masks_from(ref.fn, loaded, data, inputs, tf) if real else None
+    shipped = variants[0]
+    same = variants[1] if naive_fn is not None else variants[0]
+    ref_masks = masks_from(shipped.fn, loaded, data, inputs, tf) if real else None
     rows = []
     for v in variants:
-        ratios = [a / b for a, b in zip(ref.times, v.times, strict=True)]
         s = _median(v.times)
-        row: dict[str, Any] = {"variant": v.name, "s_per_slice": s, "speedup": _median(ratios),
-                               "gflops_per_s": gflops / s, "kept": v.kept, "note": v.note}
+        row: dict[str, Any] = {
+            "variant": v.name, "s_per_slice": s,
+            "x_shipped": _median([a / b for a, b in zip(shipped.times, v.times, strict=True)]),
+            "x_same": _median([a / b for a, b in zip(same.times, v.times, strict=True)]),
+            "gflops_per_s": gflops / s, "kept": v.kept, "note": v.note, "threads": v.threads or ours_threads,
+        }
         if peak_gflops:
             row["frac_peak"] = gflops / s / peak_gflops
         if ref_masks is not None and v.loaded is not None:
             ious = [_iou(a, b) for a, b in zip(ref_masks, masks_from(v.fn, v.loaded, data, inputs, tf), strict=True)]
             row["iou_mean"], row["iou_min"] = float(np.mean(ious)), float(np.min(ious))
         rows.append(row)
-    return {"model": name, "real_weights": real, "gflops_per_slice": gflops, "baseline": ref.name,
+    return {"model": name, "real_weights": real, "gflops_per_slice": gflops, "baseline": shipped.name,
             "n_slices": len(data.indices), "rounds": rounds, "n_masks": len(ref_masks or []), "rows": rows,
-            "threads": torch.get_num_threads()}
+            "threads": ours_threads, "shipped_threads": shipped_threads}
 
 
 def load_model_like(loaded: Any, **kw: Any) -> Any:
@@ -608,8 +681,8 @@ def _memory_child(spec_json: str) -> int:
     """Runs in a fresh process: embed and annotate the volume through the CLI, report peak RSS as JSON."""
     import resource
 
-    from . import main
     from ..core.speed import configure_runtime
+    from . import main
 
     cfg = json.loads(spec_json)
     configure_runtime(cfg.get("threads"))
@@ -691,7 +764,7 @@ def run(args: argparse.Namespace) -> int:
     rounds = args.rounds or (2 if quick else 3)
     info = machine_info()  # the load average before we add our own
     rt = configure_runtime(args.threads)
-    info.update(threads=rt.threads, allocator_tuned=rt.allocator_tuned)
+    info.update(threads=rt.threads, torch_default_threads=rt.previous_threads, allocator_tuned=rt.allocator_tuned)
     report: dict[str, Any] = {"machine": info, "command": "napari-medsam bench " + " ".join(sys.argv[2:])}
     print(f"machine: {info['cpu']}, torch {info['torch']} ({info['cpu_capability']}), {rt.threads} threads, "
           f"bf16 native: {info['fast_bf16']}, load average {info['loadavg_1min']}")
@@ -708,13 +781,14 @@ def run(args: argparse.Namespace) -> int:
         report["encoder"] = []
         for m in models:
             r = bench_encoder(m, device=args.device, n_slices=n_slices, rounds=rounds, compile=args.compile,
-                              peak_gflops=peak32)
+                              peak_gflops=peak32, default_threads=rt.previous_threads)
             report["encoder"].append(r)
             print(f"\n## Encoder: {m} ({r['gflops_per_slice']:.1f} GFLOPs/slice, {r['n_slices']} real slices, "
                   f"{r['rounds']} interleaved rounds, {r['threads']} threads; IoU over {r['n_masks']} box masks "
                   f"vs {r['baseline']})\n")
-            print(format_table(r["rows"], [("variant", "variant", ""), ("s_per_slice", "s/slice", ".3f"),
-                                           ("speedup", "x naive", ".2f"), ("gflops_per_s", "GFLOP/s", ".1f"),
+            print(format_table(r["rows"], [("variant", "variant", ""), ("threads", "threads", ""),
+                                           ("s_per_slice", "s/slice", ".3f"), ("x_shipped", "x naive shipped", ".2f"),
+                                           ("x_same", "x naive same runtime", ".2f"), ("gflops_per_s", "GFLOP/s", ".1f"),
                                            ("frac_peak", "of peak", ".0%"), ("iou_mean", "IoU mean", ".4f"),
                                            ("iou_min", "IoU min", ".4f"), ("kept", "kept", ""), ("note", "note", "")]))
         if not quick:

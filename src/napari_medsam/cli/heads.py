@@ -31,14 +31,16 @@ def register(sub: Any) -> None:
     t.add_argument("-o", "--output", required=True, metavar="HEAD", help="head file to write (e.g. brain.head.pt)")
     t.add_argument("--slices", default=None,
                    help="training slices along --axis, e.g. 3,17,40 or 10-20 (default: every slice with a label)")
-    t.add_argument("--epochs", type=int, default=None, help="most passes over the labelled slices (default 100)")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="most passes over the labelled slices (default: as many as fit in 150 steps)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: the head's own)")
     t.add_argument("--batch-size", type=int, default=None, help="slices per step (default 4)")
     t.add_argument("--patience", type=int, default=None,
                    help="stop after this many epochs without improvement (default 15; 0: never)")
     t.add_argument("--no-augment", action="store_true", help="no random flips and shifts")
-    t.add_argument("--image-skip", action="store_true", help="cnn head: add skip connections from the image")
+    t.add_argument("--no-image-skip", action="store_true",
+                   help="cnn head: no skip connections from the image (embeddings only)")
     t.add_argument("--class-names", default=None, help="comma-separated names of classes 1..K, e.g. GM,WM")
     t.add_argument("--threads", type=int, default=None,
                    help="torch threads for training (default: all cores but one; 0: torch's default)")
@@ -114,7 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
-    config = {"image_skip": True} if args.image_skip and args.head == "cnn" else {}
+    config = {"image_skip": False} if args.no_image_skip and args.head == "cnn" else {}
     params = TrainParams(head=args.head, head_config=config, seed=args.seed, augment=not args.no_augment, **kw)
     head = run_with_progress(fine_tune(data, params, loaded=loaded, class_names=names), "training", unit="step")
     out = save_head(args.output, head)

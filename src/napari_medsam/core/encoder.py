@@ -34,11 +34,13 @@ def run_encoder(loaded: LoadedModel, batch: np.ndarray) -> Any:
     import torch
 
     from .device import autocast
+    from .speed import encoder_call_size
 
     x = torch.from_numpy(batch).to(loaded.device)
+    step = encoder_call_size(loaded, x.shape[0])  # CPU: one slice per call (see core.speed)
     with torch.inference_mode(), autocast(loaded.device, loaded.dtype):
-        out = loaded.model.image_encoder(x)
-    return out.float()
+        outs = [loaded.model.image_encoder(x[i:i + step]) for i in range(0, x.shape[0], step)]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
 
 
 class VolumeEncoder:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,7 +53,9 @@ class Prefetcher:
     far to look (see :func:`prefetch_order`); ``batch_size``: slices per encoder call (small, so
     a new :meth:`update` is followed within one call); ``on_ready(index)``: called from the
     worker thread after each slice is cached (a widget marshals it to the GUI thread itself);
-    ``on_error(exc)``: called once if embedding fails (the prefetcher then stops).
+    ``on_error(exc)``: called once if embedding fails (the prefetcher then stops); ``nice``: how
+    much to lower the worker thread's scheduling priority (Linux; 0 keeps it), so that a decoder
+    call in the foreground gets the cores first while both run.
 
     Usage::
 
@@ -68,8 +71,9 @@ class Prefetcher:
 
     def __init__(self, encoder: Any, *, ahead: int = 8, behind: int = 4, batch_size: int = 1,
                  on_ready: Callable[[int], None] | None = None,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None] | None = None, nice: int = 10) -> None:
         self.encoder = encoder
+        self.nice = int(nice)
         self.ahead = int(ahead)
         self.behind = int(behind)
         self.batch_size = max(1, int(batch_size))
@@ -176,6 +180,7 @@ class Prefetcher:
     def _run(self) -> None:
         from .progress import drain
 
+        _lower_priority_of_this_thread(self.nice)
         while not self._stop.is_set():
             chunk = self._next_chunk()
             if chunk is None:
@@ -197,3 +202,13 @@ class Prefetcher:
             if self.on_ready is not None:
                 for i in chunk:
                     self.on_ready(i)
+
+
+def _lower_priority_of_this_thread(nice: int) -> None:
+    """Lower the calling thread's scheduling priority (Linux threads have their own nice value;
+    the OpenMP workers it starts inherit it). Elsewhere, or without permission, nothing happens."""
+    if nice <= 0 or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    with contextlib.suppress(OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))

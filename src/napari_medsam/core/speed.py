@@ -4,7 +4,7 @@ Nothing here runs on import. Two entry points:
 
 * :func:`optimize_for_inference` prepares a :class:`~napari_medsam.core.build.LoadedModel`:
   row-banded execution of the full-resolution conv stage on CPU (exact: same arithmetic on the
-  same pixels, only cache-friendlier), optional int8 dynamic quantization of the encoder's
+  same pixels, in smaller pieces), optional int8 dynamic quantization of the encoder's
   matrix multiplies (changes embeddings beyond round-off, so the returned model has another
   ``variant`` and therefore other cache keys), optional ``torch.compile``. ``load_model`` calls it
   with the exact defaults.
@@ -38,7 +38,9 @@ __all__ = [
     "INT8_VARIANT",
     "RuntimeSettings",
     "available_cpus",
+    "physical_cpus",
     "configure_runtime",
+    "encoder_call_size",
     "optimize_for_inference",
     "recommended_threads",
     "set_band_rows",
@@ -48,9 +50,13 @@ _log = logging.getLogger(__name__)
 
 #: Appended to ``LoadedModel.variant`` (and so to every embedding cache key) by int8 quantization.
 INT8_VARIANT = "+int8dyn"
-#: Rows per band for the full-resolution conv stage on CPU; the band's activations (e.g. 16 rows
-#: x 256 columns x 256 channels x 4 B = 4 MiB for LiteMedSAM) stay in the last-level cache.
-DEFAULT_BAND_ROWS = 16
+#: Rows per band for the full-resolution conv stage on CPU. Banding keeps every activation below
+#: ~20 MiB (LiteMedSAM: 66 rows x 256 columns x 256 channels x 4 B = 17 MiB instead of 64 MiB),
+#: which is what glibc serves from its heap instead of fresh page-faulted mmaps: ~1.3x faster in a
+#: worker thread (the GUI path, where glibc's per-thread arenas mmap anything above 64 MiB) and
+#: ~1.08x in the main thread with glibc's defaults; neutral once :func:`configure_runtime` tuned
+#: the allocator. Four bands add few kernel launches, so multi-threaded runs lose nothing.
+DEFAULT_BAND_ROWS = 64
 
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
@@ -68,12 +74,8 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def recommended_threads() -> int:
-    """Intra-op threads for the encoder: one per physical core this process may use.
-
-    Hyper-threads share a core's FMA units, so a second thread per core only adds contention
-    to matrix multiplies; more threads than allowed CPUs (a container's affinity) oversubscribes.
-    """
+def physical_cpus() -> int:
+    """CPUs this process may use, counting one per physical core (hyper-threads share FMA units)."""
     n = available_cpus()
     try:
         import psutil
@@ -84,6 +86,23 @@ def recommended_threads() -> int:
             n = max(1, n * phys // logical)
     except ImportError:
         pass
+    return n
+
+
+def recommended_threads(*, load_aware: bool = True) -> int:
+    """Intra-op threads for the encoder: one per physical core that other processes leave free.
+
+    A second thread per core only adds contention to the matrix multiplies. Cores already kept
+    busy by other processes (the 1-minute load average, rounded down; call this while idle)
+    are left alone: OpenMP's barriers make a thread that shares its core with another process
+    stall all the others, and on a 2-core machine with two busy neighbours 2 threads measured
+    2x *slower* than 1 (``napari-medsam bench``, threads table).
+    """
+    n = physical_cpus()
+    if load_aware and hasattr(os, "getloadavg"):
+        with contextlib.suppress(OSError):
+            busy = int(os.getloadavg()[0])
+            n = max(1, min(n, available_cpus() - busy))
     return n
 
 
@@ -140,6 +159,17 @@ def configure_runtime(threads: int | None = None, *, allocator: bool = True,
 # --------------------------------------------------------------------------------------------- model
 
 
+def encoder_call_size(loaded: LoadedModel, n: int) -> int:
+    """Slices per encoder call for a batch of ``n``: all of them on a GPU, one on a CPU.
+
+    On a CPU a batch gains nothing (every matrix multiply already has thousands of rows) and
+    multiplies the size of every activation, which then falls out of the cache and, above the
+    allocator's thresholds, is page-faulted in afresh: batch 4 measured ~10% slower per slice
+    than four single calls. Results are identical either way.
+    """
+    return max(1, n) if loaded.device.type != "cpu" else 1
+
+
 def set_band_rows(encoder: Any, rows: int) -> int:
     """Set the row band of every banded module of ``encoder`` (0: whole tensors); returns how many."""
     from .nets.tiny_vit import ConvStage
@@ -186,7 +216,7 @@ def optimize_for_inference(loaded: LoadedModel, *, band_rows: int | None = None,
                            compile: bool = False) -> LoadedModel:  # noqa: A002 - torch's own word
     """``loaded`` prepared for fast inference; the encoder's outputs stay fp32-equal unless ``int8``.
 
-    ``band_rows``: rows per band for the full-resolution conv stage (None: 16 on CPU, off on GPUs,
+    ``band_rows``: rows per band for the full-resolution conv stage (None: 64 on CPU, off on GPUs,
     where whole tensors keep the device busy). ``int8``: dynamic int8 quantization of the
     encoder's linear layers and 1x1 convs (CPU only); the returned model shares the decoder with
     ``loaded``, has its own quantized encoder and ``variant`` ``+int8dyn``, so its embeddings are

@@ -12,8 +12,8 @@ Families (AutoSAM, Hu et al. 2023, rebuilt on LiteMedSAM's 64x64 grid; see docs/
     A 1x1 projection of the embedding to ``K`` logits, bilinearly upsampled: the probe.
 ``cnn``
     A UNet-style decoder: conv blocks and 2x transposed-conv stages from the embedding grid up to
-    ``L`` (two stages for 64 -> 256), optionally with skip connections from the model-input image
-    (``image_skip=True``), which a decoder on a 64x64 grid alone cannot see.
+    ``L`` (two stages for 64 -> 256), with skip connections from the model-input image
+    (``image_skip``, default on), which a decoder on a 64x64 grid alone cannot see.
 ``autosam``
     SAM's own mask decoder with the prompt tokens removed and one output token per class,
     initialised from the backbone's decoder and using the backbone's positional encoding, so all
@@ -60,7 +60,7 @@ HEADS: dict[str, Callable[..., Any]] = {
 
 HEAD_DESCRIPTIONS: dict[str, str] = {
     "linear": "1x1 projection of the embedding, bilinear upsampling (probe; ~1k parameters)",
-    "cnn": "UNet-style convolutional decoder up to the decoder's 4x resolution (~0.4M parameters)",
+    "cnn": "UNet-style convolutional decoder up to the decoder's 4x resolution, image skips (~0.1M parameters)",
     "autosam": "SAM mask decoder without prompts, one token per class, initialised from the backbone (~4M)",
 }
 

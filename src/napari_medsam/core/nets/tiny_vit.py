@@ -8,21 +8,21 @@ Input ``(B, 3, S, S)``; output ``(B, 256, S/4, S/4)`` for LiteMedSAM (S = 256, 1
 ``(B, 256, S/16, S/16)`` for MobileSAM (S = 1024, two stride-2 3x3 convs in the patch embed).
 
 Layout. Inside the network every activation is a contiguous channels-last ``(B, H, W, C)`` tensor
-(the checkpoints' NCHW conv weights are used as they are): a 1x1 conv is then one matrix multiply
-over the pixels (:func:`pointwise`), a depthwise or strided conv runs on the zero-copy
-``permute(0, 3, 1, 2)`` view, which is a channels-last NCHW tensor that oneDNN convolves without
-reordering, and the attention stages need no transposes at all. This is the same arithmetic as
-the reference NCHW network (equal up to float round-off) and about twice as fast on a CPU, where
-NCHW 1x1 convs and the NCHW <-> NHWC copies dominated. The attention bias is passed to
-``scaled_dot_product_attention`` as a 4D mask, which selects PyTorch's fused (flash) CPU kernel
-instead of the unfused "math" fallback that a 3D mask gets.
+(the checkpoints' NCHW conv weights are used as they are): a 1x1 conv is one matrix multiply over
+the pixels (:func:`pointwise`); a depthwise or strided conv runs on the zero-copy
+``permute(0, 3, 1, 2)`` view, a channels-last NCHW tensor that oneDNN convolves without
+reordering; the attention stages need no transposes at all. The attention bias goes to
+``scaled_dot_product_attention`` as a 4D mask, which selects PyTorch's fused CPU kernel instead of
+the unfused "math" fallback a 3D mask gets (4x faster on the attention itself). GELUs and residual
+adds run in place on fresh temporaries when autograd does not need their inputs. This is the
+arithmetic of the reference NCHW network, equal up to float round-off.
 
-The MBConv stage at full resolution (LiteMedSAM: 256 x 256 pixels, 256 hidden channels, 64 MiB
-per activation) is bandwidth-bound: every GELU and residual add streams the whole activation
-through memory. :attr:`ConvStage.band_rows` runs it on horizontal bands of rows instead (each band
-carries the one-row halo its 3x3 depthwise convs need), so the activations of a band stay in the
-CPU cache. The result is the same arithmetic on the same pixels; ``band_rows = 0`` (the default)
-runs the stage whole. :func:`napari_medsam.core.speed.optimize_for_inference` sets it on CPU.
+Banding. At full resolution (LiteMedSAM: 256 x 256 pixels, 256 hidden channels) an MBConv
+activation is 64 MiB, which glibc serves as a fresh memory map that is page-faulted in on every
+slice. :attr:`MBConv.band_rows` and :attr:`PatchMerging.band_rows` compute those blocks on bands of
+rows instead (each band carries the one-row halo its 3x3 depthwise conv needs, so the result is
+the same arithmetic on the same pixels); ``0`` (the default here) runs them whole.
+:func:`napari_medsam.core.speed.optimize_for_inference` sets them on CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
+from .common import apply_act as _act
 
 
 class Conv2dBN(nn.Sequential):
@@ -73,17 +74,6 @@ def pointwise(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = m(x.permute(0, 3, 1, 2))  # channels-last NCHW view in, channels-last NCHW out
         return y.permute(0, 2, 3, 1).contiguous()  # a no-op when oneDNN kept channels-last
     return m(x)
-
-
-def _act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``act(x)``, in place for a GELU when no autograd graph needs ``x``.
-
-    Only for fresh temporaries. A new full-resolution activation is a fresh memory map that the
-    kernel has to fault in page by page, which costs more than the GELU itself.
-    """
-    if isinstance(act, nn.GELU) and not (x.requires_grad and torch.is_grad_enabled()):
-        return torch._C._nn.gelu_(x, approximate=act.approximate)
-    return act(x)
 
 
 def _add(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
