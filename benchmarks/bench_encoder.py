@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(r["rows"], [("variant", "variant", ""), ("threads", "threads", ""),
                                        ("s_per_slice", "s/slice", ".3f"), ("x_shipped", "x naive shipped", ".2f"),
                                        ("x_same", "x naive same runtime", ".2f"), ("frac_peak", "of peak", ".0%"),
+                                       ("faults_per_slice", "page faults/slice", ".0f"),
                                        ("iou_mean", "IoU mean", ".4f"), ("iou_min", "IoU min", ".4f"),
                                        ("kept", "kept", "")]))
     out["threads"] = bench_threads(out["encoder"][0]["model"], device=args.device, rounds=args.rounds)

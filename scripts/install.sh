@@ -8,11 +8,11 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 APT_PACKAGES=(
-  python3-venv xvfb xauth
-  libgl1 libgl1-mesa-dri libegl1 libglx-mesa0 libopengl0
-  libxkbcommon0 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1
-  libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxcb-xfixes0
-  libdbus-1-3 libfontconfig1 libfreetype6 libglib2.0-0
+  python3-venv xvfb xauth fonts-dejavu-core
+  libgl1 libgl1-mesa-dri libegl1 libglx-mesa0 libopengl0 libglib2.0-0 libdbus-1-3 libfontconfig1 libfreetype6
+  libx11-xcb1 libxkbcommon0 libxkbcommon-x11-0 libxcb-cursor0 libxcb-glx0 libxcb-icccm4 libxcb-image0
+  libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-shm0 libxcb-sync1 libxcb-xfixes0
+  libxcb-xinerama0 libxcb-xkb1
 )
 if command -v apt-get >/dev/null 2>&1; then
   $SUDO apt-get update -qq

@@ -307,6 +307,7 @@ class Variant:
     threads: int | None = None     # intra-op threads while it runs (None: as configured)
     allocator: str = "tuned"       # "tuned" (core.speed) or "glibc" (glibc's default steady state)
     times: list[float] = dataclasses.field(default_factory=list)  # seconds per slice, one per round
+    faults: list[float] = dataclasses.field(default_factory=list)  # minor page faults per slice, per round
 
 
 def _encode_fn(loaded: Any) -> Callable[[Any], Any]:
@@ -364,16 +365,32 @@ def time_interleaved(variants: Sequence[Variant], inputs: Any, rounds: int, *, d
         for _ in range(rounds):
             for v in variants:
                 _apply(v, configured)
+                f0 = _minor_faults()
                 t0 = time.perf_counter()
                 for s in range(0, n, v.batch):
                     v.fn(inputs[s:s + v.batch])
                 _sync(device)
                 v.times.append((time.perf_counter() - t0) / n)
+                v.faults.append((_minor_faults() - f0) / n)
     finally:
         torch.set_num_threads(configured)
         from ..core.speed import _tune_glibc_allocator
 
         _tune_glibc_allocator(*_TUNED)
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing): a noise-free count
+    of the fresh memory the kernel had to map in, unlike timings on a shared machine."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -428,9 +445,9 @@ def bench_encoder(name: str, *, device: str = "cpu", n_slices: int = 4, rounds: 
     if naive_fn is not None:
         variants.append(Variant("naive fp32 eager, as shipped", naive_fn, kept=False, loaded=loaded,
                                 threads=shipped_threads, allocator="glibc" if on_cpu else "tuned",
-                                note=f"{naive_note}; {shipped_threads} threads, glibc default allocator"))
+                                note=f"{naive_note}; {_threads(shipped_threads)}, glibc default allocator"))
         variants.append(Variant("naive fp32 eager, our runtime", naive_fn, kept=False, loaded=None,
-                                note=f"{ours_threads} threads, tuned allocator"))
+                                note=f"{_threads(ours_threads)}, tuned allocator"))
     layout = load_model_like(loaded, optimize=False)
     set_band_rows(layout.model.image_encoder, 0)
     variants.append(Variant("ours: channels-last + fused SDPA", _encode_fn(layout), kept=True,
@@ -480,6 +497,7 @@ def bench_encoder(name: str, *, device: str = "cpu", n_slices: int = 4, rounds: 
             "x_shipped": _median([a / b for a, b in zip(shipped.times, v.times, strict=True)]),
             "x_same": _median([a / b for a, b in zip(same.times, v.times, strict=True)]),
             "gflops_per_s": gflops / s, "kept": v.kept, "note": v.note, "threads": v.threads or ours_threads,
+            "faults_per_slice": _median(v.faults),
         }
         if peak_gflops:
             row["frac_peak"] = gflops / s / peak_gflops
@@ -811,11 +829,12 @@ def run(args: argparse.Namespace) -> int:
                               peak_gflops=peak32, default_threads=rt.previous_threads)
             report["encoder"].append(r)
             print(f"\n## Encoder: {m} ({r['gflops_per_slice']:.1f} GFLOPs/slice, {r['n_slices']} real slices, "
-                  f"{r['rounds']} interleaved rounds, {r['threads']} threads; IoU over {r['n_masks']} box masks "
+                  f"{r['rounds']} interleaved rounds, {_threads(r['threads'])}; IoU over {r['n_masks']} box masks "
                   f"vs {r['baseline']})\n")
             print(format_table(r["rows"], [("variant", "variant", ""), ("threads", "threads", ""),
                                            ("s_per_slice", "s/slice", ".3f"), ("x_shipped", "x naive shipped", ".2f"),
                                            ("x_same", "x naive same runtime", ".2f"), ("gflops_per_s", "GFLOP/s", ".1f"),
+                                           ("faults_per_slice", "page faults/slice", ".0f"),
                                            ("frac_peak", "of peak", ".0%"), ("iou_mean", "IoU mean", ".4f"),
                                            ("iou_min", "IoU min", ".4f"), ("kept", "kept", ""), ("note", "note", "")]))
         if not quick:

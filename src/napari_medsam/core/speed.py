@@ -207,8 +207,8 @@ def _quantize_int8(encoder: Any) -> Any:
                 setattr(parent, name, lin)
     qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
+        for category in (DeprecationWarning, FutureWarning, UserWarning):  # torch.ao's own deprecation notices
+            warnings.simplefilter("ignore", category)
         return torch.ao.quantization.quantize_dynamic(enc, {nn.Linear: qconfig}, dtype=torch.qint8)
 
 
