@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     rt = configure_runtime(args.threads)
     print(f"{info['cpu']}, torch {info['torch']} ({info['cpu_capability']}), load average {info['loadavg_1min']}; "
-          f"{rt.threads} threads (torch default {rt.previous_threads}), allocator tuned: {rt.allocator_tuned}")
+          f"{rt.threads} thread(s) (torch default {rt.previous_threads}), allocator tuned: {rt.allocator_tuned}")
     counts = sorted({rt.threads, physical_cpus()})
     peaks = [matmul_peak(dt, budget_s=3.0, threads=n) for n in counts for dt in ("fp32", "bf16")]
     print(format_table(peaks, [("dtype", "torch.mm", ""), ("threads", "threads", ""), ("gflops", "GFLOP/s", ".1f"),

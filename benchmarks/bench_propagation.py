@@ -22,7 +22,7 @@ from napari_medsam.core.build import load_model
 from napari_medsam.core.embeddings import EmbeddingCache
 from napari_medsam.core.encoder import VolumeEncoder
 from napari_medsam.core.progress import drain
-from napari_medsam.core.segment import PropagationParams, Prompt2D, box_of, propagate
+from napari_medsam.core.segment import Prompt2D, PropagationParams, box_of, propagate
 
 
 def main() -> None:

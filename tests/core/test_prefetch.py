@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -124,3 +125,22 @@ def test_errors_stop_the_prefetcher_and_are_reported(tiny_lite, volume, monkeypa
         time.sleep(0.05)
     assert not pf.running and isinstance(pf.error, MedSamError) and errors == [pf.error]
     pf.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority") or not hasattr(threading, "get_native_id"),
+                    reason="per-thread nice values are a Linux feature")
+def test_prefetch_thread_runs_at_low_priority(tiny_lite, volume):
+    enc = VolumeEncoder(tiny_lite, volume)
+    seen = []
+
+    def ready(i):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    pf = Prefetcher(enc, ahead=0, behind=0, on_ready=ready, nice=5).start()
+    try:
+        pf.update(0)
+        assert pf.wait_idle(30)
+    finally:
+        pf.close()
+    assert seen and seen[0] >= os.getpriority(os.PRIO_PROCESS, 0) + 1
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < seen[0]  # ours is untouched

@@ -187,3 +187,21 @@ def test_sdpa_fallback_path_is_not_taken_by_window_attention():
     finally:
         F.scaled_dot_product_attention = real
     assert seen == [4]
+
+
+def test_encoder_call_size_is_one_slice_on_cpu_and_the_batch_elsewhere(tiny_lite):
+    import dataclasses
+
+    assert speed.encoder_call_size(tiny_lite, 4) == 1
+    fake_gpu = dataclasses.replace(tiny_lite, device=torch.device("cuda"))
+    assert speed.encoder_call_size(fake_gpu, 4) == 4
+
+
+def test_recommended_threads_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(speed, "physical_cpus", lambda: 8)
+    monkeypatch.setattr(speed, "available_cpus", lambda: 8)
+    monkeypatch.setattr(speed.os, "getloadavg", lambda: (3.7, 1.0, 1.0))
+    assert speed.recommended_threads() == 5
+    assert speed.recommended_threads(load_aware=False) == 8
+    monkeypatch.setattr(speed.os, "getloadavg", lambda: (20.0, 1.0, 1.0))
+    assert speed.recommended_threads() == 1

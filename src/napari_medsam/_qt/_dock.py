@@ -1,6 +1,8 @@
-"""Fit a dock widget's height to its contents (napari stacks docks on the right)."""
+"""Dock widget plumbing shared by the widgets: fit the height to the contents, clean up on close."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QDockWidget, QMainWindow, QWidget
@@ -27,3 +29,22 @@ def fit_dock_height(widget: QWidget, *, later: bool = True) -> None:
         return
     title = dock.titleBarWidget().sizeHint().height() if dock.titleBarWidget() is not None else 24
     main.resizeDocks([dock], [widget.sizeHint().height() + title + 8], Qt.Orientation.Vertical)
+
+
+class DockWidget(QWidget):
+    """A plugin dock: fits its height once when napari first docks it, calls ``cleanup()`` on close."""
+
+    _fitted = False
+
+    def cleanup(self) -> None:  # pragma: no cover - overridden
+        """Stop background work and disconnect from the viewer."""
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        if not self._fitted:
+            self._fitted = True
+            fit_dock_height(self)
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        self.cleanup()
+        super().closeEvent(event)

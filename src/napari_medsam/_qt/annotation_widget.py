@@ -33,13 +33,12 @@ from qtpy.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
-    QWidget,
 )
 
 from .. import _layers
 from ..core.registry import DEFAULT_MODEL
 from . import _workers
-from ._dock import fit_dock_height
+from ._dock import DockWidget
 from ._layer_combo import LayerCombo
 from .model_widget import encoder_request, is_image, load_model_job
 from .session import ModelChoice, Session, session_for
@@ -73,14 +72,13 @@ def _prompt_signature(prompt: Any) -> bytes:
     return b"|".join(parts)
 
 
-class AnnotationWidget(QWidget):
+class AnnotationWidget(DockWidget):
     """Prompted segmentation of the selected image into a Labels layer, class by class."""
 
     def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
-        self._fitted = False
         self.classes: list[_layers.LabelClass] = _layers.default_classes()
         self._prompt_layers: dict[int, tuple[Any, Any]] = {}
         self._preview: Any = None
@@ -795,16 +793,7 @@ class AnnotationWidget(QWidget):
             extra = "switch to the 2D view to place prompts"
         self.status_label.setText(f"{where}{self.session.loaded.name} · {extra}".rstrip(" ·"))
 
-    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        super().showEvent(event)
-        if not self._fitted:  # once, when napari first docks it
-            self._fitted = True
-            fit_dock_height(self)
-
-    # ---- cleanup ------------------------------------------------------------------------------------
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        self.cleanup()
-        super().closeEvent(event)
+    # -- cleanup ---------------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
         self._preview_timer.stop()

@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
 from .. import _layers
 from ..core.progress import Progress, ProgressGen
 from . import _workers
-from ._dock import fit_dock_height
+from ._dock import DockWidget
 from ._layer_combo import LayerCombo
 from .model_widget import encoder_request, is_image
 from .session import EncoderRequest, Session, session_for, worker_threads
@@ -149,14 +149,13 @@ def parse_slices(text: str) -> list[int] | None:
     return sorted(set(out))
 
 
-class FinetuneWidget(QWidget):
+class FinetuneWidget(DockWidget):
     """Train a head on labelled slices; segment whole volumes into a new Labels layer."""
 
     def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
-        self._fitted = False
         self.head: Any = None
         self.train_job: _workers.Job | None = None
         self.predict_job: _workers.Job | None = None
@@ -409,16 +408,7 @@ class FinetuneWidget(QWidget):
         if path:
             self.load_head(path)
 
-    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        super().showEvent(event)
-        if not self._fitted:  # once, when napari first docks it
-            self._fitted = True
-            fit_dock_height(self)
-
-    # ---- cleanup ------------------------------------------------------------------------------------
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        self.cleanup()
-        super().closeEvent(event)
+    # -- cleanup ---------------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
         self._on_cancel()

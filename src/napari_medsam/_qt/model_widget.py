@@ -32,7 +32,7 @@ from .. import _layers
 from ..core.device import DEVICES, PRECISIONS
 from ..core.registry import DEFAULT_MODEL, MODELS, get_spec, list_models
 from . import _workers
-from ._dock import fit_dock_height
+from ._dock import DockWidget, fit_dock_height
 from ._layer_combo import LayerCombo
 from .session import EncoderRequest, IntensityChoice, ModelChoice, Session, session_for
 
@@ -98,14 +98,13 @@ def load_model_job(session: Session, choice: ModelChoice, *, on_progress: Any = 
                           cancelable=False, show_bar=session.napari_progress)
 
 
-class ModelWidget(QWidget):
+class ModelWidget(DockWidget):
     """Choose, load and inspect a model; precompute embeddings of an image."""
 
     def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
-        self._fitted = False
         self.load_job: _workers.Job | None = None
         self.embed_job: _workers.Job | None = None
         self.status_job: _workers.Job | None = None
@@ -393,16 +392,7 @@ class ModelWidget(QWidget):
         if self.embed_job is not None:
             self.embed_job.cancel()
 
-    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        super().showEvent(event)
-        if not self._fitted:  # once, when napari first docks it
-            self._fitted = True
-            fit_dock_height(self)
-
-    # -- cleanup --------------------------------------------------------------------------------------
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        self.cleanup()
-        super().closeEvent(event)
+    # -- cleanup ---------------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
         for job in (self.embed_job, self.load_job):

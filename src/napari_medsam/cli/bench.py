@@ -724,6 +724,7 @@ def _memory_child(spec_json: str) -> int:
             t0 = time.perf_counter()
             rc1 = main(["embed", cfg["path"], "--slices", f"{z0}-{z1 - 1}", *common])
             result["embed_s"] = time.perf_counter() - t0
+        result["maxrss_after_embed_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with rss.phase("annotate"):
             t0 = time.perf_counter()
             rc2 = main(["segment", cfg["path"], "--box", f"{cfg['center_slice']},{r0},{c0},{r1},{c1}", "--propagate",

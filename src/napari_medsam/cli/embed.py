@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from ._common import add_image_args, add_model_args, encoder_from_args, load_from_args, parse_int_list, run_with_progress
+from ._common import (
+    add_image_args,
+    add_model_args,
+    encoder_from_args,
+    load_from_args,
+    parse_int_list,
+    run_with_progress,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,15 +8,17 @@ Nothing here runs on import. Two entry points:
   matrix multiplies (changes embeddings beyond round-off, so the returned model has another
   ``variant`` and therefore other cache keys), optional ``torch.compile``. ``load_model`` calls it
   with the exact defaults.
-* :func:`configure_runtime` is the process-wide CPU policy an application opts into once (the CLI
-  and the widgets do, a library user may): the intra-op thread count and glibc's allocator
-  thresholds. Both are global, which is why they are a separate, explicit call.
+* :func:`configure_runtime` is the process-wide CPU policy an application opts into once, where
+  it starts (a command's ``main``, a widget's Load button; a library user may): the intra-op
+  thread count and glibc's allocator thresholds. Both are global, which is why they are a
+  separate, explicit call.
 
-Measured on a 2-core AVX2 CPU (``benchmarks/bench_encoder.py``, ``docs/benchmarks.md``): the
-channels-last network with the fused attention kernel, banding and the allocator setting embed a
-LiteMedSAM slice about 2x faster than the reference NCHW forward, with identical masks. bf16 is
-not used on CPUs without native bf16 instructions (it is ~100x slower there, see
-:func:`napari_medsam.core.device.cpu_has_fast_bf16`).
+Measured on a 2-core AVX2 CPU shared with other jobs (``napari-medsam bench``, see
+``docs/benchmarks.md``): LiteMedSAM embeds a slice ~3.2x faster than the reference NCHW forward
+run the way other tools run it, and ~1.4x faster than that forward under the same runtime policy;
+the masks are identical. Rejected there: bf16 (no native bf16 on such CPUs: ``torch.mm`` runs at
+~1 GFLOP/s), int8 (masks IoU 0.84), ``torch.compile`` (slower than this eager code), batching
+slices on CPU (slower, see :func:`encoder_call_size`).
 """
 
 from __future__ import annotations
