@@ -130,6 +130,8 @@ def test_errors_stop_the_prefetcher_and_are_reported(tiny_lite, volume, monkeypa
 @pytest.mark.skipif(not hasattr(os, "getpriority") or not hasattr(threading, "get_native_id"),
                     reason="per-thread nice values are a Linux feature")
 def test_prefetch_thread_runs_at_low_priority(tiny_lite, volume):
+    if os.getpriority(os.PRIO_PROCESS, 0) > 14:
+        pytest.skip("the test process already runs at the lowest priority")
     enc = VolumeEncoder(tiny_lite, volume)
     seen = []
 
