@@ -163,6 +163,11 @@ class Session:
         spec = get_spec(choice.name)
         yield Progress(0, 0, f"loading {spec.name}")
         avoid_triton_llvm_clash()
+        import torch
+
+        from ..core.speed import configure_runtime
+
+        configure_runtime(threads=torch.get_num_threads())  # allocator policy only; threads: worker_threads()
         kwargs = {"weights": choice.weights, "device": choice.device, "precision": choice.precision}
         if choice.weights is None and not spec.weights.random_init and weights_available(spec) is None:
             loaded = yield from _steps_from_callback(load_model, spec.name, **kwargs)

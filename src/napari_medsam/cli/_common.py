@@ -35,6 +35,9 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace) -> Any:
     from ..core.build import load_model
+    from ..core.speed import configure_runtime
+
+    configure_runtime()  # threads by free cores, allocator without page-fault storms (docs/benchmarks.md)
 
     bar = _DownloadBar()
     try:
