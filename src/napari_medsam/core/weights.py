@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import tempfile
 import urllib.error
@@ -223,10 +222,3 @@ def load_state_dict_strict(module: Any, state: dict[str, Any], *, source: str) -
     except RuntimeError as e:
         raise CheckpointError(f"{source} does not fit this network: {e}") from e
 
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
