@@ -5,8 +5,9 @@ Prints the table of docs/benchmarks.md, section Decoder (same code as
 
     python benchmarks/bench_decoder.py                  # LiteMedSAM, 4 MNI slices x 3 boxes x 10 repeats
 
-Two conditions: idle, and while a :class:`~napari_medsam.core.prefetch.Prefetcher` embeds the
-neighbouring slices in the background (what happens while a user browses and clicks).
+Conditions: the reference decoder modules (SAM's formulation) and ours, interleaved in one run,
+with the least mask IoU between them; and ours while a :class:`~napari_medsam.core.prefetch.Prefetcher`
+embeds the neighbouring slices in the background (what happens while a user browses and clicks).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from napari_medsam.cli.bench import bench_decoder, format_table, machine_info
+    from napari_medsam.cli.bench import bench_decoder, format_decoder, machine_info
     from napari_medsam.core.speed import configure_runtime
 
     info = machine_info()
@@ -40,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                           with_prefetch=not args.no_prefetch)
         out.append(r)
         print(f"\n{m}: prompt-to-mask, {r['prompt']}")
-        print(format_table(r["rows"], [("condition", "condition", ""), ("n", "n", ""),
-                                       ("median_ms", "median ms", ".1f"), ("p95_ms", "p95 ms", ".1f")]))
+        print(format_decoder(r))
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": info, "decoder": out}, indent=2, default=str))
     return 0

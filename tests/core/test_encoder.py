@@ -99,3 +99,18 @@ def test_bad_inputs(tiny_lite, volume):
     enc = VolumeEncoder(tiny_lite, volume)
     with pytest.raises(InvalidImageError, match="outside"):
         enc.get(7)
+
+
+def test_get_is_channels_last_and_keeps_the_last_slice(tiny_lite, volume):
+    import torch
+
+    ve = VolumeEncoder(tiny_lite, volume, axis=0)
+    a = ve.get(2)
+    assert a.shape == (1, *tiny_lite.spec.embedding_shape) and a.dtype == torch.float32
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    cached = ve.cache.get(ve.key(2))
+    np.testing.assert_array_equal(a[0].numpy(), cached.astype(np.float32))
+    assert ve.get(2) is a  # the slice under view: no second conversion
+    b = ve.get(3)
+    assert b is not a and not torch.equal(a, b)
+    np.testing.assert_array_equal(ve.get(2)[0].numpy(), cached.astype(np.float32))

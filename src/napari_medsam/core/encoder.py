@@ -70,6 +70,7 @@ class VolumeEncoder:
         self._content_hash = content_hash
         self._lock = threading.RLock()
         self._prep = preprocess_key(self.intensity, loaded.spec)
+        self._last: tuple[EmbeddingKey, Any] | None = None
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -120,10 +121,18 @@ class VolumeEncoder:
         return x
 
     def get(self, index: int) -> Any:
-        """The embedding of slice ``index`` as a ``(1, C, h, w)`` float32 tensor on the model's device."""
+        """The embedding of slice ``index`` as a ``(1, C, h, w)`` float32 tensor on the model's device.
+
+        Laid out channels-last (``torch.channels_last``), the layout the decoder reads. The last
+        slice asked for is kept (one slice, a few MB): repeated prompts on the slice under view
+        skip the cache read and the float16 conversion. Treat the tensor as read-only.
+        """
         import torch
 
         key = self.key(index)
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
         emb = self.cache.get(key)
         if emb is None:
             with self._lock:
@@ -132,7 +141,11 @@ class VolumeEncoder:
                     out = run_encoder(self.loaded, self.model_input(index)[None])
                     emb = out[0].cpu().numpy().astype(np.float16)
                     self.cache.put(key, emb, n_slices=self.n_slices)
-        return torch.from_numpy(np.asarray(emb, dtype=np.float32))[None].to(self.loaded.device)
+        hwc = np.empty(emb.shape[1:] + emb.shape[:1], np.float32)  # (h, w, C): one converting transpose
+        np.copyto(hwc, np.moveaxis(np.asarray(emb), 0, -1))
+        out = torch.from_numpy(hwc).permute(2, 0, 1)[None].to(self.loaded.device)
+        self._last = (key, out)
+        return out
 
     def embed(self, indices: Iterable[int] | None = None, *, cancel: threading.Event | None = None) -> ProgressGen[dict]:
         """Embed slices (all by default) that are not cached yet, in batches; yield progress.
