@@ -203,6 +203,22 @@ def new_labels_kwargs(image_layer: Any, *, name: str | None = None) -> dict[str,
     }
 
 
+def prompt_layers_kwargs(image_layer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments for ``viewer.add_points`` and ``viewer.add_shapes`` making the prompt
+    layers of ``image_layer``: its geometry, positive points green and negative ones red (the
+    :data:`POSITIVE` feature), yellow box outlines, marker sizes in the image's pixels."""
+    n = int(image_layer.ndim)
+    pixel = float(np.min(image_layer.scale[-2:]))
+    geometry = {"ndim": n, "scale": image_layer.scale, "translate": image_layer.translate}
+    points = {"data": np.zeros((0, n)), "name": f"{image_layer.name} points", **geometry,
+              "features": {POSITIVE: np.zeros(0, dtype=bool)}, "face_color": POSITIVE,
+              "face_color_cycle": {True: "lime", False: "red"}, "border_color": "white",
+              "size": max(6.0 * pixel, 1e-3)}
+    shapes = {"name": f"{image_layer.name} boxes", **geometry, "edge_color": "yellow",
+              "face_color": "transparent", "edge_width": max(pixel, 1e-3) * 1.5}
+    return points, shapes
+
+
 def fits(labels_layer: Any, image_layer: Any) -> bool:
     """True when a Labels layer has the image's spatial shape (labels can be drawn on it)."""
     try:
@@ -490,6 +506,16 @@ def class_colormap(classes: Sequence[LabelClass]) -> Any:
 
 def preview_metadata(image_layer: Any) -> dict[str, Any]:
     return {META_KEY: {"role": "preview", "created_by": "napari-medsam", "image_id": id(image_layer)}}
+
+
+def preview_kwargs(image_layer: Any, label_class: LabelClass) -> dict[str, Any]:
+    """Keyword arguments for ``viewer.add_labels`` making the preview layer of ``image_layer``
+    (label 1, in the colour of ``label_class``, translucent over the image)."""
+    return {"data": np.zeros(spatial_shape(image_layer), dtype=np.uint8), "name": "MedSAM preview",
+            "scale": image_layer.scale, "translate": image_layer.translate, "opacity": 0.55,
+            "blending": "translucent",
+            "colormap": class_colormap([LabelClass(label_class.name, label_class.color, 1)]),
+            "metadata": preview_metadata(image_layer)}
 
 
 def is_preview(layer: Any, of: Any = None) -> bool:

@@ -153,7 +153,7 @@ def test_scan_to_exported_labels(viewer, widgets, qtbot, tmp_path):
     # undo takes the last edit back (the propagation if it wrote anything, else the commit); a voxel
     # the user painted by hand meanwhile stays
     labels.data[0, 0, 0] = 4
-    propagated = len(annot._edits) == 2
+    propagated = len(annot.edits) == 2
     annot.undo()
     assert labels.data[0, 0, 0] == 4
     if propagated:
@@ -183,11 +183,11 @@ def test_scan_to_exported_labels(viewer, widgets, qtbot, tmp_path):
 
 
 def _layers_signature(annot, image, z):
-    from napari_medsam._qt.annotation_widget import _prompt_signature
+    from napari_medsam._qt._bookkeeping import prompt_signature
 
     pts, shp = annot.prompt_layers(create=False)
     view = _layers.with_index(_layers.current_slice(annot.viewer.dims, image), z)
-    return _prompt_signature(_layers.slice_prompt(pts, shp, image, view))
+    return prompt_signature(_layers.slice_prompt(pts, shp, image, view))
 
 
 def test_commit_waits_for_the_preview_and_undo_restores(viewer, widgets, qtbot):
@@ -198,11 +198,11 @@ def test_commit_waits_for_the_preview_and_undo_restores(viewer, widgets, qtbot):
     _go_to(viewer, image, 2)
     shp.add_rectangles(_box(image, 2, 5, 5, 30, 30))
     annot.commit()  # before the preview arrived: committed as soon as it does
-    qtbot.waitUntil(lambda: annot.labels_layer is not None and annot._last is None and len(annot._edits) > 0,
+    qtbot.waitUntil(lambda: annot.labels_layer is not None and annot._last is None and len(annot.edits) > 0,
                     timeout=60_000)
     labels = annot.labels_layer
     written = (labels.data == 1).sum()
-    assert written == annot._edits[-1][1].n_voxels
+    assert written == annot.edits.last.n_voxels
     annot.undo()
     assert (labels.data == 1).sum() == 0
     assert "Undid" in annot.status_label.text()

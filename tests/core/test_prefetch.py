@@ -146,3 +146,37 @@ def test_prefetch_thread_runs_at_low_priority(tiny_lite, volume):
         pf.close()
     assert seen and seen[0] >= os.getpriority(os.PRIO_PROCESS, 0) + 1
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < seen[0]  # ours is untouched
+
+
+_EXIT_SCRIPT = """
+import threading, time, numpy as np, torch
+from napari_medsam.core import encoder as encoder_mod, prefetch
+from napari_medsam.core.build import load_model
+from napari_medsam.core.encoder import VolumeEncoder
+real = encoder_mod.run_encoder
+started = threading.Event()
+def busy(loaded, batch):  # a long call inside torch's C++ code
+    started.set()
+    a = torch.randn(1000, 1000)
+    for _ in range(30):
+        a = torch.tanh(a @ a / 1000)
+    return real(loaded, batch)
+encoder_mod.run_encoder = busy
+enc = VolumeEncoder(load_model("test_tiny_lite", device="cpu"), np.random.rand(20, 24, 24).astype(np.float32))
+pf = prefetch.Prefetcher(enc).start()
+pf.update(5)
+started.wait(30)
+time.sleep(0.3)
+print("exiting while the prefetcher embeds", flush=True)
+"""
+
+
+def test_exiting_while_a_prefetcher_embeds_does_not_abort():
+    """A daemon thread killed inside torch at interpreter exit aborts the process; the atexit hook
+    stops and waits for the prefetcher first (without it this script exits with SIGABRT)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "exiting" in out.stdout

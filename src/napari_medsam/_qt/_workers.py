@@ -85,6 +85,7 @@ class Job:
         self.last: Progress | None = None
         self.returned = False
         self.bar_time = 0.0
+        self._done_callbacks: list[Callable[[Job], None]] = []
 
     @property
     def running(self) -> bool:
@@ -97,6 +98,14 @@ class Job:
         self.cancelled = True
         self.cancel_event.set()
         self.worker.quit()
+
+    def add_done_callback(self, fn: Callable[[Job], None]) -> None:
+        """Call ``fn(job)`` on the main thread when the job finishes (at once if it has), after
+        ``on_finished``."""
+        if self.done:
+            fn(self)
+        else:
+            self._done_callbacks.append(fn)
 
     def __repr__(self) -> str:
         state = "done" if self.done else ("cancelling" if self.cancelled else "running")
@@ -180,6 +189,9 @@ def start(
             bar.close()
         if on_finished is not None:
             on_finished(job)
+        callbacks, job._done_callbacks = job._done_callbacks, []
+        for fn in callbacks:
+            fn(job)
 
     worker.yielded.connect(_yielded)
     worker.returned.connect(_returned)

@@ -4,9 +4,11 @@ Points (positive / negative clicks) and boxes live in a Points and a Shapes laye
 selected image. Every prompt change on the slice under view re-runs the model in a thread worker
 (the latest prompt wins; a preview that comes back for an older prompt or another slice is
 dropped). *Commit* writes the preview into the Labels layer with the current class's label, only
-where the labels are 0. *Propagate* carries the object through the volume in a worker. The geometry
-(world -> data, which axis is sliced) is :mod:`napari_medsam._layers`'s job; the model work is
-:class:`~napari_medsam._qt.session.Session`'s.
+where the labels are 0. *Propagate* carries the object through the volume in a worker. While the
+user browses, the slices around the one under view are embedded in the background
+(:class:`~napari_medsam._qt._prefetch.SlicePrefetch`), so that moving to them answers at decoder
+speed. The geometry (world -> data, which axis is sliced) is :mod:`napari_medsam._layers`'s job; the
+model work is :class:`~napari_medsam._qt.session.Session`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QColorDialog,
     QFormLayout,
     QGridLayout,
@@ -38,8 +41,10 @@ from qtpy.QtWidgets import (
 from .. import _layers
 from ..core.registry import DEFAULT_MODEL
 from . import _workers
+from ._bookkeeping import EditLog, prompt_signature, propagation_seeds
 from ._dock import DockWidget
 from ._layer_combo import LayerCombo
+from ._prefetch import SlicePrefetch
 from .model_widget import encoder_request, is_image, load_model_job
 from .session import ModelChoice, Session, session_for
 
@@ -64,14 +69,6 @@ def _action(event: Any) -> str:
     return str(getattr(event, "action", "") or "")
 
 
-def _prompt_signature(prompt: Any) -> bytes:
-    if prompt is None:
-        return b""
-    parts = [np.asarray(prompt.points, np.float32).tobytes(), np.asarray(prompt.labels, np.int64).tobytes(),
-             np.asarray(prompt.box if prompt.box is not None else (), np.float32).tobytes()]
-    return b"|".join(parts)
-
-
 class AnnotationWidget(DockWidget):
     """Prompted segmentation of the selected image into a Labels layer, class by class."""
 
@@ -89,8 +86,7 @@ class AnnotationWidget(DockWidget):
         self._prompt_time: float | None = None
         self._commit_pending = False
         self._negative = False
-        self._edits: list[tuple[Any, _layers.LabelEdit]] = []
-        self._committed: dict[tuple, set[int]] = {}
+        self.edits = EditLog()  # commits and propagations: Undo, and the slices committed per class
         self._watched_image: Any = None
         self.load_job: _workers.Job | None = None
         self.propagate_job: _workers.Job | None = None
@@ -101,6 +97,10 @@ class AnnotationWidget(DockWidget):
         self._preview_timer.setSingleShot(True)
         self._preview_timer.setInterval(15)
         self._preview_timer.timeout.connect(self._run_preview)
+        self.prefetch = SlicePrefetch(self.session)
+        self._prefetch_timer = QTimer(self)  # refreshes the "n / m ready" line while prefetching
+        self._prefetch_timer.setInterval(400)
+        self._prefetch_timer.timeout.connect(self._show_prefetch_status)
 
         # -- layers
         self.image_combo = LayerCombo(napari_viewer, is_image)
@@ -150,8 +150,18 @@ class AnnotationWidget(DockWidget):
         grid.addWidget(self.undo_button, 2, 1)
         self.progress_bar = QProgressBar()
         self.progress_bar.setVisible(False)
+        self.prefetch_check = QCheckBox("Prefetch neighbouring slices")
+        self.prefetch_check.setChecked(self.prefetch.enabled)
+        self.prefetch_check.setToolTip("embed the slices around the one under view in the background (at low "
+                                       "priority, paused while propagating), so moving to them is instant")
+        self.prefetch_label = QLabel("")
+        prefetch_row = QHBoxLayout()
+        prefetch_row.addWidget(self.prefetch_check)
+        prefetch_row.addStretch(1)
+        prefetch_row.addWidget(self.prefetch_label)
         self.hint_label = QLabel("")
         self.hint_label.setWordWrap(True)
+        self.hint_label.setVisible(False)  # shown only while it says something: the dock is tight
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         self.shortcuts_label = QLabel(
@@ -165,6 +175,7 @@ class AnnotationWidget(DockWidget):
         layout.addLayout(lform)
         layout.addWidget(class_box)
         layout.addLayout(grid)
+        layout.addLayout(prefetch_row)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.hint_label)
         layout.addWidget(self.status_label)
@@ -185,6 +196,7 @@ class AnnotationWidget(DockWidget):
         self.clear_button.clicked.connect(self.clear_slice)
         self.undo_button.clicked.connect(self.undo)
         self.cancel_button.clicked.connect(self._on_cancel)
+        self.prefetch_check.toggled.connect(self._on_prefetch_toggled)
         self.image_combo.layer_changed.connect(self._on_image_changed)
         self.labels_combo.layer_changed.connect(self._on_labels_changed)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -218,19 +230,13 @@ class AnnotationWidget(DockWidget):
         pts, shp = self._prompt_layers.get(id(image), (None, None))
         if not create:
             return (pts if pts in self.viewer.layers else None, shp if shp in self.viewer.layers else None)
+        points_kwargs, shapes_kwargs = _layers.prompt_layers_kwargs(image)
         if shp is None or shp not in self.viewer.layers:
-            shp = self.viewer.add_shapes(ndim=image.ndim, name=f"{image.name} boxes", scale=image.scale,
-                                         translate=image.translate, edge_color="yellow", face_color="transparent",
-                                         edge_width=max(float(np.min(image.scale[-2:])), 1e-3) * 1.5)
+            shp = self.viewer.add_shapes(**shapes_kwargs)
             shp.events.data.connect(self._on_prompts_changed)
             self._bind_keys(shp)
         if pts is None or pts not in self.viewer.layers:
-            pts = self.viewer.add_points(
-                np.zeros((0, image.ndim)), ndim=image.ndim, name=f"{image.name} points", scale=image.scale,
-                translate=image.translate, features={_layers.POSITIVE: np.zeros(0, dtype=bool)},
-                face_color=_layers.POSITIVE, face_color_cycle={True: "lime", False: "red"},
-                border_color="white", size=max(6.0 * float(np.min(image.scale[-2:])), 1e-3),
-            )
+            pts = self.viewer.add_points(**points_kwargs)
             pts.feature_defaults = {_layers.POSITIVE: not self._negative}
             pts.events.data.connect(self._on_prompts_changed)
             pts.mouse_drag_callbacks.insert(0, self._on_points_press)
@@ -298,7 +304,7 @@ class AnnotationWidget(DockWidget):
                 self.class_table.blockSignals(True)
                 item.setText(str(c.label_id))
                 self.class_table.blockSignals(False)
-                self.hint_label.setText("A label must be a positive integer that no other class uses.")
+                self._hint("A label must be a positive integer that no other class uses.")
                 return
             self.classes[row] = _layers.LabelClass(c.name, c.color, value)
         self._apply_class_colours()
@@ -353,6 +359,7 @@ class AnnotationWidget(DockWidget):
                 self.activate_box()
             else:
                 self.activate_points()
+        self._follow_prefetch()
         self._update_status()
 
     def _on_image_data(self, event: Any = None) -> None:
@@ -360,6 +367,7 @@ class AnnotationWidget(DockWidget):
         self._cancel_preview()
         self._clear_preview()
         self.labels_combo.refresh()
+        self._follow_prefetch()
         self._schedule_preview()
 
     def _on_labels_changed(self, labels: Any) -> None:
@@ -380,7 +388,7 @@ class AnnotationWidget(DockWidget):
             for ly in removed:
                 if ly is not None and ly in self.viewer.layers:
                     self.viewer.layers.remove(ly)
-        self._edits = [(ref, e) for ref, e in self._edits if ref() is not None and ref() is not layer]
+        self.edits.forget(layer)
 
     def _target_labels(self) -> Any:
         """The Labels layer to write into; a new one for the image when none is selected."""
@@ -408,11 +416,7 @@ class AnnotationWidget(DockWidget):
             return prev
         if prev is not None and prev in self.viewer.layers:
             self.viewer.layers.remove(prev)
-        c = self.current_class
-        prev = self.viewer.add_labels(np.zeros(shape, dtype=np.uint8), name="MedSAM preview", scale=image.scale,
-                                      translate=image.translate, opacity=0.55, blending="translucent",
-                                      colormap=_layers.class_colormap([_layers.LabelClass(c.name, c.color, 1)]),
-                                      metadata=_layers.preview_metadata(image))
+        prev = self.viewer.add_labels(**_layers.preview_kwargs(image, self.current_class))
         prev.editable = False
         self._bind_keys(prev)
         self._preview = prev
@@ -483,6 +487,7 @@ class AnnotationWidget(DockWidget):
         self._schedule_preview()
 
     def _on_view_changed(self, event: Any = None) -> None:
+        self._follow_prefetch()
         self._schedule_preview()
 
     def _schedule_preview(self) -> None:
@@ -498,7 +503,7 @@ class AnnotationWidget(DockWidget):
         pts, shp = self.prompt_layers(create=False)
         prompt = _layers.slice_prompt(pts, shp, image, view)
         req = encoder_request(image, self.viewer, self.session)
-        tag = (id(image), id(_layers._plain_data(image)), view.axis, view.index, _prompt_signature(prompt))
+        tag = (id(image), id(_layers._plain_data(image)), view.axis, view.index, prompt_signature(prompt))
         return image, view, prompt, req, tag
 
     def _run_preview(self) -> None:
@@ -520,10 +525,10 @@ class AnnotationWidget(DockWidget):
             self._load_default_model(then=self._schedule_preview)
             return
         if prompt.n_points and self.session.loaded.spec.box_preferred:
-            self.hint_label.setText(f"{self.session.loaded.name} was trained with boxes: draw a box (R) "
-                                    "around the structure for a reliable mask; points are experimental.")
+            self._hint(f"{self.session.loaded.name} was trained with boxes: draw a box (R) "
+                       "around the structure for a reliable mask; points are experimental.")
         else:
-            self.hint_label.setText("")
+            self._hint("")
         self._preview_dirty = False
         if not self.preview_in_worker:  # benchmarks only: the same work, blocking the main thread
             from ..core.progress import drain
@@ -531,6 +536,7 @@ class AnnotationWidget(DockWidget):
             self._preview_job = None
             self._on_preview_result(tag, view, drain(self.session.preview_steps(req, view.index, prompt)))
             return
+        self.prefetch.hold()  # the decoder gets the cores; released in _on_preview_finished
         self._preview_job = _workers.start(
             lambda cancel: self.session.preview_steps(req, view.index, prompt), desc="MedSAM preview",
             cancelable=False, on_returned=lambda res: self._on_preview_result(tag, view, res),
@@ -563,6 +569,7 @@ class AnnotationWidget(DockWidget):
         return bool(job is not None and job.last is not None and job.last.info.get("embedded_now"))
 
     def _on_preview_finished(self, job: _workers.Job) -> None:
+        self.prefetch.release()
         if self._preview_dirty:  # prompts changed while it ran: run the latest (a pending commit waits)
             self._preview_dirty = False
             self._schedule_preview()
@@ -605,8 +612,33 @@ class AnnotationWidget(DockWidget):
 
     def _on_model_changed(self, loaded: Any) -> None:
         self._last = None
+        self._follow_prefetch()
         self._schedule_preview()
         self._update_status()
+
+    # ---- prefetch -----------------------------------------------------------------------------------
+    def _follow_prefetch(self) -> None:
+        """Tell the prefetcher which slice is under view (cheap: every dims event comes here)."""
+        image = self.image_layer
+        view = _layers.current_slice(self.viewer.dims, image) if image is not None else None
+        self.prefetch.follow(image, view, lambda: encoder_request(image, self.viewer, self.session))
+        if self.prefetch.prefetcher is not None or self.prefetch.status():
+            if not self._prefetch_timer.isActive():
+                self._prefetch_timer.start()
+        else:
+            self._show_prefetch_status()
+
+    def _on_prefetch_toggled(self, checked: bool) -> None:
+        self.prefetch.set_enabled(checked)
+        self._follow_prefetch()
+
+    def _show_prefetch_status(self) -> None:
+        text = self.prefetch.status()
+        if text != self.prefetch_label.text():  # a new text re-lays out the dock: only on change
+            self.prefetch_label.setText(text)
+            self.prefetch_label.setToolTip(self.prefetch.error_text())
+        if not text:
+            self._prefetch_timer.stop()
 
     # ---- commit / propagate / clear / undo ---------------------------------------------------------
     def commit(self) -> None:
@@ -616,7 +648,7 @@ class AnnotationWidget(DockWidget):
             return
         image, view, prompt, _req, tag = snap
         if prompt is None:
-            self.hint_label.setText("Nothing to commit: click a point or draw a box first.")
+            self._hint("Nothing to commit: click a point or draw a box first.")
             return
         if self._last is None or self._last[0] != tag:
             self._commit_pending = True  # commit as soon as the preview of this prompt arrives
@@ -628,38 +660,13 @@ class AnnotationWidget(DockWidget):
         cls = self.current_class
         edit = _layers.paint_masks(labels, view, {view.index: self._last[1].mask}, cls.label_id,
                                    description=f"commit {cls.name} on slice {view.index}")
-        if edit is not None:
-            self._edits.append((weakref.ref(labels), edit))
-        self._committed.setdefault((id(labels), cls.label_id, view.axis), set()).add(view.index)
+        self.edits.record(labels, cls.label_id, view.axis, [view.index], edit)
         pts, shp = self.prompt_layers(create=False)
         self._cancel_preview()
         _layers.remove_prompts(pts, shp, image, view)
         self._clear_preview()
         n = 0 if edit is None else edit.n_voxels
         self.status_label.setText(f"Committed {cls.name} (label {cls.label_id}) on slice {view.index}: {n} voxels.")
-
-    def _seeds(self, image: Any, view: _layers.SliceView, labels: Any, label_id: int) -> tuple[dict, set[int]]:
-        from ..core.segment import Prompt2D, box_of
-
-        pts, shp = self.prompt_layers(create=False)
-        seeds: dict[int, Any] = {}
-        for z in _layers.prompted_slices(pts, shp, image, view):
-            p = _layers.slice_prompt(pts, shp, image, _layers.with_index(view, z))
-            if p is not None:
-                seeds[z] = p
-        committed: set[int] = set()
-        if labels is not None:
-            for z in sorted(self._committed.get((id(labels), label_id, view.axis), set())):
-                box = box_of(_layers.label_mask(labels, _layers.with_index(view, z), label_id))
-                if box is not None:
-                    committed.add(z)
-                    seeds.setdefault(z, Prompt2D.from_box(box))
-            if not seeds:
-                box = box_of(_layers.label_mask(labels, view, label_id))
-                if box is not None:
-                    seeds[view.index] = Prompt2D.from_box(box)
-                    committed.add(view.index)
-        return seeds, committed
 
     def propagate(self) -> None:
         """Carry the current class through the volume from its prompts / committed slices (worker)."""
@@ -670,18 +677,20 @@ class AnnotationWidget(DockWidget):
             return
         image, view, _prompt, req, _tag = snap
         if not view.is_3d:
-            self.hint_label.setText("Propagation needs a 3D volume; on a 2D image use Commit.")
+            self._hint("Propagation needs a 3D volume; on a 2D image use Commit.")
             return
         if self.session.loaded is None:
             self._load_default_model(then=self.propagate)
             return
         labels = self.labels_layer
         cls = self.current_class
-        seeds, committed = self._seeds(image, view, labels, cls.label_id)
+        pts, shp = self.prompt_layers(create=False)
+        done = self.edits.committed(labels, cls.label_id, view.axis) if labels is not None else set()
+        seeds, committed = propagation_seeds(pts, shp, image, view, labels, cls.label_id, done)
         if not seeds:
-            self.hint_label.setText("Nothing to propagate: draw a box on a slice (and commit it) first.")
+            self._hint("Nothing to propagate: draw a box on a slice (and commit it) first.")
             return
-        self.hint_label.setText("")
+        self._hint("")
         _workers.show_progress(self.progress_bar)
         self.cancel_button.setEnabled(True)
         self.propagate_button.setEnabled(False)
@@ -692,10 +701,10 @@ class AnnotationWidget(DockWidget):
         def returned(masks: dict) -> None:
             self._on_propagated(image_ref, labels_ref, view, cls, masks, committed)
 
-        self.propagate_job = _workers.start(
+        self.propagate_job = self.session.hold_cpu(_workers.start(  # prefetching waits meanwhile
             lambda cancel: self.session.propagate_steps(req, seeds, cancel=cancel),
             desc=f"Propagating {cls.name}", on_progress=self._on_job_progress, on_returned=returned,
-            on_finished=self._on_propagate_finished, show_bar=self.session.napari_progress)
+            on_finished=self._on_propagate_finished, show_bar=self.session.napari_progress))
 
     def _on_job_progress(self, p: Any) -> None:
         _workers.show_progress(self.progress_bar, p)
@@ -714,10 +723,7 @@ class AnnotationWidget(DockWidget):
             labels = self._target_labels()
         todo = {z: m for z, m in masks.items() if z not in committed}
         edit = _layers.paint_masks(labels, view, todo, cls.label_id, description=f"propagate {cls.name}")
-        if edit is not None:
-            self._edits.append((weakref.ref(labels), edit))
-        key = (id(labels), cls.label_id, view.axis)
-        self._committed.setdefault(key, set()).update(masks)
+        self.edits.record(labels, cls.label_id, view.axis, masks, edit)
         pts, shp = self.prompt_layers(create=False)
         if self.image_layer is image:
             _layers.remove_prompts(pts, shp, image, None)
@@ -761,20 +767,16 @@ class AnnotationWidget(DockWidget):
 
     def undo(self) -> None:
         """Undo the last commit or propagation (voxels repainted since then are left alone)."""
-        while self._edits:
-            ref, edit = self._edits.pop()
-            labels = ref()
-            if labels is None or labels not in self.viewer.layers:
-                continue
-            _layers.undo_edit(labels, edit)
-            for key, slices in self._committed.items():
-                if key[0] == id(labels) and key[1] == edit.label_id:
-                    slices.difference_update(edit.slices)
-            self.status_label.setText(f"Undid {edit.description} ({edit.n_voxels} voxels).")
-            return
-        self.status_label.setText("Nothing to undo.")
+        edit = self.edits.undo(lambda labels: labels in self.viewer.layers)
+        self.status_label.setText("Nothing to undo." if edit is None else
+                                  f"Undid {edit.description} ({edit.n_voxels} voxels).")
 
     # ---- status -------------------------------------------------------------------------------------
+    def _hint(self, text: str) -> None:
+        if text != self.hint_label.text():
+            self.hint_label.setText(text)
+            self.hint_label.setVisible(bool(text))
+
     def _update_status(self, iou: float | None = None) -> None:
         image = self.image_layer
         if image is None:
@@ -797,6 +799,8 @@ class AnnotationWidget(DockWidget):
 
     def cleanup(self) -> None:
         self._preview_timer.stop()
+        self._prefetch_timer.stop()
+        self.prefetch.close()
         for job in (self.propagate_job, self._preview_job):
             if job is not None:
                 job.cancel()

@@ -298,10 +298,10 @@ class FinetuneWidget(DockWidget):
         self._plot_time = 0.0
         _workers.show_progress(self.progress_bar)
         self.loss_label.setText("Embedding the training slices…")
-        self.train_job = _workers.start(
+        self.train_job = self.session.hold_cpu(_workers.start(  # background prefetching waits meanwhile
             lambda cancel: _train_steps(self.session, req, snapshot, slices, params, names, None, cancel),
             desc=f"Training a {params.head} head", on_progress=self._on_train_progress,
-            on_returned=self._on_trained, on_finished=self._on_job_finished, show_bar=self.session.napari_progress)
+            on_returned=self._on_trained, on_finished=self._on_job_finished, show_bar=self.session.napari_progress))
         self._update_buttons()
 
     def _on_train_progress(self, p: Progress) -> None:
@@ -351,10 +351,10 @@ class FinetuneWidget(DockWidget):
         head = self.head
         image_ref = image
         _workers.show_progress(self.progress_bar)
-        self.predict_job = _workers.start(
+        self.predict_job = self.session.hold_cpu(_workers.start(
             lambda cancel: _predict_steps(self.session, volume, head, cancel), desc="Segmenting the volume",
             on_progress=self._on_predict_progress, on_returned=lambda res: self._on_predicted(image_ref, res),
-            on_finished=self._on_job_finished, show_bar=self.session.napari_progress)
+            on_finished=self._on_job_finished, show_bar=self.session.napari_progress))
         self._update_buttons()
 
     def _on_predict_progress(self, p: Progress) -> None:

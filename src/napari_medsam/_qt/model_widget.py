@@ -370,10 +370,10 @@ class ModelWidget(DockWidget):
         self.cancel_button.setEnabled(True)
         self.cache_label.setText(f"Embedding {req.name}, the slice under view first…")
         _workers.show_progress(self.embed_bar)
-        self.embed_job = _workers.start(
+        self.embed_job = self.session.hold_cpu(_workers.start(  # background prefetching waits meanwhile
             lambda cancel: self.session.embed_steps(req, lambda: self._current_index, cancel=cancel),
             desc=f"Embedding {req.name}", on_progress=self._on_embed_progress, on_finished=self._on_embed_done,
-            show_bar=self.session.napari_progress)
+            show_bar=self.session.napari_progress))
 
     def _on_embed_progress(self, p: Any) -> None:
         # Only the bar changes while embedding: a label's new text re-lays out the dock, which costs

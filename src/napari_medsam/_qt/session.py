@@ -135,11 +135,15 @@ class Session:
     """The loaded model, the embedding cache and the encoders of one viewer.
 
     Signals (emitted on the thread that calls the method; widgets call them on the main thread):
-    ``model_changed(loaded_or_None)``, ``embeddings_changed(image_id)``.
+    ``model_changed(loaded_or_None)``, ``embeddings_changed(image_id)``, ``busy_changed(cpu_jobs)``.
+
+    ``cpu_jobs`` counts the running jobs that want every core (propagation, whole-image embedding,
+    training, prediction; see :meth:`hold_cpu`); background prefetching waits while it is not 0.
     """
 
     model_changed = Signal(object)
     embeddings_changed = Signal(object)
+    busy_changed = Signal(int)
 
     def __init__(self, *, cache_dir: str | os.PathLike | None = None, disk_cache: bool = True) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -152,6 +156,22 @@ class Session:
         self._cache: Any = None
         self._encoders: dict[tuple, Any] = {}
         self._lock = threading.RLock()
+        self.cpu_jobs = 0
+
+    # -- jobs that need the CPU (main thread) -----------------------------------------------------------
+    def hold_cpu(self, job: Any) -> Any:
+        """Count ``job`` (a running :class:`~napari_medsam._qt._workers.Job`) in :attr:`cpu_jobs`
+        until it finishes; returns it. A finished job (or None) is returned as it is."""
+        if job is None or job.done:
+            return job
+        self.cpu_jobs += 1
+        self.busy_changed.emit(self.cpu_jobs)
+        job.add_done_callback(self._release_cpu)
+        return job
+
+    def _release_cpu(self, _job: Any = None) -> None:
+        self.cpu_jobs = max(0, self.cpu_jobs - 1)
+        self.busy_changed.emit(self.cpu_jobs)
 
     # -- model --------------------------------------------------------------------------------------
     def load_model_steps(self, choice: ModelChoice) -> ProgressGen[Any]:
@@ -290,6 +310,11 @@ class Session:
             yield Progress(done, n, "embedding", {"cached": done, "slice": batch[0], "image_id": req.image_id})
         return {"computed": computed, "cached": n - computed, "n_slices": n,
                 "seconds": time.perf_counter() - t0, "image_id": req.image_id}
+
+    def encoder_steps(self, req: EncoderRequest) -> ProgressGen[Any]:
+        """Build (or find) the encoder of ``req`` and return it (worker thread: hashes the volume)."""
+        yield Progress(0, 0, "preparing the encoder")
+        return self.encoder(req)
 
     def status_steps(self, req: EncoderRequest) -> ProgressGen[dict]:
         """How many slices of ``req`` are cached (worker thread: opens the disk store)."""

@@ -12,10 +12,12 @@ direction of browsing) than behind.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +26,10 @@ from .errors import Cancelled, MedSamError
 __all__ = ["Prefetcher", "prefetch_order"]
 
 _log = logging.getLogger(__name__)
+
+EXIT_TIMEOUT = 30.0  # seconds the interpreter waits at exit for a prefetcher's encoder call to end
+_LIVE: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
+_exit_hook = False
 
 
 def prefetch_order(center: int, n_slices: int, *, ahead: int = 8, behind: int = 4, direction: int = 1) -> list[int]:
@@ -63,7 +69,8 @@ class Prefetcher:
         pf = Prefetcher(encoder); pf.start()
         pf.update(current_slice)            # on every slice change, from the GUI thread
         with pf.paused(): segment_slice(...) # optional: keep the cores for an interactive decode
-        pf.close()                          # on layer removal / widget close
+        pf.pause(); ...; pf.resume()        # the same across callbacks (counted, so they nest)
+        pf.close(timeout=0)                 # on layer removal / widget close (0: do not wait)
 
     The encoder's own lock serialises the prefetcher with a foreground ``encoder.get``; a slice
     the user asks for that is not cached yet is embedded by the foreground call, and the
@@ -92,11 +99,19 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.computed = 0
+        # (center, cached, wanted) of the neighbourhood last looked at by the worker; one tuple, so
+        # any thread can read it without a lock (a status line in a widget)
+        self.progress: tuple[int | None, int, int] = (None, 0, 0)
 
     # -- control (any thread) -------------------------------------------------------------------
     def start(self) -> Prefetcher:
-        """Start the worker thread (idempotent)."""
+        """Start the worker thread (idempotent; after :meth:`stop` it waits for the old thread)."""
+        if self._thread is not None and self._stop.is_set():
+            self._thread.join()
+            self._thread = None
+            self._cancel.clear()
         if self._thread is None or not self._thread.is_alive():
+            _stop_at_exit(self)
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="napari-medsam-prefetch", daemon=True)
             self._thread.start()
@@ -115,41 +130,61 @@ class Prefetcher:
                 self._cond.notify_all()
 
     def pending(self) -> list[int]:
-        """Slices of the current neighbourhood that are not cached yet, most urgent first."""
+        """Slices of the current neighbourhood that are not cached yet, most urgent first
+        (also updates :attr:`progress`)."""
         with self._cond:
             center, direction = self._center, self._direction
         if center is None:
             return []
         order = prefetch_order(center, self.encoder.n_slices, ahead=self.ahead, behind=self.behind,
                                direction=direction)
-        return [i for i in order if not self.encoder.is_cached(i)]
+        todo = [i for i in order if not self.encoder.is_cached(i)]
+        self.progress = (center, len(order) - len(todo), len(order))
+        return todo
+
+    def pause(self) -> None:
+        """Start no new encoder call until as many :meth:`resume` calls (one running finishes)."""
+        with self._cond:
+            self._pause_count += 1
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause_count = max(0, self._pause_count - 1)
+            self._cond.notify_all()
+
+    @property
+    def is_paused(self) -> bool:
+        return self._pause_count > 0
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """No new encoder call starts inside this block (one already running finishes first)."""
-        with self._cond:
-            self._pause_count += 1
+        self.pause()
         try:
             yield
         finally:
-            with self._cond:
-                self._pause_count -= 1
-                self._cond.notify_all()
+            self.resume()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until the current neighbourhood is cached (or stopped); False on timeout."""
         return self._idle.wait(timeout)
 
     def stop(self, timeout: float | None = 5.0) -> None:
-        """Stop the worker (the running encoder call ends at its next batch boundary)."""
+        """Stop the worker (the running encoder call ends at its next batch boundary).
+
+        Waits up to ``timeout`` seconds for the thread to end; ``timeout=0`` returns at once (a GUI
+        thread must not wait for an encoder call), and :attr:`running` stays True until it has.
+        """
         self._stop.set()
         self._cancel.set()
         with self._cond:
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        self._thread = None
-        self._cancel.clear()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and (timeout is None or timeout > 0):
+            thread.join(timeout)
+        if thread is None or not thread.is_alive():
+            self._thread = None
+            self._cancel.clear()
         self._idle.set()
 
     close = stop
@@ -203,6 +238,30 @@ class Prefetcher:
             if self.on_ready is not None:
                 for i in chunk:
                     self.on_ready(i)
+
+
+def _stop_at_exit(pf: Prefetcher) -> None:
+    """Stop ``pf`` at interpreter exit if it is still running.
+
+    The worker is a daemon thread (it must never keep a closing application alive), but a daemon
+    thread still inside a torch call when the interpreter finalises is ended with ``pthread_exit``
+    through torch's C++ frames, which aborts the process ("terminate called without an active
+    exception"). ``atexit`` runs before that: every live prefetcher is told to stop, then waited
+    for (its current encoder call, at most :data:`EXIT_TIMEOUT` seconds).
+    """
+    global _exit_hook
+    _LIVE.add(pf)
+    if not _exit_hook:
+        _exit_hook = True
+        atexit.register(_stop_all)
+
+
+def _stop_all() -> None:
+    live = [pf for pf in list(_LIVE) if pf.running]
+    for pf in live:
+        pf.stop(timeout=0)
+    for pf in live:
+        pf.stop(timeout=EXIT_TIMEOUT)
 
 
 def _lower_priority_of_this_thread(nice: int) -> None:
