@@ -238,3 +238,12 @@ def test_selecting_an_image_away_from_the_viewers_point_stops_the_old_prefetcher
     qtbot.waitUntil(lambda: not _prefetch_threads(), timeout=30_000)
     annot.image_combo.set_layer(volume)
     qtbot.waitUntil(lambda: annot.prefetch.prefetcher is not None, timeout=30_000)
+
+
+def test_prefetched_slices_are_announced_to_the_other_docks(viewer, annot, volume, qtbot):
+    """The Model dock's "n slices cached" line listens to ``embeddings_changed``."""
+    seen = []
+    annot.session.embeddings_changed.connect(seen.append)
+    _go_to(viewer, volume, 8)
+    _wait_cached(qtbot, annot, volume, {7, 8, 9})
+    qtbot.waitUntil(lambda: id(volume) in seen, timeout=10_000)

@@ -637,6 +637,9 @@ class AnnotationWidget(DockWidget):
         if text != self.prefetch_label.text():  # a new text re-lays out the dock: only on change
             self.prefetch_label.setText(text)
             self.prefetch_label.setToolTip(self.prefetch.error_text())
+            image = self.image_layer
+            if image is not None and self.prefetch.prefetcher is not None:
+                self.session.embeddings_changed.emit(id(image))  # e.g. the Model dock's "n slices cached"
         if not text:
             self._prefetch_timer.stop()
 
