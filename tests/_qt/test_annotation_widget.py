@@ -247,3 +247,20 @@ def test_prefetched_slices_are_announced_to_the_other_docks(viewer, annot, volum
     _go_to(viewer, volume, 8)
     _wait_cached(qtbot, annot, volume, {7, 8, 9})
     qtbot.waitUntil(lambda: id(volume) in seen, timeout=10_000)
+
+
+def test_a_new_intensity_choice_restarts_prefetching_without_a_slider_move(viewer, annot, volume, qtbot):
+    model_w = next(d.widget() for name, d in viewer.window._dock_widgets.items() if name.startswith("Model"))
+    _go_to(viewer, volume, 8)
+    qtbot.waitUntil(lambda: annot.prefetch.prefetcher is not None, timeout=30_000)
+    first = annot.prefetch.prefetcher
+    assert first.wait_idle(30)  # settled: no progress line changes (which would also re-follow)
+    def settled() -> bool:
+        ready, _, wanted = annot.prefetch_label.text().partition(" ready")[0].partition(" / ")
+        return ready.strip().isdigit() and ready.strip() == wanted.strip()
+
+    qtbot.waitUntil(settled, timeout=10_000)
+    qtbot.wait(1000)
+    model_w.intensity_combo.setCurrentText("min-max")
+    qtbot.waitUntil(lambda: annot.prefetch.prefetcher not in (None, first), timeout=30_000)
+    assert annot.prefetch.prefetcher.encoder.intensity != first.encoder.intensity

@@ -204,6 +204,7 @@ class AnnotationWidget(DockWidget):
         self.viewer.dims.events.order.connect(self._on_view_changed)
         self.viewer.dims.events.ndisplay.connect(self._on_view_changed)
         self.session.model_changed.connect(self._on_model_changed)
+        self.session.embeddings_changed.connect(self._on_embeddings_changed)
         self._fill_class_table()
         self._on_image_changed(self.image_combo.layer)
 
@@ -628,6 +629,12 @@ class AnnotationWidget(DockWidget):
         else:
             self._show_prefetch_status()
 
+    def _on_embeddings_changed(self, image_id: Any) -> None:
+        """Another dock embedded slices or changed how they are computed (the intensity): follow it."""
+        image = self.image_layer
+        if image is not None and image_id == id(image):
+            self._follow_prefetch()
+
     def _on_prefetch_toggled(self, checked: bool) -> None:
         self.prefetch.set_enabled(checked)
         self._follow_prefetch()
@@ -810,6 +817,7 @@ class AnnotationWidget(DockWidget):
         self.image_combo.disconnect_viewer()
         self.labels_combo.disconnect_viewer()
         self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        self.session.embeddings_changed.disconnect(self._on_embeddings_changed)
         self.viewer.dims.events.current_step.disconnect(self._on_view_changed)
         self.viewer.dims.events.order.disconnect(self._on_view_changed)
         self.viewer.dims.events.ndisplay.disconnect(self._on_view_changed)

@@ -312,6 +312,9 @@ class ModelWidget(DockWidget):
     def _on_intensity(self, *_: Any) -> None:
         self.session.intensity = INTENSITIES[self.intensity_combo.currentText()]
         self._refresh_cache_status()
+        layer = self.image_combo.layer
+        if layer is not None:  # other embeddings now apply to this image (e.g. the prefetcher's)
+            self.session.embeddings_changed.emit(id(layer))
 
     def _on_image_changed(self, *_: Any) -> None:
         self._on_dims()
