@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from types import SimpleNamespace
+
+import pytest
 
 if sys.platform.startswith("linux") and "triton" not in sys.modules:
     try:
@@ -18,3 +21,35 @@ if sys.platform.startswith("linux") and "triton" not in sys.modules:
             import triton  # noqa: F401
     except ImportError:
         pass
+
+
+PLUGIN = "napari-medsam"
+
+
+def wait_job(qtbot, job, timeout=120_000):
+    if job is not None:
+        qtbot.waitUntil(lambda: job.done, timeout=timeout)
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+@pytest.fixture
+def widgets(viewer, qtbot):
+    """The Model and Annotate widgets docked through the manifest, with the tiny model loaded."""
+    _, model_w = viewer.window.add_plugin_dock_widget(PLUGIN, "Model")
+    _, annot_w = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate")
+    model_w.select_model("test_tiny_lite")
+    model_w._on_load()
+    wait_job(qtbot, model_w.load_job)
+    assert model_w.session.loaded is not None and model_w.session.loaded.name == "test_tiny_lite"
+    assert annot_w.session is model_w.session  # one session per viewer, shared by its widgets
+    yield SimpleNamespace(model=model_w, annot=annot_w)
+    for w in (model_w, annot_w):
+        for job in (getattr(w, "embed_job", None), getattr(w, "propagate_job", None),
+                    getattr(w, "_preview_job", None), getattr(w, "status_job", None)):
+            if job is not None:
+                job.cancel()
+                wait_job(qtbot, job, timeout=60_000)

@@ -21,7 +21,6 @@ from napari_medsam.core.progress import Progress
 
 pytestmark = pytest.mark.gui
 
-PLUGIN = "napari-medsam"
 THREAD_NAME = "napari-medsam-prefetch"
 
 
@@ -30,25 +29,10 @@ def _prefetch_threads() -> list[threading.Thread]:
 
 
 @pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-@pytest.fixture
-def annot(viewer, qtbot):
-    """The Annotate widget docked through the manifest, with the tiny model loaded."""
-    _, model_w = viewer.window.add_plugin_dock_widget(PLUGIN, "Model")
-    _, annot_w = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate")
-    model_w.select_model("test_tiny_lite")
-    model_w._on_load()
-    qtbot.waitUntil(lambda: model_w.load_job.done, timeout=120_000)
-    assert annot_w.session.loaded is not None
-    yield annot_w
-    for job in (model_w.status_job, annot_w.propagate_job, annot_w._preview_job):
-        if job is not None:
-            job.cancel()
-            qtbot.waitUntil(lambda j=job: j.done, timeout=60_000)
-    annot_w.prefetch.close()
+def annot(widgets, qtbot):
+    """The Annotate widget (docked with the Model widget, tiny model loaded); no prefetch thread left after."""
+    yield widgets.annot
+    widgets.annot.prefetch.close()
     qtbot.waitUntil(lambda: not _prefetch_threads(), timeout=30_000)
 
 
@@ -249,8 +233,8 @@ def test_prefetched_slices_are_announced_to_the_other_docks(viewer, annot, volum
     qtbot.waitUntil(lambda: id(volume) in seen, timeout=10_000)
 
 
-def test_a_new_intensity_choice_restarts_prefetching_without_a_slider_move(viewer, annot, volume, qtbot):
-    model_w = next(d.widget() for name, d in viewer.window._dock_widgets.items() if name.startswith("Model"))
+def test_a_new_intensity_choice_restarts_prefetching_without_a_slider_move(viewer, widgets, annot, volume, qtbot):
+    model_w = widgets.model
     _go_to(viewer, volume, 8)
     qtbot.waitUntil(lambda: annot.prefetch.prefetcher is not None, timeout=30_000)
     first = annot.prefetch.prefetcher

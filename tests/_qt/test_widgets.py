@@ -19,14 +19,13 @@ import pytest
 from napari_medsam import _layers
 from napari_medsam._qt.session import session_for
 
+from .conftest import PLUGIN, wait_job
+
 pytestmark = pytest.mark.gui
 
-PLUGIN = "napari-medsam"
 
 
-def _wait(qtbot, job, timeout=120_000):
-    if job is not None:
-        qtbot.waitUntil(lambda: job.done, timeout=timeout)
+_wait = wait_job
 
 
 def _ct_nifti(path, shape=(10, 48, 40)):
@@ -45,30 +44,6 @@ def _ct_nifti(path, shape=(10, 48, 40)):
     img.set_sform(affine, code=2)
     nib.save(img, path)
     return data, affine
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-@pytest.fixture
-def widgets(viewer, qtbot):
-    """The Model and Annotate widgets docked through the manifest, with the tiny model loaded."""
-    _, model_w = viewer.window.add_plugin_dock_widget(PLUGIN, "Model")
-    _, annot_w = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate")
-    model_w.select_model("test_tiny_lite")
-    model_w._on_load()
-    _wait(qtbot, model_w.load_job)
-    assert model_w.session.loaded is not None and model_w.session.loaded.name == "test_tiny_lite"
-    assert annot_w.session is model_w.session  # one session per viewer, shared by its widgets
-    yield SimpleNamespace(model=model_w, annot=annot_w)
-    for w in (model_w, annot_w):
-        for job in (getattr(w, "embed_job", None), getattr(w, "propagate_job", None),
-                    getattr(w, "_preview_job", None), getattr(w, "status_job", None)):
-            if job is not None:
-                job.cancel()
-                _wait(qtbot, job)
 
 
 def _go_to(viewer, image, z):

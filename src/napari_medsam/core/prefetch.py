@@ -247,13 +247,20 @@ def _stop_at_exit(pf: Prefetcher) -> None:
     thread still inside a torch call when the interpreter finalises is ended with ``pthread_exit``
     through torch's C++ frames, which aborts the process ("terminate called without an active
     exception"). ``atexit`` runs before that: every live prefetcher is told to stop, then waited
-    for (its current encoder call, at most :data:`EXIT_TIMEOUT` seconds).
+    for (its current encoder call, at most :data:`EXIT_TIMEOUT` seconds). The hook is also
+    registered where ``concurrent.futures`` registers its own (``threading._register_atexit``, run
+    before ``atexit``, latest first), so that a prefetcher stops before the thread pools the disk
+    cache writes through are shut down under it.
     """
     global _exit_hook
     _LIVE.add(pf)
     if not _exit_hook:
         _exit_hook = True
         atexit.register(_stop_all)
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            with contextlib.suppress(RuntimeError):  # already shutting down
+                register(_stop_all)
 
 
 def _stop_all() -> None:

@@ -164,14 +164,18 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = AttentionQKV(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
-                key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend_tokens(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """The tokens' self-attention (first layer: without positional encoding, no residual)."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
+        return self.norm1(queries)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = self.attend_tokens(queries, query_pe)
         q, k = queries + query_pe, keys + key_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
@@ -221,12 +225,7 @@ class TwoWayTransformer(nn.Module):
         key_pe = key_pe.contiguous()  # likewise for get_dense_pe()'s cached encoding
         queries = point_embedding
         for layer in self.layers:
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(queries, queries, queries)
-            else:
-                q = queries + point_embedding
-                queries = queries + layer.self_attn(q, q, queries)
-            queries = layer.norm1(queries)
+            queries = layer.attend_tokens(queries, point_embedding)
             k_in = keys + key_pe  # also the image->token queries: keys do not change in between
             queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image,
                                                             queries + point_embedding, k_in, keys))
