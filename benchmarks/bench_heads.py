@@ -2,9 +2,11 @@
 
 Data: the MNI152 2009 template shipped with nilearn (197 x 233 x 189, 1 mm). Labels: 0 background,
 1 grey matter, 2 white matter: the argmax of nilearn's GM / WM probability maps where GM + WM > 0.5.
-Slices: coronal, i.e. array axis 1 of the NIfTI as nibabel reads it. For k = 1, 3, 5, 10 labelled
-slices spread evenly through the brain, every head is trained on those slices' cached embeddings
-and evaluated on all other brain slices (Dice per class, pooled over the evaluation slices), next
+Slices: coronal by default, i.e. array axis 1 of the NIfTI as nibabel reads it (``--axis 2``: axial,
+``--axis 0``: sagittal). For k = 1, 3, 5, 10 labelled slices spread evenly through the brain, every
+head is trained on those slices' cached embeddings and evaluated on all other brain slices, or on
+every n-th brain slice with ``--eval-every n`` (Dice per class, pooled over the evaluation slices;
+only the training and evaluation slices are embedded), next
 to a small UNet trained from scratch on the same slices' images with the same loss, augmentation
 policy and stopping rule. Training times are wall-clock seconds on this machine with the stated
 thread count; the embedding time of the labelled slices is reported apart (heads need it, the
@@ -14,9 +16,12 @@ Prints a markdown table and writes it to ``--out``::
 
     python benchmarks/bench_heads.py --out docs/bench_heads.md \
         --cache-dir /tmp/medsam-dev-cache/embeddings
+    python benchmarks/bench_heads.py --axis 2 --eval-every 3 --ks 1,3 \
+        --cache-dir /tmp/medsam-dev-cache/embeddings
 
-Heads use their general defaults (``TrainParams()``); the rows ``cnn no-image``, ``cnn no-aug``
-and ``cnn +flips`` are ablations of the cnn head's image skips and augmentation.
+Heads use their general defaults (``TrainParams()``); the rows ``cnn no-image``, ``cnn no-aug``,
+``cnn +flips`` and ``cnn 32-cell windows`` are ablations of the cnn head's image skips, its
+augmentation and its training-window size (32 cells: the default before 3/8 of the grid, 24).
 """
 
 from __future__ import annotations
@@ -176,6 +181,7 @@ VARIANTS = {
     "cnn no-image": ("cnn", {"image_skip": False}, {}),
     "cnn no-aug": ("cnn", {}, {"augment": False}),
     "cnn +flips": ("cnn", {}, {"flip": True}),
+    "cnn 32-cell windows": ("cnn", {}, {"crop": 32}),
     "autosam": ("autosam", {}, {}),
 }
 
@@ -188,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--autosam-ks", default="1,3",
                     help="the k at which to train the (slow on CPU) autosam head (default 1,3; 'all')")
     ap.add_argument("--ablation-ks", default="1,3",
-                    help="the k at which to run the cnn ablations (no-image, no-aug, +flips) (default 1,3; 'all')")
+                    help="the k at which to run the cnn ablations (default 1,3; 'all')")
     ap.add_argument("--cache-dir", default=None, help="embedding cache folder (default: the user cache)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for everything (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--axis", type=int, default=1, choices=(0, 1, 2),
+                    help="slicing axis of the MNI array: 0 sagittal, 1 coronal (default), 2 axial")
+    ap.add_argument("--eval-every", type=int, default=1,
+                    help="evaluate on every n-th brain slice (default 1: all); only those are embedded")
     ap.add_argument("--no-unet", action="store_true", help="skip the scratch UNet baseline")
     ap.add_argument("--unet-steps", type=int, default=300, help="step budget of the scratch UNet (default 300)")
     args = ap.parse_args(argv)
@@ -212,22 +222,27 @@ def main(argv: list[str] | None = None) -> int:
     autosam_ks = ks if args.autosam_ks == "all" else [int(k) for k in args.autosam_ks.split(",") if k]
     ablation_ks = ks if args.ablation_ks == "all" else [int(k) for k in args.ablation_ks.split(",") if k]
     image, labels = load_mni()
-    axis = 1
-    brain = [i for i in range(labels.shape[axis]) if labels[:, i].any()]
+    axis = args.axis
+    if args.eval_every < 1:
+        ap.error("--eval-every must be at least 1")
+    lab_sl = np.moveaxis(labels, axis, 0)
+    brain = [i for i in range(lab_sl.shape[0]) if lab_sl[i].any()]
+    splits = {}
+    for k in ks:
+        train = spread(brain, k)
+        splits[k] = (train, [i for i in brain[::args.eval_every] if i not in train])
     loaded = load_model("litemedsam", device="cpu", precision="fp32")
     enc = VolumeEncoder(loaded, image, axis=axis, cache=EmbeddingCache(args.cache_dir))
-    drain(enc.embed(brain))
+    drain(enc.embed(sorted({i for tr, ev in splits.values() for i in tr + ev})))
     # the encoder's own cost per slice, measured uncached on three slices
     t0 = time.perf_counter()
     for i in brain[len(brain) // 2:len(brain) // 2 + 3]:
         run_encoder(loaded, enc.model_input(i)[None])
     embed_s = (time.perf_counter() - t0) / 3
-    raw = np.moveaxis(np.asarray(image.data[...], np.float32) / 255.0, axis, 0)  # (233, 197, 189)
-    lab_sl = np.moveaxis(labels, axis, 0)
+    raw = np.moveaxis(np.asarray(image.data[...], np.float32) / 255.0, axis, 0)  # coronal: (233, 197, 189)
     rows = []
     for k in ks:
-        train = spread(brain, k)
-        evals = [i for i in brain if i not in train]
+        train, evals = splits[k]
         truth = lab_sl[evals]
         data = drain(collect_training_data(enc, labels, train))
         for name in heads:
@@ -249,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             d = dice_per_class(pred, truth, (1, 2))
             rows.append((k, "unet (scratch)", d[0], d[1], float(np.mean(d)), secs, steps, None))
             print(rows[-1], file=sys.stderr, flush=True)
-    header = (f"MNI152 2009 template (nilearn), GM/WM, coronal slices (array axis 1), {len(brain)} brain slices; "
+    plane = {0: "sagittal", 1: "coronal", 2: "axial"}[axis]
+    evaluated = ("all other brain slices" if args.eval_every == 1 else
+                 f"every {args.eval_every}-th brain slice ({len(brain[::args.eval_every])}), training slices excluded")
+    header = (f"MNI152 2009 template (nilearn), GM/WM, {plane} slices (array axis {axis}), {len(brain)} brain slices, "
+              f"evaluated on {evaluated}; "
               f"LiteMedSAM fp32 embeddings ({embed_s:.2f} s/slice to embed); torch {torch.__version__}, "
               f"{args.threads} thread(s) on {platform.machine()}; seed {args.seed}; "
               f"scratch UNet budget {args.unet_steps} steps")

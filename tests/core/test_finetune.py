@@ -140,6 +140,7 @@ def test_training_yields_progress_and_returns_a_head(trained, data, loaded):
     assert meta.kind == "linear" and meta.class_ids == (2, 5) and meta.num_classes == 3
     assert meta.backbone == "test_tiny_lite" and meta.training_slices == (1, 4)
     assert meta.history["steps"] == 3
+    assert isinstance(meta.history["final_loss"], float)  # 3 steps: fewer than one plateau check
     assert not any(p.requires_grad for p in head.module.parameters())
     assert not any(p.requires_grad for p in loaded.model.parameters())
     assert trained.meta.class_names == ("a", "b")
@@ -155,6 +156,41 @@ def test_training_learns(data, loaded):
         except StopIteration:
             break
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+@pytest.mark.parametrize(("crop", "expected"), [(None, 6), (10, 10), (0, None)])
+def test_training_windows(data, loaded, monkeypatch, crop, expected):
+    # default: windows of 3/8 of the grid side (6 of the tiny model's 16 cells), two per slice
+    import napari_medsam.core.finetune as ft
+
+    seen = []
+    real = ft._crop
+
+    def spy(emb, img, tgt, valid, size, gen):
+        out = real(emb, img, tgt, valid, size, gen)
+        seen.append((size, tuple(out[0].shape[-2:]), tuple(out[2].shape[-2:])))
+        return out
+
+    monkeypatch.setattr(ft, "_crop", spy)
+    params = TrainParams(head="cnn", head_config={"width": 16}, crop=crop, epochs=1, batch_size=2, patience=0)
+    drain(fine_tune(data, params, loaded=loaded))
+    side = loaded.spec.low_res_size // loaded.spec.embedding_shape[1]
+    if expected is None:
+        assert seen == []
+    else:
+        assert len(seen) == 2 * len(data)
+        assert all(s == (expected, (expected, expected), (expected * side, expected * side)) for s in seen)
+
+
+@pytest.mark.parametrize(("check_steps", "stop_at"), [(10, 30), (1, 7)])
+def test_plateau_rule_looks_at_check_steps(data, loaded, check_steps, stop_at):
+    # lr 0: a flat loss. 2 slices, batch 2: one step per epoch. patience 4: lr cut after a check
+    # that leaves 2+ epochs without improvement, stop after the next such check
+    params = TrainParams(head="linear", lr=0.0, epochs=100, batch_size=2, patience=4, augment=False, crop=0,
+                         check_steps=check_steps)
+    head = drain(fine_tune(data, params, loaded=loaded))
+    assert head.meta.history["stopped"] == "plateau"
+    assert head.meta.history["steps"] == stop_at
 
 
 def test_training_is_reproducible(data, loaded):

@@ -57,13 +57,20 @@ class TrainParams:
     ``max_steps`` steps, so that one slice or fifty cost about the same). Training stops earlier
     when the epoch loss (smoothed) has not improved by ``min_delta`` (relative) for ``patience``
     epochs (0: never), after lowering the learning rate 3x once ``patience // 2`` epochs went by
-    without improvement. ``lr``: AdamW learning rate (None: the head's default), warmed up
+    without improvement. That rule looks at the mean loss of at least ``check_steps`` steps
+    (whole epochs): with one to a few labelled slices an epoch is one step on random windows,
+    whose loss is too noisy to tell a plateau (1: every epoch, as before).
+    ``lr``: AdamW learning rate (None: the head's default), warmed up
     linearly over ``warmup_steps``.
     ``augment``: random shifts of up to ``max_shift`` embedding cells, plus random flips of both
     in-plane axes when ``flip`` (off by default: the embedding of a flipped image is not the
     flipped embedding, so flipped grids are features the encoder never produces), applied alike
     to embeddings, images and labels. ``crop``: fully convolutional heads train on two random
-    windows of ``crop`` x ``crop`` cells per slice (None: half the grid; 0: whole slices).
+    windows of ``crop`` x ``crop`` cells per slice (None: 3/8 of the grid side, 24 of a 64-cell
+    grid; 0: whole slices). The windows are much larger than what a head's convolutions see
+    (a few cells), so they do not limit what it can learn; smaller windows give a few slices more
+    distinct samples per step and cost less (on the MNI152 benchmark 24-cell windows beat 32-cell
+    ones at k = 1 and 3 labelled slices, in both the coronal and the axial plane, for ~0.6x the compute).
     ``threads``: torch threads for the thread that runs the training (None: all cores but one;
     0: leave torch's setting alone); see :func:`fine_tune` for what this changes.
     """
@@ -85,6 +92,7 @@ class TrainParams:
     warmup_steps: int = 10
     crop: int | None = None
     threads: int | None = None
+    check_steps: int = 10
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -531,11 +539,14 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
         valid = (math.ceil(tf.resized[0] * h / tf.input_size), math.ceil(tf.resized[1] * w / tf.input_size))
         crop = 0
         if getattr(head, "crops", False):
-            crop = h // 2 if params.crop is None else int(params.crop)
+            crop = (3 * h) // 8 if params.crop is None else int(params.crop)
             crop = crop if 0 < crop < min(h, w) else 0
         t0 = time.perf_counter()
         step = 0
         best, ema, wait, reduced = math.inf, None, 0, False
+        # the stopping rule looks at the loss of whole epochs averaged over >= check_steps steps
+        check = max(1, math.ceil(params.check_steps / steps_per_epoch))
+        run_loss, run_steps = 0.0, 0
         stopped = "epochs"
         epoch = 0
         for epoch in range(1, epochs + 1):  # noqa: B007 - read after the loop
@@ -568,18 +579,24 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
                 epoch_loss += value
                 yield Progress(step, total, "training", {"loss": value, "epoch": epoch, "lr": lr * warm,
                                                          "elapsed": time.perf_counter() - t0})
-            epoch_loss /= steps_per_epoch
-            ema = epoch_loss if ema is None else 0.7 * ema + 0.3 * epoch_loss
+            run_loss, run_steps = run_loss + epoch_loss, run_steps + steps_per_epoch
+            if epoch % check:
+                continue
+            mean_loss, run_loss, run_steps = run_loss / run_steps, 0.0, 0
+            ema = mean_loss if ema is None else 0.7 * ema + 0.3 * mean_loss
             if ema < best * (1.0 - params.min_delta):
                 best, wait = ema, 0
             else:
-                wait += 1
+                wait += check
             if params.patience > 0:
                 if wait >= max(1, params.patience // 2) and not reduced:
                     lr, reduced, wait = lr / 3.0, True, 0
                 elif wait >= params.patience:
                     stopped = "plateau"
                     break
+        if run_steps:  # epochs after the last check (or fewer epochs than one check) count in the final loss
+            mean_loss = run_loss / run_steps
+            ema = mean_loss if ema is None else 0.7 * ema + 0.3 * mean_loss
         head.eval()
         for p in head.parameters():
             p.requires_grad_(False)
