@@ -126,3 +126,25 @@ def test_litemedsam_head_segments_mni152_grey_and_white_matter():
     pred, truth = res.labels[:, evals], labels[:, evals]
     dice = [2 * ((pred == c) & (truth == c)).sum() / ((pred == c).sum() + (truth == c).sum()) for c in (1, 2)]
     assert min(dice) > DICE_MNI_MIN, dice
+
+
+def test_blank_slices_are_background_without_being_embedded(loaded, volume, monkeypatch):
+    from napari_medsam.core import encoder as encoder_mod
+
+    vol, lab = volume
+    padded = vol.copy()
+    padded[:, 0] = 0.0  # zero padding, as in templates and resampled scans
+    padded[:, 4] = 37.5
+    enc = VolumeEncoder(loaded, vol, axis=1)
+    data = drain(collect_training_data(enc, lab, [0, 3]))
+    head = drain(fine_tune(data, TrainParams(head="linear", epochs=2, patience=0), loaded=loaded))
+    enc2 = VolumeEncoder(loaded, padded, axis=1)
+    embedded = []
+    real = encoder_mod.run_encoder
+    monkeypatch.setattr(encoder_mod, "run_encoder", lambda ld, batch: (embedded.append(len(batch)), real(ld, batch))[1])
+    res = drain(predict_slices(enc2, head, return_probs=True, batch_size=2))
+    assert sum(embedded) == SHAPE[1] - 2  # the two blank slices were never embedded
+    assert not res.labels[:, 0].any() and not res.labels[:, 4].any()
+    assert (res.probs[0, :, 0] == 1).all() and (res.probs[1:, :, 4] == 0).all()
+    assert res.labels[:, 1:4].any()  # the others are predicted
+    assert res.slices == tuple(range(SHAPE[1]))

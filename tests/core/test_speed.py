@@ -205,3 +205,11 @@ def test_recommended_threads_leaves_busy_cores_alone(monkeypatch):
     assert speed.recommended_threads(load_aware=False) == 8
     monkeypatch.setattr(speed.os, "getloadavg", lambda: (20.0, 1.0, 1.0))
     assert speed.recommended_threads() == 1
+
+
+def test_interactive_threads_leave_the_cores_to_a_background_job():
+    from napari_medsam.core.speed import interactive_threads
+
+    assert interactive_threads(4, background_busy=False) == 4
+    assert interactive_threads(0, background_busy=False) == 1
+    assert interactive_threads(4, background_busy=True) == 1

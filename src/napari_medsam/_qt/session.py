@@ -69,18 +69,23 @@ def avoid_triton_llvm_clash() -> bool:
 
 
 @contextlib.contextmanager
-def worker_threads() -> Iterator[None]:
+def worker_threads(*, background_busy: bool = False) -> Iterator[None]:
     """On 4 cores or more, run torch on all cores but one in this (worker) thread, leaving one to
     the GUI thread. With 2 cores it changes nothing: halving the encoder's threads cost 40 % of its
     speed there (benchmarks/bench_gui.py) while the window stayed as responsive either way.
+    ``background_busy``: another job (training, propagation) holds the cores: an interactive
+    decode then takes the one core it left (:func:`napari_medsam.core.speed.interactive_threads`).
 
     With PyTorch's OpenMP backend the count is per calling thread; it is restored on exit.
     """
     import torch
 
+    from ..core.speed import interactive_threads
+
     prev = torch.get_num_threads()
     cores = os.cpu_count() or 2
     want = prev if cores < 4 else max(1, min(prev, cores - 1))
+    want = interactive_threads(want, background_busy=background_busy)
     if want != prev:
         torch.set_num_threads(want)
     try:
@@ -328,7 +333,7 @@ class Session:
 
         yield Progress(0, 1, "segmenting")
         t0 = time.perf_counter()
-        with worker_threads():
+        with worker_threads(background_busy=self.cpu_jobs > 0):
             enc = self.encoder(req)
             cached = enc.is_cached(index)
             res = segment_slice(enc, index, [prompt])[0]

@@ -76,6 +76,12 @@ def _label_dtype(class_ids: Sequence[int]) -> Any:
     raise InvalidImageError(f"class id {top} does not fit in uint32")
 
 
+def _is_blank(raw: np.ndarray) -> bool:
+    """True for a slice without any intensity variation (every pixel and channel the same value)."""
+    flat = np.asarray(raw).reshape(-1)
+    return flat.size == 0 or bool((flat == flat[0]).all())
+
+
 def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = None, batch_size: int = 8,
                    return_probs: bool = False,
                    cancel: threading.Event | None = None) -> ProgressGen[PredictionResult]:
@@ -84,7 +90,10 @@ def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = No
     ``encoder``: a :class:`~napari_medsam.core.encoder.VolumeEncoder` of the backbone the head was
     trained on (see :func:`encoder_for_head`); ``head``: a
     :class:`~napari_medsam.core.finetune.TrainedHead`. Slices are embedded (through the cache) and
-    decoded ``batch_size`` at a time. Yields :class:`Progress` per batch; stops between batches
+    decoded ``batch_size`` at a time. A slice of one constant value (the zero padding of a
+    template or a resampled scan, an empty frame) holds nothing to segment: it is labelled
+    background (probability 1) without being embedded, instead of letting the head guess on an
+    input unlike any it was trained on. Yields :class:`Progress` per batch; stops between batches
     when ``cancel`` is set (raising :class:`Cancelled`) or the generator is closed.
     Returns a :class:`PredictionResult`.
     """
@@ -123,7 +132,14 @@ def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = No
     for start in range(0, len(order), bs):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"prediction stopped after {start} of {len(order)} slices; nothing was written")
-        chunk = order[start:start + bs]
+        batch = order[start:start + bs]
+        chunk = [i for i in batch if not _is_blank(encoder.raw_slice(i))]
+        if prob_view is not None:
+            for i in set(batch) - set(chunk):
+                prob_view[0, i] = 1.0  # blank: background for sure (labels are already 0)
+        if not chunk:
+            yield Progress(start + len(batch), len(order), "predicting", {"slice": batch[-1]})
+            continue
         for _ in encoder.embed(chunk, cancel=cancel):
             pass
         with torch.inference_mode():
@@ -140,7 +156,7 @@ def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = No
             lab_view[i] = lut[best[j]]
             if prob_view is not None and p_np is not None:
                 prob_view[:, i] = p_np[j]
-        yield Progress(start + len(chunk), len(order), "predicting", {"slice": chunk[-1]})
+        yield Progress(start + len(batch), len(order), "predicting", {"slice": batch[-1]})
     return PredictionResult(labels=labels, probs=probs, slices=tuple(order), class_ids=class_ids,
                             class_names=tuple(meta.class_names), axis=encoder.axis,
                             seconds=time.perf_counter() - t0)

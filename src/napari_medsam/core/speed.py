@@ -108,6 +108,19 @@ def recommended_threads(*, load_aware: bool = True) -> int:
     return n
 
 
+def interactive_threads(current: int, *, background_busy: bool) -> int:
+    """Torch threads for an interactive decode (a click) in this process.
+
+    ``current``: the thread count in use; ``background_busy``: a job of this process (head
+    training, propagation, embedding a whole volume) holds the cores. Training takes all cores but
+    one by default (:func:`napari_medsam.core.finetune.default_threads`), so a click then gets the
+    one left: a second decoder thread would share a core with the job, and OpenMP's barriers make
+    the whole decode wait for it. Measured with ``benchmarks/bench_train_latency.py`` on 2 cores
+    (LiteMedSAM, one box): 2 decoder threads while a head trains 4.6x the idle latency, 1 thread 1.06x.
+    """
+    return 1 if background_busy else max(1, int(current))
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """What :func:`configure_runtime` set (and what to pass back to undo the thread count)."""
