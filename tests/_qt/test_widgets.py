@@ -552,3 +552,54 @@ def test_training_after_the_canvas_exists_does_not_crash(tmp_path):
     env = {**os.environ, "NAPARI_MEDSAM_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "OPTIMISER OK" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_heads_from_the_gui_and_the_cli_are_interchangeable(viewer, widgets, qtbot, tmp_path):
+    """A head saved by the Fine-tune widget predicts from the command line, and a head trained by
+    ``napari-medsam train`` loads into the widget and segments the same volume alike."""
+    from napari_medsam._sample_data import synthetic_volume
+    from napari_medsam.cli import main
+
+    vol = synthetic_volume((6, 40, 40))
+    truth = np.zeros(vol.shape, np.uint8)
+    for z in (1, 4):
+        truth[z][vol[z] > 100] = 1
+    np.save(tmp_path / "vol.npy", vol)
+    np.save(tmp_path / "truth.npy", truth)
+    image = viewer.add_image(vol, name="vol")
+    drawn = viewer.add_labels(truth.copy(), name="drawn")
+    _, fw = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    fw.image_combo.set_layer(image)
+    fw.labels_combo.set_layer(drawn)
+    fw.head_combo.setCurrentIndex(fw.head_combo.findData("linear"))
+    fw.epochs_spin.setValue(3)
+    fw.train()
+    _wait(qtbot, fw.train_job)
+    gui_head = tmp_path / "gui.head.pt"
+    fw.save_head(str(gui_head))
+    _wait(qtbot, fw.io_job)
+    fw.segment()
+    _wait(qtbot, fw.predict_job)
+    gui_pred = np.asarray(fw.prediction_layer.data)
+    assert gui_pred.any() and not gui_pred.all()  # a real prediction, not a uniform answer
+
+    # the GUI's head file on the command line: the same labels
+    cache = tmp_path / "cache"
+    assert main(["predict", str(tmp_path / "vol.npy"), "--head", str(gui_head), "-o", str(tmp_path / "p.npy"),
+                 "--cache-dir", str(cache)]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), gui_pred)
+
+    # a head trained on the command line, in the widget
+    cli_head = tmp_path / "cli.head.pt"
+    assert main(["train", str(tmp_path / "vol.npy"), str(tmp_path / "truth.npy"), "--head", "linear",
+                 "--model", "test_tiny_lite", "--epochs", "3", "--axis", "0", "--cache-dir", str(cache),
+                 "-o", str(cli_head)]) == 0
+    fw.head = None
+    fw.load_head(str(cli_head))
+    _wait(qtbot, fw.io_job)
+    assert fw.head is not None and fw.head.meta.training_slices == (1, 4)
+    fw.segment()
+    _wait(qtbot, fw.predict_job)
+    assert main(["predict", str(tmp_path / "vol.npy"), "--head", str(cli_head), "-o", str(tmp_path / "q.npy"),
+                 "--cache-dir", str(cache)]) == 0
+    np.testing.assert_array_equal(np.asarray(fw.prediction_layer.data), np.load(tmp_path / "q.npy"))
