@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from napari_medsam import _layers
+from napari_medsam._qt.model_widget import encoder_request
 from napari_medsam._qt.session import session_for
 
 from .conftest import PLUGIN, wait_job
@@ -603,3 +604,22 @@ def test_heads_from_the_gui_and_the_cli_are_interchangeable(viewer, widgets, qtb
     assert main(["predict", str(tmp_path / "vol.npy"), "--head", str(cli_head), "-o", str(tmp_path / "q.npy"),
                  "--cache-dir", str(cache)]) == 0
     np.testing.assert_array_equal(np.asarray(fw.prediction_layer.data), np.load(tmp_path / "q.npy"))
+
+
+def test_the_cached_count_updates_without_flicker(viewer, widgets, qtbot):
+    """Recounting the cache for the same image keeps the last count on screen until the new one."""
+    mw = widgets.model
+    widgets.annot.prefetch_check.setChecked(False)  # this test embeds the slices itself
+    image = viewer.add_image(np.random.default_rng(3).random((6, 24, 20)).astype(np.float32), name="v")
+    mw.image_combo.set_layer(image)
+    qtbot.waitUntil(lambda: mw.cache_label.text().startswith("0 / 6 slices cached"), timeout=30_000)
+    texts = []
+    real = mw.cache_label.setText
+    mw.cache_label.setText = lambda t: (texts.append(t), real(t))[1]
+    enc = widgets.annot.session.encoder(encoder_request(image, viewer, widgets.annot.session))
+    from napari_medsam.core.progress import drain
+
+    drain(enc.embed([0, 1]))
+    widgets.annot.session.embeddings_changed.emit(id(image))
+    qtbot.waitUntil(lambda: mw.cache_label.text().startswith("2 / 6"), timeout=30_000)
+    assert not any(t.startswith("Checking") for t in texts)

@@ -108,6 +108,8 @@ class ModelWidget(DockWidget):
         self.load_job: _workers.Job | None = None
         self.embed_job: _workers.Job | None = None
         self.status_job: _workers.Job | None = None
+        self._status_key: tuple | None = None  # what the cache line counts (image, axis, intensity, model)
+        self._status_again = False
         self._current_index = 0
         self._after_load: Any = None
 
@@ -344,10 +346,19 @@ class ModelWidget(DockWidget):
             self.cache_label.setText("Load a model to see what is cached.")
             return
         if self.status_job is not None and self.status_job.running:
+            self._status_again = True  # counted again when the running count ends
             return
-        self.cache_label.setText("Checking the cache…")
+        key = (req.key, self.session.loaded.name)
+        if key != self._status_key:  # a count for another image / model / axis: say it is coming
+            self.cache_label.setText("Checking the cache…")
+        self._status_key, self._status_again = key, False  # else the previous count stays until the new one
         self.status_job = _workers.start(lambda cancel: self.session.status_steps(req), desc="cache status",
-                                         show_bar=False, on_returned=self._show_status)
+                                         show_bar=False, on_returned=self._show_status,
+                                         on_finished=self._on_status_finished)
+
+    def _on_status_finished(self, _job: Any = None) -> None:
+        if self._status_again and self.session.loaded is not None:
+            self._refresh_cache_status()
 
     def _show_status(self, status: dict) -> None:
         layer = self.image_combo.layer
@@ -398,6 +409,7 @@ class ModelWidget(DockWidget):
     # -- cleanup ---------------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
+        self._status_again = False
         for job in (self.embed_job, self.load_job):
             if job is not None:
                 job.cancel()
