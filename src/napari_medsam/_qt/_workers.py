@@ -35,6 +35,39 @@ from ..core.progress import Progress
 
 BAR_INTERVAL = 0.1  # seconds between two updates of the napari progress bar
 MIN_POOL_THREADS = 4  # embedding + propagation + previews at once, without previews queueing
+EXIT_WAIT_MS = 30_000  # at interpreter exit: how long running jobs get to reach their next step
+
+_LIVE: set[Job] = set()
+_exit_hook = False
+
+
+def _stop_jobs_at_exit() -> None:
+    """Cancel every running job and wait for the pool (at most :data:`EXIT_WAIT_MS`).
+
+    A worker still inside torch when the interpreter finalises aborts the process ("terminate
+    called without an active exception"): closing napari while a job runs must not end like that.
+    Registered where ``concurrent.futures`` registers its own hook (run before ``atexit``).
+    """
+    for job in list(_LIVE):
+        job.cancelled = True
+        job.cancel_event.set()
+    if _LIVE:
+        QThreadPool.globalInstance().waitForDone(EXIT_WAIT_MS)
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook
+    if _exit_hook:
+        return
+    _exit_hook = True
+    import atexit
+    import contextlib
+
+    atexit.register(_stop_jobs_at_exit)
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        with contextlib.suppress(RuntimeError):
+            register(_stop_jobs_at_exit)
 
 
 class JobError(Exception):
@@ -185,6 +218,7 @@ def start(
 
     def _finished() -> None:
         job.done = True
+        _LIVE.discard(job)
         if bar is not None:
             bar.close()
         if on_finished is not None:
@@ -200,6 +234,8 @@ def start(
     pool = QThreadPool.globalInstance()
     if pool.maxThreadCount() < MIN_POOL_THREADS:
         pool.setMaxThreadCount(MIN_POOL_THREADS)
+    _register_exit_hook()
+    _LIVE.add(job)
     worker.start()
     return job
 
