@@ -8,6 +8,8 @@ and a Cancel button. What is cached is shown for the selected image.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 from qtpy.QtCore import Qt
@@ -358,9 +360,14 @@ class ModelWidget(DockWidget):
 
     def _on_status_finished(self, _job: Any = None) -> None:
         if self._status_again and self.session.loaded is not None:
-            self._refresh_cache_status()
+            with contextlib.suppress(RuntimeError):  # the viewer closed (widgets deleted) meanwhile
+                self._refresh_cache_status()
 
     def _show_status(self, status: dict) -> None:
+        with contextlib.suppress(RuntimeError):  # the viewer closed (widgets deleted) while counting
+            self._write_status(status)
+
+    def _write_status(self, status: dict) -> None:
         layer = self.image_combo.layer
         if layer is None or status.get("image_id") != id(layer):
             return
