@@ -424,6 +424,18 @@ def test_embed_whole_image_then_cancel(viewer, widgets, qtbot):
 # ---- fine-tuning --------------------------------------------------------------------------------
 
 
+def _train_in_widget(viewer, qtbot, image, drawn, kind, epochs=3):
+    """The Fine-tune widget, docked, after training a ``kind`` head on ``drawn``."""
+    _, fw = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    fw.image_combo.set_layer(image)
+    fw.labels_combo.set_layer(drawn)
+    fw.head_combo.setCurrentIndex(fw.head_combo.findData(kind))
+    fw.epochs_spin.setValue(epochs)
+    fw.train()
+    _wait(qtbot, fw.train_job)
+    return fw
+
+
 def test_finetune_trains_segments_into_a_new_layer_and_saves(viewer, widgets, qtbot, tmp_path):
     from napari_medsam._sample_data import synthetic_volume
 
@@ -433,13 +445,7 @@ def test_finetune_trains_segments_into_a_new_layer_and_saves(viewer, widgets, qt
     truth[2][vol[2] > 100] = 1
     truth[5][vol[5] > 100] = 1
     drawn = viewer.add_labels(truth.copy(), name="drawn", scale=(2.5, 0.8, 0.8))
-    _, fw = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
-    fw.image_combo.set_layer(image)
-    fw.labels_combo.set_layer(drawn)
-    fw.head_combo.setCurrentIndex(fw.head_combo.findData("cnn"))
-    fw.epochs_spin.setValue(3)
-    fw.train()
-    _wait(qtbot, fw.train_job)
+    fw = _train_in_widget(viewer, qtbot, image, drawn, "cnn")
     assert fw.head is not None and fw.head.kind == "cnn"
     assert fw.head.meta.training_slices == (2, 5)
     assert len(fw.loss_plot.values) >= 3
@@ -569,13 +575,7 @@ def test_heads_from_the_gui_and_the_cli_are_interchangeable(viewer, widgets, qtb
     np.save(tmp_path / "truth.npy", truth)
     image = viewer.add_image(vol, name="vol")
     drawn = viewer.add_labels(truth.copy(), name="drawn")
-    _, fw = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
-    fw.image_combo.set_layer(image)
-    fw.labels_combo.set_layer(drawn)
-    fw.head_combo.setCurrentIndex(fw.head_combo.findData("linear"))
-    fw.epochs_spin.setValue(3)
-    fw.train()
-    _wait(qtbot, fw.train_job)
+    fw = _train_in_widget(viewer, qtbot, image, drawn, "linear")
     gui_head = tmp_path / "gui.head.pt"
     fw.save_head(str(gui_head))
     _wait(qtbot, fw.io_job)
