@@ -1,5 +1,7 @@
 """The session's thread policy for interactive work (no viewer)."""
 
+import contextlib
+
 import torch
 
 from napari_medsam._qt import session as session_mod
@@ -33,8 +35,6 @@ def test_preview_steps_tell_the_thread_policy_about_running_jobs(monkeypatch):
         s.cpu_jobs = jobs
         gen = s.preview_steps(None, 0, None)
         next(gen)
-        try:
+        with contextlib.suppress(Stop):
             next(gen)
-        except Stop:
-            pass
     assert seen == [False, True]

@@ -9,7 +9,6 @@ and a Cancel button. What is cached is shown for the selected image.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any
 
 from qtpy.QtCore import Qt
