@@ -623,3 +623,10 @@ def test_the_cached_count_updates_without_flicker(viewer, widgets, qtbot):
     widgets.annot.session.embeddings_changed.emit(id(image))
     qtbot.waitUntil(lambda: mw.cache_label.text().startswith("2 / 6"), timeout=30_000)
     assert not any(t.startswith("Checking") for t in texts)
+
+
+def test_finetune_offers_the_cnn_head_first(viewer, widgets):
+    """The default head is the one docs/benchmarks.md found most accurate with few slices."""
+    _, fw = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    assert fw.head_combo.currentData() == "cnn"
+    assert [fw.head_combo.itemData(i) for i in range(fw.head_combo.count())] == ["cnn", "autosam", "linear"]
