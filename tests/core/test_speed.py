@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -200,11 +201,44 @@ def test_encoder_call_size_is_one_slice_on_cpu_and_the_batch_elsewhere(tiny_lite
 def test_recommended_threads_leaves_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(speed, "physical_cpus", lambda: 8)
     monkeypatch.setattr(speed, "available_cpus", lambda: 8)
-    monkeypatch.setattr(speed.os, "getloadavg", lambda: (3.7, 1.0, 1.0))
+    monkeypatch.setattr(speed, "busy_cpus_elsewhere", lambda: 2.8)  # a core counts busy from 75 %
     assert speed.recommended_threads() == 5
     assert speed.recommended_threads(load_aware=False) == 8
-    monkeypatch.setattr(speed.os, "getloadavg", lambda: (20.0, 1.0, 1.0))
+    monkeypatch.setattr(speed, "busy_cpus_elsewhere", lambda: 20.0)
     assert speed.recommended_threads() == 1
+    monkeypatch.setattr(speed, "busy_cpus_elsewhere", lambda: None)  # no /proc: all physical cores
+    assert speed.recommended_threads() == 8
+
+
+def test_busy_cpus_elsewhere_does_not_count_this_process():
+    """A busy loop in this process is not "another process" (the load average counted it)."""
+    import threading
+    import time
+
+    if speed.busy_cpus_elsewhere(0.05) is None:
+        pytest.skip("no /proc on this platform")
+    stop = threading.Event()
+
+    def spin():
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    hz = os.sysconf("SC_CLK_TCK")
+    try:
+        time.sleep(0.05)
+        a, t0 = speed._cpu_ticks(), time.perf_counter()
+        time.sleep(0.3)
+        b, dt = speed._cpu_ticks(), time.perf_counter() - t0
+        elsewhere = speed.busy_cpus_elsewhere(0.3)
+    finally:
+        stop.set()
+        t.join()
+    machine, own = (b[0] - a[0]) / (hz * dt), (b[1] - a[1]) / (hz * dt)
+    assert own > 0.5  # the spinning thread kept about one core busy, and the machine saw it
+    assert elsewhere is not None and elsewhere <= machine - 0.5
 
 
 def test_interactive_threads_leave_the_cores_to_a_background_job():

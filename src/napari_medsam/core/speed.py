@@ -23,7 +23,6 @@ slices on CPU (slower, see :func:`encoder_call_size`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -40,6 +39,7 @@ __all__ = [
     "INT8_VARIANT",
     "RuntimeSettings",
     "available_cpus",
+    "busy_cpus_elsewhere",
     "physical_cpus",
     "configure_runtime",
     "encoder_call_size",
@@ -91,20 +91,59 @@ def physical_cpus() -> int:
     return n
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy ticks of the whole machine, ticks of this process) from ``/proc`` (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy, int(own[11]) + int(own[12])  # utime + stime (fields 14, 15 of /proc/self/stat)
+
+
+def busy_cpus_elsewhere(window: float = 0.2) -> float | None:
+    """Cores kept busy by *other* processes right now: machine-wide CPU time over ``window``
+    seconds minus this process's own; None where ``/proc`` is not available.
+
+    Not the load average: that counts this process's own recent work too (an embedding finished
+    a minute ago makes a quiet machine look busy) and lags by a minute.
+    """
+    import time
+
+    a = _cpu_ticks()
+    if a is None:
+        return None
+    t0 = time.perf_counter()
+    time.sleep(window)
+    b = _cpu_ticks()
+    dt = time.perf_counter() - t0
+    if b is None or dt <= 0:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    others = ((b[0] - a[0]) - (b[1] - a[1])) / (hz * dt)
+    return max(0.0, others)
+
+
 def recommended_threads(*, load_aware: bool = True) -> int:
     """Intra-op threads for the encoder: one per physical core that other processes leave free.
 
-    A second thread per core only adds contention to the matrix multiplies. Cores already kept
-    busy by other processes (the 1-minute load average, rounded down; call this while idle)
-    are left alone: OpenMP's barriers make a thread that shares its core with another process
-    stall all the others, and on a 2-core machine with two busy neighbours 2 threads measured
-    2x *slower* than 1 (``napari-medsam bench``, threads table).
+    A second thread per core only adds contention to the matrix multiplies. Cores kept busy by
+    other processes (:func:`busy_cpus_elsewhere`, measured for 0.2 s; a core counts as busy from
+    75 % use) are left alone: OpenMP's barriers make a thread that shares its core with another
+    process stall all the others, and on a 2-core machine with two busy neighbours 2 threads
+    measured 2x *slower* than 1 (``napari-medsam bench``, threads table). This process's own work
+    never counts (the load average did: right after an embedding, a quiet 2-core machine got 1
+    thread and ran 1.6x slower than with 2). Without ``/proc`` all physical cores are used.
     """
     n = physical_cpus()
-    if load_aware and hasattr(os, "getloadavg"):
-        with contextlib.suppress(OSError):
-            busy = int(os.getloadavg()[0])
-            n = max(1, min(n, available_cpus() - busy))
+    if load_aware:
+        others = busy_cpus_elsewhere()
+        if others is not None:
+            n = max(1, min(n, available_cpus() - int(others + 0.25)))
     return n
 
 
