@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = data.brain.astype(np.uint8)
     train = drain(collect_training_data(ve, labels, list(data.indices[:3])))
     jobs = [(k, pr) for k in data.indices for pr in data.prompts(k)]
-    segment_slice(ve, *jobs[0][:1], [jobs[0][1]])  # warm-up
+    segment_slice(ve, jobs[0][0], [jobs[0][1]])  # warm-up
     params = TrainParams(head="cnn", max_steps=10_000, patience=0)  # trains until stopped
     print(f"{info['cpu']}, load average {info['loadavg_1min']}; decoder {idle_threads} thread(s) idle, "
           f"{busy_threads} while training; training {params.threads or 'all cores but one'} "

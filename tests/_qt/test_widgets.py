@@ -64,6 +64,12 @@ def _preview(qtbot, annot, n_before):
 # ---- opening ------------------------------------------------------------------------------------
 
 
+def _run_python(code: str, cache_dir) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python process (its own imports, its own exit) with an isolated cache."""
+    env = {**os.environ, "NAPARI_MEDSAM_CACHE": str(cache_dir)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_opening_the_widgets_does_not_import_torch(tmp_path):
     code = (
         "import sys, napari\n"
@@ -73,8 +79,7 @@ def test_opening_the_widgets_does_not_import_torch(tmp_path):
         "print('TORCH', 'torch' in sys.modules)\n"
         "v.close()\n"
     )
-    env = {**os.environ, "NAPARI_MEDSAM_CACHE": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = _run_python(code, tmp_path)
     assert "TORCH False" in out.stdout, out.stdout + out.stderr
 
 
@@ -556,8 +561,7 @@ def test_training_after_the_canvas_exists_does_not_crash(tmp_path):
         "print('OPTIMISER OK')\n"
         "v.close()\n"
     )
-    env = {**os.environ, "NAPARI_MEDSAM_CACHE": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = _run_python(code, tmp_path)
     assert out.returncode == 0 and "OPTIMISER OK" in out.stdout, out.stdout + out.stderr[-2000:]
 
 

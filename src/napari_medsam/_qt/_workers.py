@@ -30,6 +30,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.progress import cancelable_progress, progress
 from qtpy.QtCore import QThreadPool
 
+from ..core._exit import run_at_exit
 from ..core.errors import Cancelled, MedSamError
 from ..core.progress import Progress
 
@@ -38,7 +39,6 @@ MIN_POOL_THREADS = 4  # embedding + propagation + previews at once, without prev
 EXIT_WAIT_MS = 30_000  # at interpreter exit: how long running jobs get to reach their next step
 
 _LIVE: set[Job] = set()
-_exit_hook = False
 
 
 def _stop_jobs_at_exit() -> None:
@@ -46,28 +46,13 @@ def _stop_jobs_at_exit() -> None:
 
     A worker still inside torch when the interpreter finalises aborts the process ("terminate
     called without an active exception"): closing napari while a job runs must not end like that.
-    Registered where ``concurrent.futures`` registers its own hook (run before ``atexit``).
+    Registered to run before the thread pools shut down (:func:`napari_medsam.core._exit.run_at_exit`).
     """
     for job in list(_LIVE):
         job.cancelled = True
         job.cancel_event.set()
     if _LIVE:
         QThreadPool.globalInstance().waitForDone(EXIT_WAIT_MS)
-
-
-def _register_exit_hook() -> None:
-    global _exit_hook
-    if _exit_hook:
-        return
-    _exit_hook = True
-    import atexit
-    import contextlib
-
-    atexit.register(_stop_jobs_at_exit)
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        with contextlib.suppress(RuntimeError):
-            register(_stop_jobs_at_exit)
 
 
 class JobError(Exception):
@@ -234,7 +219,7 @@ def start(
     pool = QThreadPool.globalInstance()
     if pool.maxThreadCount() < MIN_POOL_THREADS:
         pool.setMaxThreadCount(MIN_POOL_THREADS)
-    _register_exit_hook()
+    run_at_exit(_stop_jobs_at_exit)
     _LIVE.add(job)
     worker.start()
     return job

@@ -12,7 +12,6 @@ direction of browsing) than behind.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -21,6 +20,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._exit import run_at_exit
 from .errors import Cancelled, MedSamError
 
 __all__ = ["Prefetcher", "prefetch_order"]
@@ -29,7 +29,6 @@ _log = logging.getLogger(__name__)
 
 EXIT_TIMEOUT = 30.0  # seconds the interpreter waits at exit for a prefetcher's encoder call to end
 _LIVE: weakref.WeakSet[Prefetcher] = weakref.WeakSet()
-_exit_hook = False
 
 
 def prefetch_order(center: int, n_slices: int, *, ahead: int = 8, behind: int = 4, direction: int = 1) -> list[int]:
@@ -244,23 +243,12 @@ def _stop_at_exit(pf: Prefetcher) -> None:
     """Stop ``pf`` at interpreter exit if it is still running.
 
     The worker is a daemon thread (it must never keep a closing application alive), but a daemon
-    thread still inside a torch call when the interpreter finalises is ended with ``pthread_exit``
-    through torch's C++ frames, which aborts the process ("terminate called without an active
-    exception"). ``atexit`` runs before that: every live prefetcher is told to stop, then waited
-    for (its current encoder call, at most :data:`EXIT_TIMEOUT` seconds). The hook is also
-    registered where ``concurrent.futures`` registers its own (``threading._register_atexit``, run
-    before ``atexit``, latest first), so that a prefetcher stops before the thread pools the disk
-    cache writes through are shut down under it.
+    thread still inside a torch call when the interpreter finalises aborts the process; so every
+    live prefetcher is told to stop at exit, then waited for (its current encoder call, at most
+    :data:`EXIT_TIMEOUT` seconds), before the thread pools shut down (:func:`._exit.run_at_exit`).
     """
-    global _exit_hook
     _LIVE.add(pf)
-    if not _exit_hook:
-        _exit_hook = True
-        atexit.register(_stop_all)
-        register = getattr(threading, "_register_atexit", None)
-        if register is not None:
-            with contextlib.suppress(RuntimeError):  # already shutting down
-                register(_stop_all)
+    run_at_exit(_stop_all)
 
 
 def _stop_all() -> None:

@@ -13,10 +13,9 @@ Nothing here runs on import. Two entry points:
   thread count and glibc's allocator thresholds. Both are global, which is why they are a
   separate, explicit call.
 
-Measured on a 2-core AVX2 CPU shared with other jobs (``napari-medsam bench``, see
-``docs/benchmarks.md``): LiteMedSAM embeds a slice ~3.2x faster than the reference NCHW forward
-run the way other tools run it, and ~1.4x faster than that forward under the same runtime policy;
-the masks are identical. Rejected there: bf16 (no native bf16 on such CPUs: ``torch.mm`` runs at
+Measured on an idle 2-core AVX2 CPU (``benchmarks/bench_encoder.py``, see ``docs/benchmarks.md``):
+LiteMedSAM embeds a slice 1.56x faster than the reference NCHW forward run the way other tools run
+it, and 1.20x faster than that forward under the same runtime policy; the masks are identical. Rejected there: bf16 (no native bf16 on such CPUs: ``torch.mm`` runs at
 ~1 GFLOP/s), int8 (masks IoU 0.84), ``torch.compile`` (slower than this eager code), batching
 slices on CPU (slower, see :func:`encoder_call_size`).
 """

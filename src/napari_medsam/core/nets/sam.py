@@ -77,11 +77,10 @@ class PromptEncoder(nn.Module):
         if torch.is_grad_enabled():
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         key = (m.data_ptr(), m._version, m.device, m.dtype, tuple(self.image_embedding_size))
-        cached = self.__dict__.get("_dense_pe")
+        cached = getattr(self, "_dense_pe", None)  # (key, tensor): a tuple, so not a module buffer
         if cached is None or cached[0] != key:
             pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
-            cached = (key, pe.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
-            self.__dict__["_dense_pe"] = cached
+            self._dense_pe = cached = (key, pe.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
         return cached[1]
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
@@ -336,12 +335,13 @@ class MaskDecoder(nn.Module):
         sl = slice(1, None) if multimask_output else slice(0, 1)
         masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                                         outputs=sl)
-        return masks if masks.shape[1] == iou[:, sl].shape[1] else masks[:, sl], iou[:, sl]
+        return masks, iou[:, sl]
 
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
                       dense: torch.Tensor, outputs: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All mask tokens' logits and IoU predictions; at inference on a CPU only the mask tokens in
-        ``outputs`` are upscaled (the returned masks are then those, the IoUs all of them)."""
+        """Logits of the mask tokens in ``outputs`` (all by default) and every token's IoU prediction.
+
+        At inference on a CPU only those mask tokens are upscaled."""
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         out_tokens = out_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
         tokens = torch.cat([out_tokens.to(sparse.dtype), sparse], dim=1)  # (B, 1+M+N, C)
@@ -369,7 +369,7 @@ class MaskDecoder(nn.Module):
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
         b, c8, uh, uw = upscaled.shape
         masks = (hyper @ upscaled.view(b, c8, uh * uw)).view(b, -1, uh, uw)
-        return masks, self.iou_prediction_head(iou_out)
+        return (masks if outputs is None else masks[:, outputs]), self.iou_prediction_head(iou_out)
 
     def _masks_channels_last(self, src: torch.Tensor, hyper: torch.Tensor, h: int, w: int,
                              block: int = 512) -> torch.Tensor:
