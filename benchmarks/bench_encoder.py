@@ -32,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the figures as JSON")
     args = p.parse_args(argv)
 
-    from napari_medsam.cli.bench import bench_encoder, bench_threads, format_table, machine_info, matmul_peak
+    from napari_medsam.cli.bench import (
+        bench_encoder,
+        bench_threads,
+        format_budget,
+        format_table,
+        machine_info,
+        matmul_peak,
+    )
     from napari_medsam.core.speed import configure_runtime, physical_cpus
 
     info = machine_info()
@@ -56,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                                        ("faults_per_slice", "page faults/slice", ".0f"),
                                        ("iou_mean", "IoU mean", ".4f"), ("iou_min", "IoU min", ".4f"),
                                        ("kept", "kept", "")]))
+        if r.get("budget"):
+            print("\nWhere the time goes (ours, torch.profiler):")
+            print(format_budget(r["budget"]))
     out["threads"] = bench_threads(out["encoder"][0]["model"], device=args.device, rounds=args.rounds)
     print("\n" + format_table(out["threads"], [("threads", "threads", ""), ("s_per_slice", "s/slice", ".3f"),
                                                ("speedup", "x 1 thread", ".2f")]))

@@ -101,6 +101,39 @@ def test_banded_patch_merging_equals_whole(h, band):
     _close(out, ref)
 
 
+@pytest.mark.parametrize("band", [0, 3])
+def test_fused_conv_gelu_equals_two_ops(monkeypatch, band):
+    from napari_medsam.core.nets import tiny_vit
+
+    op = tiny_vit._fused_conv_gelu()
+    if not op:
+        pytest.skip("this PyTorch has no oneDNN conv with a fused activation")
+    calls = []
+    monkeypatch.setattr(tiny_vit, "_conv_pointwise_op", lambda *a: calls.append(1) or op(*a))
+    torch.manual_seed(0)
+    blocks = [tiny_vit.fuse_conv_bn(MBConv(4, 2.0)).eval(), tiny_vit.fuse_conv_bn(PatchMerging(4, 6, 2)).eval()]
+    for m in blocks:
+        for bn in m.modules():  # give the folded biases something to do
+            if isinstance(bn, torch.nn.Conv2d):
+                torch.nn.init.normal_(bn.bias)
+        m.band_rows = band
+    x = torch.randn(2, 13, 9, 4)
+    for m in blocks:
+        with torch.inference_mode():
+            monkeypatch.setattr(tiny_vit, "FUSE_CONV_GELU", False)
+            ref = m(x)
+            monkeypatch.setattr(tiny_vit, "FUSE_CONV_GELU", True)
+            n = len(calls)
+            out = m(x)
+        assert len(calls) > n  # the fused op ran
+        _close(out, ref)
+        n = len(calls)
+        with torch.enable_grad():
+            _close(m(x.requires_grad_()), ref)  # autograd: the two-op path (the fused op has no gradient)
+        x = x.detach()
+        assert len(calls) == n
+
+
 @pytest.mark.parametrize("name", ["test_tiny_lite", "test_tiny_vit"])
 def test_optimized_model_equals_plain_model(name):
     plain = load_model(name, device="cpu", precision="fp32", optimize=False)

@@ -305,9 +305,10 @@ class Variant:
     note: str = ""
     loaded: Any = None             # for the mask agreement (None: not decoded)
     threads: int | None = None     # intra-op threads while it runs (None: as configured)
-    allocator: str = "tuned"       # "tuned" (core.speed) or "glibc" (glibc's default steady state)
     times: list[float] = dataclasses.field(default_factory=list)  # seconds per slice, one per round
     faults: list[float] = dataclasses.field(default_factory=list)  # minor page faults per slice, per round
+    #: runs one round elsewhere (another process) and returns (seconds, page faults) per slice
+    runner: Callable[[], tuple[float, float]] | None = None
 
 
 def _encode_fn(loaded: Any) -> Callable[[Any], Any]:
@@ -331,27 +332,19 @@ def _in_worker_thread(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return run_in_worker
 
 
-#: glibc's own thresholds once a process has freed a few big blocks (the mmap threshold grows to
-#: its 32 MiB maximum, the trim threshold is twice that): how a plain PyTorch process allocates.
-_GLIBC_STEADY = (32 * 2**20, 64 * 2**20)
-_TUNED = (128 * 2**20, 256 * 2**20)
-
-
 def _apply(v: Variant, default_threads: int) -> None:
     import torch
-
-    from ..core.speed import _tune_glibc_allocator
 
     n = v.threads or default_threads
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    _tune_glibc_allocator(*(_GLIBC_STEADY if v.allocator == "glibc" else _TUNED))
 
 
 def time_interleaved(variants: Sequence[Variant], inputs: Any, rounds: int, *, device: Any = "cpu") -> None:
     """Time each variant on all ``inputs`` (B, 3, S, S) per round, the variants interleaved; warm up first.
 
-    Each variant runs under its own thread count and allocator setting (restored afterwards).
+    Each variant runs under its own thread count (restored afterwards); a variant with a
+    ``runner`` runs its round where that runner runs it (another process) while this one waits.
     """
     import torch
 
@@ -359,11 +352,18 @@ def time_interleaved(variants: Sequence[Variant], inputs: Any, rounds: int, *, d
     n = inputs.shape[0]
     try:
         for v in variants:  # warm-up (allocations, oneDNN primitive caches, compile)
+            if v.runner is not None:
+                continue  # warmed up where it runs
             _apply(v, configured)
             v.fn(inputs[: v.batch])
             _sync(device)
         for _ in range(rounds):
             for v in variants:
+                if v.runner is not None:
+                    t, f = v.runner()
+                    v.times.append(t)
+                    v.faults.append(f)
+                    continue
                 _apply(v, configured)
                 f0 = _minor_faults()
                 t0 = time.perf_counter()
@@ -374,9 +374,84 @@ def time_interleaved(variants: Sequence[Variant], inputs: Any, rounds: int, *, d
                 v.faults.append((_minor_faults() - f0) / n)
     finally:
         torch.set_num_threads(configured)
-        from ..core.speed import _tune_glibc_allocator
 
-        _tune_glibc_allocator(*_TUNED)
+
+_SHIPPED_CHILD = ("import sys; from napari_medsam.cli.bench import _shipped_child; "
+                  "sys.exit(_shipped_child(sys.argv[1], sys.argv[2]))")
+
+
+class ShippedProcess:
+    """The naive forward run the way a user's own script runs it: in a fresh Python process with
+    PyTorch's default thread count and glibc's allocator untouched (this process has tuned both).
+
+    The child loads the naive network (:func:`naive_encoder`), warms up on the first slice and
+    then times a pass over all ``inputs`` each time :meth:`round` asks, while this process waits
+    on the pipe; so its rounds interleave with this process's variants without running at the same
+    time. Use as a context manager (the child quits on exit).
+    """
+
+    def __init__(self, name: str, inputs: Any) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="medsam-bench-")
+        path = Path(self._dir.name) / "inputs.npy"
+        np.save(path, np.ascontiguousarray(inputs.numpy() if hasattr(inputs, "numpy") else inputs))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SHIPPED_CHILD, name, str(path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._read()  # {"threads": n} once warmed up
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            raise RuntimeError(f"the naive-forward child process ended (exit code {self.proc.poll()})")
+        return json.loads(line)
+
+    def round(self) -> tuple[float, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        return float(r["s_per_slice"]), float(r["faults_per_slice"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._dir.cleanup()
+
+    def __enter__(self) -> ShippedProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _shipped_child(name: str, inputs_path: str) -> int:
+    """Body of :class:`ShippedProcess`: one JSON line when ready, one per ``run`` line on stdin."""
+    import torch
+
+    loaded, _ = bench_load(name, device="cpu")
+    fn, _ = naive_encoder(loaded)
+    if fn is None:
+        return 2
+    x = torch.from_numpy(np.load(inputs_path))
+    fn(x[:1])
+    print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        f0 = _minor_faults()
+        t0 = time.perf_counter()
+        for i in range(x.shape[0]):
+            fn(x[i:i + 1])
+        n = x.shape[0]
+        print(json.dumps({"s_per_slice": (time.perf_counter() - t0) / n,
+                          "faults_per_slice": (_minor_faults() - f0) / n}), flush=True)
+    return 0
 
 
 def _threads(n: int) -> str:
@@ -417,10 +492,11 @@ def bench_encoder(name: str, *, device: str = "cpu", n_slices: int = 4, rounds: 
                   default_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Encoder figures for one model (see the module docstring); returns a JSON-able dict.
 
-    Two baselines: the naive forward *as shipped* (PyTorch's default thread count
-    ``default_threads`` and glibc's default allocator behaviour) and the naive forward under
-    *our* runtime settings (same threads, tuned allocator), so that the network's own gain and
-    the runtime policy's gain can be told apart.
+    Two baselines: the naive forward *as shipped* (on CPU in a fresh process of its own,
+    :class:`ShippedProcess`, with PyTorch's default thread count and glibc's default allocator, as a
+    user's script runs it; elsewhere in this process with ``default_threads``) and the naive
+    forward under *our* runtime settings (our threads, tuned allocator), so that the network's own
+    gain and the runtime policy's gain can be told apart.
     """
     import torch
 
@@ -442,10 +518,19 @@ def bench_encoder(name: str, *, device: str = "cpu", n_slices: int = 4, rounds: 
 
     variants: list[Variant] = []
     naive_fn, naive_note = naive_encoder(loaded)
-    if naive_fn is not None:
+    stack = contextlib.ExitStack()
+    if naive_fn is not None and on_cpu:
+        # as a user's script runs it: a process of its own, PyTorch's and glibc's defaults
+        child = stack.enter_context(ShippedProcess(name, inputs))
+        shipped_threads = int(child.info["threads"])
         variants.append(Variant("naive fp32 eager, as shipped", naive_fn, kept=False, loaded=loaded,
-                                threads=shipped_threads, allocator="glibc" if on_cpu else "tuned",
-                                note=f"{naive_note}; {_threads(shipped_threads)}, glibc default allocator"))
+                                threads=shipped_threads, runner=child.round,
+                                note=f"{naive_note}; own process, {_threads(shipped_threads)}, "
+                                     "glibc default allocator"))
+    elif naive_fn is not None:
+        variants.append(Variant("naive fp32 eager, as shipped", naive_fn, kept=False, loaded=loaded,
+                                threads=shipped_threads, note=naive_note))
+    if naive_fn is not None:
         variants.append(Variant("naive fp32 eager, our runtime", naive_fn, kept=False, loaded=None,
                                 note=f"{_threads(ours_threads)}, tuned allocator"))
     layout = load_model_like(loaded, optimize=False)
@@ -484,7 +569,8 @@ def bench_encoder(name: str, *, device: str = "cpu", n_slices: int = 4, rounds: 
         variants.append(Variant("ours + torch.compile", _encode_fn(c), kept=False,
                                 note=f"first call (compile) {time.perf_counter() - t0:.0f} s", loaded=c))
 
-    time_interleaved(variants, inputs, rounds, device=loaded.device)
+    with stack:
+        time_interleaved(variants, inputs, rounds, device=loaded.device)
 
     shipped = variants[0]
     same = variants[1] if naive_fn is not None else variants[0]
@@ -497,7 +583,7 @@ def bench_encoder(name: str, *, device: str = "cpu", n_slices: int = 4, rounds: 
             "x_shipped": _median([a / b for a, b in zip(shipped.times, v.times, strict=True)]),
             "x_same": _median([a / b for a, b in zip(same.times, v.times, strict=True)]),
             "gflops_per_s": gflops / s, "kept": v.kept, "note": v.note, "threads": v.threads or ours_threads,
-            "faults_per_slice": _median(v.faults),
+            "faults_per_slice": _median(v.faults), "times": list(v.times),
         }
         if peak_gflops:
             row["frac_peak"] = gflops / s / peak_gflops
@@ -505,9 +591,96 @@ def bench_encoder(name: str, *, device: str = "cpu", n_slices: int = 4, rounds: 
             ious = [_iou(a, b) for a, b in zip(ref_masks, masks_from(v.fn, v.loaded, data, inputs, tf), strict=True)]
             row["iou_mean"], row["iou_min"] = float(np.mean(ious)), float(np.min(ious))
         rows.append(row)
+    budget = None
+    if on_cpu:
+        log(f"[encoder] {name}: time budget of ours (torch.profiler)")
+        budget = encoder_time_budget(loaded, inputs, naive_s=_median(shipped.times) if naive_fn is not None else None,
+                                     peak_gflops=peak_gflops)
     return {"model": name, "real_weights": real, "gflops_per_slice": gflops, "baseline": shipped.name,
             "n_slices": len(data.indices), "rounds": rounds, "n_masks": len(ref_masks or []), "rows": rows,
-            "threads": ours_threads, "shipped_threads": shipped_threads}
+            "threads": ours_threads, "shipped_threads": shipped_threads, "budget": budget}
+
+
+#: torch.profiler op names -> time-budget category (anything else counts as "other")
+_BUDGET_CATEGORIES = {
+    "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
+    "window attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+                         "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention"),
+    "GELU": ("aten::gelu", "aten::gelu_"),
+    "convolutions (depthwise, neck 3x3)": ("aten::mkldnn_convolution", "aten::convolution_overrideable",
+                                           "aten::_convolution", "aten::thnn_conv2d"),
+    "copies (bias broadcast, window partition, padding)": ("aten::copy_", "aten::cat", "aten::fill_",
+                                                           "aten::constant_pad_nd", "aten::clone"),
+    "layer norms": ("aten::native_layer_norm",),
+    "residual adds": ("aten::add", "aten::add_"),
+}
+_MATMUL_OPS = {"aten.addmm", "aten.mm", "aten.bmm", "aten.baddbmm"}
+
+
+def encoder_time_budget(loaded: Any, inputs: Any, *, naive_s: float | None = None,
+                        peak_gflops: float | None = None, target: float = 2.0) -> dict[str, Any]:
+    """Where our encoder's time goes (CPU), and what that bounds.
+
+    One slice at a time through ``run_encoder`` under ``torch.profiler``; every op's own time is
+    put into a category (:data:`_BUDGET_CATEGORIES`), the rest of the wall time (small ops, Python)
+    is "other". The matrix products' FLOPs (``torch.utils.flop_counter``) over their time give
+    their GFLOP/s, and so their fraction of the measured ``peak_gflops``. With ``naive_s`` (the
+    naive forward's seconds per slice) two bounds follow: the speed-up if every op but the matrix
+    products took no time at all, and how much time the other ops may take for ``target`` x.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..core.encoder import run_encoder
+
+    x = inputs.numpy()
+    run_encoder(loaded, x[:1])  # warm-up
+    with FlopCounterMode(display=False) as fc:
+        run_encoder(loaded, x[:1])
+    mm_gflop = sum(v for op, v in fc.get_flop_counts().get("Global", {}).items() if str(op) in _MATMUL_OPS) / 1e9
+    n = int(x.shape[0])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for i in range(n):
+            run_encoder(loaded, x[i:i + 1])
+        wall = (time.perf_counter() - t0) / n
+    own: dict[str, float] = {}
+    for e in prof.key_averages():
+        own[e.key] = own.get(e.key, 0.0) + e.self_cpu_time_total / 1e6 / n
+    # self CPU time of ops that run on the intra-op threads is counted once per op (the caller's
+    # wall clock inside the op), so categories add up to at most the wall time
+    rows = []
+    for cat, ops in _BUDGET_CATEGORIES.items():
+        rows.append({"category": cat, "s_per_slice": sum(own.get(op, 0.0) for op in ops)})
+    rows.append({"category": "other (small ops, Python)", "s_per_slice": max(0.0, wall - sum(r["s_per_slice"] for r in rows))})
+    for r in rows:
+        r["share"] = r["s_per_slice"] / wall
+    mm_s = rows[0]["s_per_slice"]
+    out: dict[str, Any] = {"wall_s_per_slice": wall, "rows": rows, "matmul_gflop": mm_gflop,
+                           "matmul_gflops_per_s": mm_gflop / mm_s if mm_s else None, "slices": n}
+    if peak_gflops and mm_s:
+        out["matmul_frac_peak"] = mm_gflop / mm_s / peak_gflops
+    if naive_s:
+        out["naive_s_per_slice"] = naive_s
+        out["x_if_only_matmul"] = naive_s / mm_s if mm_s else None
+        out["target"] = target
+        out["rest_allowed_s"] = naive_s / target - mm_s  # time left for everything else at the target
+        out["rest_now_s"] = wall - mm_s
+    return out
+
+
+def format_budget(b: dict[str, Any]) -> str:
+    lines = [format_table(b["rows"], [("category", "ops", ""), ("s_per_slice", "s/slice", ".3f"),
+                                      ("share", "share", ".0%")])]
+    mm = b.get("matmul_gflops_per_s")
+    if mm:
+        frac = f" = {b['matmul_frac_peak']:.0%} of the fp32 mm peak" if b.get("matmul_frac_peak") else ""
+        lines.append(f"matrix products: {b['matmul_gflop']:.1f} GFLOP/slice at {mm:.0f} GFLOP/s{frac}")
+    if b.get("naive_s_per_slice") and b.get("x_if_only_matmul"):
+        lines.append(f"bound: {b['x_if_only_matmul']:.2f}x the naive forward if every other op took no time; "
+                     f"{b['target']:g}x needs the other ops in {b['rest_allowed_s']:.3f} s/slice "
+                     f"(now {b['rest_now_s']:.3f})")
+    return "\n".join(lines)
 
 
 def load_model_like(loaded: Any, **kw: Any) -> Any:
@@ -872,6 +1045,9 @@ def run(args: argparse.Namespace) -> int:
                                            ("faults_per_slice", "page faults/slice", ".0f"),
                                            ("frac_peak", "of peak", ".0%"), ("iou_mean", "IoU mean", ".4f"),
                                            ("iou_min", "IoU min", ".4f"), ("kept", "kept", ""), ("note", "note", "")]))
+            if r.get("budget"):
+                print(f"\n### Where the time goes: {m}, ours\n")
+                print(format_budget(r["budget"]))
         if not quick:
             tr = bench_threads(models[0], device=args.device, rounds=rounds)
             report["threads"] = tr
