@@ -14,10 +14,12 @@ Nothing here runs on import. Two entry points:
   separate, explicit call.
 
 Measured on an idle 2-core AVX2 CPU (``benchmarks/bench_encoder.py``, see ``docs/benchmarks.md``):
-LiteMedSAM embeds a slice 1.56x faster than the reference NCHW forward run the way other tools run
-it, and 1.20x faster than that forward under the same runtime policy; the masks are identical. Rejected there: bf16 (no native bf16 on such CPUs: ``torch.mm`` runs at
-~1 GFLOP/s), int8 (masks IoU 0.84), ``torch.compile`` (slower than this eager code), batching
-slices on CPU (slower, see :func:`encoder_call_size`).
+LiteMedSAM embeds a slice 2.1x faster than the reference NCHW forward run the way other tools run
+it (a process of its own with PyTorch's and glibc's defaults; 1.9-2.2x over six runs), and 1.2x
+faster than that forward under this runtime policy; the masks are identical. The matrix products
+then run at ~94 % of the fp32 peak. Rejected there: bf16 (no native bf16 on such CPUs:
+``torch.mm`` runs at ~1 GFLOP/s), int8 (masks IoU 0.84), ``torch.compile`` (slower than this
+eager code), batching slices on CPU (no faster, see :func:`encoder_call_size`).
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def encoder_call_size(loaded: LoadedModel, n: int) -> int:
 
     On a CPU a batch gains nothing (every matrix multiply already has thousands of rows) and
     multiplies the size of every activation, which then falls out of the cache and, above the
-    allocator's thresholds, is page-faulted in afresh: batch 4 measured 1.1-1.3x slower per
+    allocator's thresholds, is page-faulted in afresh: batch 4 measured 1.0-1.3x slower per
     slice than four single calls. Results are identical either way.
     """
     return max(1, n) if loaded.device.type != "cpu" else 1
