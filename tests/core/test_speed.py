@@ -280,3 +280,19 @@ def test_interactive_threads_leave_the_cores_to_a_background_job():
     assert interactive_threads(4, background_busy=False) == 4
     assert interactive_threads(0, background_busy=False) == 1
     assert interactive_threads(4, background_busy=True) == 1
+
+
+def test_conv_act_falls_back_when_the_fused_op_fails(monkeypatch):
+    from napari_medsam.core.nets import tiny_vit
+
+    def broken(*a):
+        raise RuntimeError("no such fusion in this oneDNN build")
+
+    monkeypatch.setattr(tiny_vit, "_conv_pointwise_op", broken)
+    conv = torch.nn.Conv2d(4, 4, 3, 1, 1, groups=4)
+    x = torch.randn(1, 5, 6, 4)
+    with torch.inference_mode():
+        out = tiny_vit.conv_act(conv, torch.nn.GELU(), x)
+        ref = F.gelu(pointwise(conv, x))
+    _close(out, ref)
+    assert tiny_vit._conv_pointwise_op is False  # not tried again

@@ -676,6 +676,8 @@ def format_budget(b: dict[str, Any]) -> str:
     mm = b.get("matmul_gflops_per_s")
     if mm:
         frac = f" = {b['matmul_frac_peak']:.0%} of the fp32 mm peak" if b.get("matmul_frac_peak") else ""
+        if (b.get("matmul_frac_peak") or 0) > 1:
+            frac += " (the peak was under-measured: a short or disturbed run)"
         lines.append(f"matrix products: {b['matmul_gflop']:.1f} GFLOP/slice at {mm:.0f} GFLOP/s{frac}")
     if b.get("naive_s_per_slice") and b.get("x_if_only_matmul"):
         lines.append(f"bound: {b['x_if_only_matmul']:.2f}x the naive forward if every other op took no time; "

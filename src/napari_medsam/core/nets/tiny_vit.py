@@ -95,6 +95,11 @@ def _fused_conv_gelu() -> object:
     return _conv_pointwise_op
 
 
+def _disable_fused_conv_gelu() -> None:
+    global _conv_pointwise_op
+    _conv_pointwise_op = False
+
+
 def conv_act(m: nn.Module, act: nn.Module, x: torch.Tensor, padding: tuple[int, int] | None = None) -> torch.Tensor:
     """``act(conv(x))`` on channels-last tokens ``(B, H, W, C)``; ``padding`` overrides the conv's.
 
@@ -107,9 +112,12 @@ def conv_act(m: nn.Module, act: nn.Module, x: torch.Tensor, padding: tuple[int, 
             and m.padding_mode == "zeros" and not torch.is_grad_enabled() and isinstance(pad, tuple)):
         op = _fused_conv_gelu()
         if op:
-            y = op(x.permute(0, 3, 1, 2), m.weight, m.bias, list(pad), list(m.stride), list(m.dilation),  # type: ignore[operator]
-                   m.groups, "gelu", [], "none")
-            return y.permute(0, 2, 3, 1).contiguous()  # a no-op: oneDNN keeps channels-last
+            try:
+                y = op(x.permute(0, 3, 1, 2), m.weight, m.bias, list(pad), list(m.stride),  # type: ignore[operator]
+                       list(m.dilation), m.groups, "gelu", [], "none")
+                return y.permute(0, 2, 3, 1).contiguous()  # a no-op: oneDNN keeps channels-last
+            except (RuntimeError, NotImplementedError):  # a oneDNN build without this fusion: two ops from now on
+                _disable_fused_conv_gelu()
     if padding is not None:
         y = F.conv2d(x.permute(0, 3, 1, 2), m.weight, m.bias, m.stride, padding, m.dilation, m.groups)
         return _act(act, y.permute(0, 2, 3, 1).contiguous())
