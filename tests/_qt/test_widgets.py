@@ -189,6 +189,25 @@ def test_commit_waits_for_the_preview_and_undo_restores(viewer, widgets, qtbot):
     assert "Undid" in annot.status_label.text()
 
 
+def test_classes_reach_the_labels_layer_and_the_session(viewer, widgets, qtbot):
+    image = viewer.add_image(np.random.default_rng(1).normal(size=(6, 40, 44)).astype(np.float32))
+    annot = widgets.annot
+    annot.image_combo.set_layer(image)
+    _, shp = annot.prompt_layers()
+    _go_to(viewer, image, 2)
+    annot.class_box.add_class()  # "structure 2", selected
+    shp.add_rectangles(_box(image, 2, 5, 5, 30, 30))
+    annot.commit()
+    qtbot.waitUntil(lambda: annot.labels_layer is not None and len(annot.edits) > 0, timeout=60_000)
+    labels = annot.labels_layer
+    assert set(np.unique(labels.data)) == {0, 2}  # written with the selected class's label
+    assert annot.session.class_names[2] == "structure 2"
+    annot.class_table.item(1, 0).setText("liver")  # renamed in the table: the session follows
+    assert annot.session.class_names[2] == "liver"
+    annot.select_class(0)
+    assert labels.selected_label == 1  # the brush paints the class selected in the dock
+
+
 # ---- prompts ------------------------------------------------------------------------------------
 
 

@@ -20,21 +20,14 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
-    QColorDialog,
     QFormLayout,
     QGridLayout,
-    QGroupBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QProgressBar,
     QPushButton,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
 )
 
@@ -42,6 +35,7 @@ from .. import _layers
 from ..core.registry import DEFAULT_MODEL
 from . import _workers
 from ._bookkeeping import EditLog, prompt_signature, propagation_seeds
+from ._class_table import ClassTable
 from ._dock import DockWidget
 from ._layer_combo import LayerCombo
 from ._prefetch import SlicePrefetch
@@ -76,7 +70,6 @@ class AnnotationWidget(DockWidget):
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
-        self.classes: list[_layers.LabelClass] = _layers.default_classes()
         self._prompt_layers: dict[int, tuple[Any, Any]] = {}
         self._preview: Any = None
         self._preview_view: _layers.SliceView | None = None
@@ -110,23 +103,8 @@ class AnnotationWidget(DockWidget):
         lform.addRow("Labels", self.labels_combo)
 
         # -- classes
-        self.class_table = QTableWidget(0, 3)
-        self.class_table.setHorizontalHeaderLabels(["Class", "Colour", "Label"])
-        self.class_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.class_table.verticalHeader().setVisible(False)
-        self.class_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.class_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.class_table.setMinimumHeight(84)  # header and two rows, even on a small screen
-        self.class_table.setMaximumHeight(130)
-        self.add_class_button = QPushButton("Add class")
-        self.remove_class_button = QPushButton("Remove class")
-        class_buttons = QHBoxLayout()
-        class_buttons.addWidget(self.add_class_button)
-        class_buttons.addWidget(self.remove_class_button)
-        class_box = QGroupBox("Classes")
-        cb = QVBoxLayout(class_box)
-        cb.addWidget(self.class_table)
-        cb.addLayout(class_buttons)
+        self.class_box = ClassTable()
+        self.class_table = self.class_box.table
 
         # -- prompts and actions
         self.points_button = QPushButton("Points (P)")
@@ -173,7 +151,7 @@ class AnnotationWidget(DockWidget):
 
         layout = QVBoxLayout(self)
         layout.addLayout(lform)
-        layout.addWidget(class_box)
+        layout.addWidget(self.class_box)
         layout.addLayout(grid)
         layout.addLayout(prefetch_row)
         layout.addWidget(self.progress_bar)
@@ -183,11 +161,8 @@ class AnnotationWidget(DockWidget):
         layout.addStretch(1)
 
         # -- wiring
-        self.add_class_button.clicked.connect(self._on_add_class)
-        self.remove_class_button.clicked.connect(self._on_remove_class)
-        self.class_table.itemChanged.connect(self._on_class_edited)
-        self.class_table.cellDoubleClicked.connect(self._on_class_double_clicked)
-        self.class_table.itemSelectionChanged.connect(self._on_class_selected)
+        self.class_box.changed.connect(self._apply_class_colours)
+        self.class_box.hint.connect(self._hint)
         self.points_button.clicked.connect(self.activate_points)
         self.box_button.clicked.connect(self.activate_box)
         self.negative_button.toggled.connect(self._on_negative_toggled)
@@ -205,7 +180,7 @@ class AnnotationWidget(DockWidget):
         self.viewer.dims.events.ndisplay.connect(self._on_view_changed)
         self.session.model_changed.connect(self._on_model_changed)
         self.session.embeddings_changed.connect(self._on_embeddings_changed)
-        self._fill_class_table()
+        self._apply_class_colours()
         self._on_image_changed(self.image_combo.layer)
 
     # ---- public state ----------------------------------------------------------------------------
@@ -218,10 +193,12 @@ class AnnotationWidget(DockWidget):
         return self.labels_combo.layer
 
     @property
+    def classes(self) -> list[_layers.LabelClass]:
+        return self.class_box.classes
+
+    @property
     def current_class(self) -> _layers.LabelClass:
-        rows = self.class_table.selectionModel().selectedRows() if self.class_table.selectionModel() else []
-        row = rows[0].row() if rows else 0
-        return self.classes[min(row, len(self.classes) - 1)]
+        return self.class_box.current
 
     def prompt_layers(self, create: bool = True) -> tuple[Any, Any]:
         """The Points and Shapes layers of the selected image (made again if the user deleted them)."""
@@ -248,79 +225,10 @@ class AnnotationWidget(DockWidget):
 
     # ---- classes ------------------------------------------------------------------------------------
     def set_classes(self, classes: list[_layers.LabelClass]) -> None:
-        self.classes = list(classes) or _layers.default_classes()
-        self._fill_class_table()
+        self.class_box.set_classes(classes)
 
     def select_class(self, index: int) -> None:
-        self.class_table.selectRow(int(index))
-
-    def _fill_class_table(self) -> None:
-        self.class_table.blockSignals(True)
-        try:
-            self.class_table.setRowCount(len(self.classes))
-            for row, c in enumerate(self.classes):
-                self.class_table.setItem(row, 0, QTableWidgetItem(c.name))
-                colour = QTableWidgetItem(c.color)
-                colour.setData(Qt.ItemDataRole.DecorationRole, QColor(c.color))  # a swatch, visible when selected
-                colour.setFlags(colour.flags() & ~Qt.ItemFlag.ItemIsEditable)
-                colour.setToolTip("double-click to change")
-                self.class_table.setItem(row, 1, colour)
-                self.class_table.setItem(row, 2, QTableWidgetItem(str(c.label_id)))
-        finally:
-            self.class_table.blockSignals(False)
-        if not self.class_table.selectionModel().selectedRows():
-            self.class_table.selectRow(0)
-        self._apply_class_colours()
-
-    def _on_add_class(self) -> None:
-        used = {c.label_id for c in self.classes}
-        new_id = next(i for i in range(1, len(used) + 2) if i not in used)
-        color = _layers.DEFAULT_COLORS[(new_id - 1) % len(_layers.DEFAULT_COLORS)]
-        self.classes.append(_layers.LabelClass(f"structure {new_id}", color, new_id))
-        self._fill_class_table()
-        self.class_table.selectRow(len(self.classes) - 1)
-
-    def _on_remove_class(self) -> None:
-        if len(self.classes) <= 1:
-            return
-        rows = self.class_table.selectionModel().selectedRows()
-        row = rows[0].row() if rows else len(self.classes) - 1
-        del self.classes[row]
-        self._fill_class_table()
-
-    def _on_class_edited(self, item: QTableWidgetItem) -> None:
-        row, col = item.row(), item.column()
-        if not 0 <= row < len(self.classes):
-            return
-        c = self.classes[row]
-        if col == 0:
-            self.classes[row] = _layers.LabelClass(item.text() or c.name, c.color, c.label_id)
-        elif col == 2:
-            try:
-                value = int(item.text())
-            except ValueError:
-                value = -1
-            others = {k.label_id for i, k in enumerate(self.classes) if i != row}
-            if value < 1 or value in others:
-                self.class_table.blockSignals(True)
-                item.setText(str(c.label_id))
-                self.class_table.blockSignals(False)
-                self._hint("A label must be a positive integer that no other class uses.")
-                return
-            self.classes[row] = _layers.LabelClass(c.name, c.color, value)
-        self._apply_class_colours()
-
-    def _on_class_double_clicked(self, row: int, col: int) -> None:
-        if col != 1:
-            return
-        c = self.classes[row]
-        colour = QColorDialog.getColor(QColor(c.color), self, f"Colour of {c.name}")
-        if colour.isValid():
-            self.classes[row] = _layers.LabelClass(c.name, colour.name(), c.label_id)
-            self._fill_class_table()
-
-    def _on_class_selected(self) -> None:
-        self._apply_class_colours()
+        self.class_box.select(index)
 
     def _apply_class_colours(self) -> None:
         self.session.class_names = {c.label_id: c.name for c in self.classes}
