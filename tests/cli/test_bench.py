@@ -58,3 +58,13 @@ def test_shipped_process_times_the_naive_forward_in_a_fresh_process():
         proc = child.proc
     assert all(t > 0 and f >= 0 for t, f in rounds)
     assert proc.poll() == 0  # it quit when asked
+
+
+def test_shipped_process_says_when_the_child_cannot_start():
+    import pytest
+    import torch
+
+    from napari_medsam.cli.bench import ShippedProcess
+
+    with pytest.raises(RuntimeError, match="child process ended"):
+        ShippedProcess("no_such_model", torch.rand(1, 3, 8, 8))

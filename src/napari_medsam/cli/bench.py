@@ -398,7 +398,11 @@ class ShippedProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SHIPPED_CHILD, name, str(path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.info = self._read()  # {"threads": n} once warmed up
+        try:
+            self.info = self._read()  # {"threads": n} once warmed up
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline() if self.proc.stdout else ""
