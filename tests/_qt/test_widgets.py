@@ -171,12 +171,18 @@ def _layers_signature(annot, image, z):
     return prompt_signature(_layers.slice_prompt(pts, shp, image, view))
 
 
-def test_commit_waits_for_the_preview_and_undo_restores(viewer, widgets, qtbot):
+def _on_slice_2(viewer, annot):
+    """A 6-slice noise volume selected in the Annotate widget, viewed at slice 2; (image, shapes layer)."""
     image = viewer.add_image(np.random.default_rng(1).normal(size=(6, 40, 44)).astype(np.float32))
-    annot = widgets.annot
     annot.image_combo.set_layer(image)
     _, shp = annot.prompt_layers()
     _go_to(viewer, image, 2)
+    return image, shp
+
+
+def test_commit_waits_for_the_preview_and_undo_restores(viewer, widgets, qtbot):
+    annot = widgets.annot
+    image, shp = _on_slice_2(viewer, annot)
     shp.add_rectangles(_box(image, 2, 5, 5, 30, 30))
     annot.commit()  # before the preview arrived: committed as soon as it does
     qtbot.waitUntil(lambda: annot.labels_layer is not None and annot._last is None and len(annot.edits) > 0,
@@ -190,11 +196,8 @@ def test_commit_waits_for_the_preview_and_undo_restores(viewer, widgets, qtbot):
 
 
 def test_classes_reach_the_labels_layer_and_the_session(viewer, widgets, qtbot):
-    image = viewer.add_image(np.random.default_rng(1).normal(size=(6, 40, 44)).astype(np.float32))
     annot = widgets.annot
-    annot.image_combo.set_layer(image)
-    _, shp = annot.prompt_layers()
-    _go_to(viewer, image, 2)
+    image, shp = _on_slice_2(viewer, annot)
     annot.class_box.add_class()  # "structure 2", selected
     shp.add_rectangles(_box(image, 2, 5, 5, 30, 30))
     annot.commit()
