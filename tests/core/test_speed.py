@@ -153,10 +153,13 @@ def test_band_rows_are_set_for_the_conv_stage_only(tiny_lite):
     assert all(getattr(m, "band_rows", 0) == 0 for layer in enc.layers[1:] for m in layer.modules())
 
 
-def test_int8_changes_the_cache_identity_not_the_shape(tiny_lite):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_int8_changes_the_cache_identity_not_the_shape(precision):
+    # bf16: what auto precision picks on a CPU with native bf16; int8 must run there too (fp32 activations)
+    tiny_lite = load_model("test_tiny_lite", device="cpu", precision=precision)
     q = speed.optimize_for_inference(tiny_lite, int8=True)
     assert q is not tiny_lite and q.model is not tiny_lite.model
-    assert q.compute_id == tiny_lite.compute_id + speed.INT8_VARIANT
+    assert q.dtype is None and q.compute_id == f"{tiny_lite.weights_hash}|fp32{speed.INT8_VARIANT}"
     assert q.model.mask_decoder is tiny_lite.model.mask_decoder  # the decoder is shared, not copied
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
     a, b = run_encoder(tiny_lite, x), run_encoder(q, x)

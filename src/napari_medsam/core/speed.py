@@ -275,8 +275,9 @@ def optimize_for_inference(loaded: LoadedModel, *, band_rows: int | None = None,
     ``band_rows``: rows per band for the full-resolution conv stage (None: 64 on CPU, off on GPUs,
     where whole tensors keep the device busy). ``int8``: dynamic int8 quantization of the
     encoder's linear layers and 1x1 convs (CPU only); the returned model shares the decoder with
-    ``loaded``, has its own quantized encoder and ``variant`` ``+int8dyn``, so its embeddings are
-    cached apart. ``compile``: ``torch.compile`` the encoder in place (first call compiles, tens
+    ``loaded``, has its own quantized encoder, runs without autocast (fp32 activations around the
+    int8 products, whatever precision ``loaded`` had) and has ``variant`` ``+int8dyn``, so its
+    embeddings are cached apart. ``compile``: ``torch.compile`` the encoder in place (first call compiles, tens
     of seconds to minutes; the compiled kernels are cached on disk by inductor).
 
     Returns a new :class:`LoadedModel` when int8 changed the encoder, else ``loaded`` itself.
@@ -295,7 +296,9 @@ def optimize_for_inference(loaded: LoadedModel, *, band_rows: int | None = None,
 
         q = SamModel(image_encoder=_quantize_int8(model.image_encoder), prompt_encoder=model.prompt_encoder,
                      mask_decoder=model.mask_decoder).eval()
-        out = dataclasses.replace(loaded, model=q, variant=loaded.variant + INT8_VARIANT)
+        # int8 products take fp32 activations: autocast (bf16 where the CPU has it) must not feed them
+        # bf16 tensors (FBGEMM's packed weights then refuse the shapes), so the int8 variant runs fp32.
+        out = dataclasses.replace(loaded, model=q, dtype=None, variant=loaded.variant + INT8_VARIANT)
     if compile:
         _compile_encoder(out.model.image_encoder)
     return out
