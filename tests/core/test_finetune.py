@@ -23,6 +23,7 @@ from napari_medsam.core.finetune import (
     save_head,
     segmentation_loss,
 )
+from napari_medsam.core.infer import predict_slices
 from napari_medsam.core.progress import drain
 
 SHAPE = (7, 33, 35)  # odd sizes; slices along axis 0 are 33 x 35
@@ -229,9 +230,29 @@ def test_continue_training_from_a_head(trained, data, encoder, volume, loaded):
     assert again.meta.class_ids == (2, 5) and again.meta.class_names == ("a", "b")
     assert again.meta.training_slices == (1, 4, 5)
     assert all(torch.equal(before[k], v) for k, v in trained.module.state_dict().items())
-    new_class = drain(collect_training_data(encoder, np.where(volume[1] == 5, 7, volume[1]), [5]))
-    with pytest.raises(HeadMismatchError, match="does not know"):
-        drain(fine_tune(new_class, TrainParams(**FAST), loaded=loaded, init=trained))
+
+
+
+@pytest.mark.parametrize("kind", ["linear", "cnn", "autosam"])
+def test_continue_training_with_a_new_class_grows_the_head(kind, data, encoder, volume, loaded):
+    first = drain(fine_tune(data, TrainParams(head=kind, **FAST), loaded=loaded, class_names=("a", "b")))
+    before = {k: v.clone() for k, v in first.module.state_dict().items()}
+    lab = volume[1].copy()
+    lab[5, 0:3, 0:6] = 7  # a class the first head never saw
+    more = drain(collect_training_data(encoder, lab, [5]))
+    grown = drain(fine_tune(more, TrainParams(epochs=1, batch_size=1, patience=0, lr=1e-12, warmup_steps=1),
+                            loaded=loaded, init=first))
+    assert grown.meta.class_ids == (2, 5, 7) and grown.meta.num_classes == 4
+    assert grown.meta.class_names == ("a", "b", "class 7")
+    assert all(torch.equal(before[k], v) for k, v in first.module.state_dict().items())  # caller's head intact
+    # with a vanishing learning rate, the old classes' weights are the old head's
+    state = grown.module.state_dict()
+    for k, v in before.items():
+        w = state[k]
+        old = w if w.shape == v.shape else w[:v.shape[0]]
+        assert torch.allclose(old, v, atol=1e-6), k
+    res = drain(predict_slices(encoder, grown, slices=[5]))
+    assert res.class_ids == (2, 5, 7)
 
 
 def test_training_data_from_another_model_is_refused(data):

@@ -294,6 +294,9 @@ def collect_training_data(encoder: Any, labels: Any, slices: Sequence[int] | Non
         ids = tuple(int(v) for v in class_ids)
     if not ids:
         raise InvalidImageError(f"slices {chosen} hold no labels: label at least one class on them")
+    if min(ids) < 0:
+        raise InvalidImageError(f"labels must be >= 0 (0 background, 1..K classes), found {min(ids)}: "
+                                "are these labels, not an image? Renumber them from 1")
     yield from encoder.embed(chosen, cancel=cancel)
     tf = encoder.transform()
     side = encoder.loaded.spec.low_res_size
@@ -469,6 +472,31 @@ def _seeded_head(kind: str, num_classes: int, loaded: Any, config: Mapping[str, 
         return build_head(kind, num_classes=num_classes, loaded=loaded, **dict(config))
 
 
+def _grown_head(old: Any, kind: str, num_classes: int, loaded: Any, config: Mapping[str, Any], seed: int) -> Any:
+    """A head for ``num_classes`` classes that starts from ``old`` (fewer classes, same family).
+
+    Every weight of the same shape is copied; a class-indexed weight (output channels, class
+    tokens) gets the old classes' rows in its first rows; what only the new classes have (their
+    output rows, autosam's hypernetwork per class) keeps its fresh, seeded initialisation.
+    """
+    import torch
+
+    head = _seeded_head(kind, num_classes, loaded, config, seed)
+    own = head.state_dict()
+    src = old.state_dict()
+    with torch.no_grad():
+        for k, v in own.items():
+            w = src.get(k)
+            if w is None:
+                continue
+            if w.shape == v.shape:
+                v.copy_(w)
+            elif w.dim() == v.dim() and w.shape[1:] == v.shape[1:] and w.shape[0] < v.shape[0]:
+                v[:w.shape[0]].copy_(w)
+    head.load_state_dict(own)
+    return head
+
+
 def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded: Any,
               class_names: Sequence[str] | None = None, init: TrainedHead | None = None,
               cancel: threading.Event | None = None) -> ProgressGen[TrainedHead]:
@@ -477,7 +505,9 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
     ``loaded``: the backbone the embeddings came from (checked). ``class_names``: one name per
     class id (default ``"class <id>"``). ``init``: a previous head to continue training (the
     active-learning loop: correct its predictions, add the slices, train on); its family, options
-    and classes are kept and the caller's head is not modified.
+    and classes are kept and the caller's head is not modified. Classes in ``data`` that ``init``
+    does not know are added after its own (the head grows: see :func:`_grown_head`); their names
+    come from ``class_names`` when it names every class, else ``"class <id>"``.
 
     Each progress carries ``info = {"loss", "epoch", "lr", "elapsed"}``. Stops between steps when
     ``cancel`` is set (raises :class:`Cancelled`) or the generator is closed. Seeded: the same
@@ -494,12 +524,19 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
     _check_backbone(data, loaded, "the training embeddings")
     if len(data) == 0:
         raise InvalidImageError("no training slices")
+    grow = False
     if init is not None:
         _check_head_backbone(init.meta, loaded)
         kind, config = init.meta.kind, dict(init.meta.config)
-        class_ids = tuple(init.meta.class_ids)
+        old_ids = tuple(init.meta.class_ids)
+        added = tuple(c for c in data.class_ids if c not in old_ids)  # new classes: the head grows
+        class_ids = old_ids + added
+        grow = bool(added)
         targets = _remap_targets(data.targets, data.class_ids, class_ids)
-        names = tuple(init.meta.class_names)
+        if class_names is not None and len(class_names) == len(class_ids):
+            names = tuple(class_names)
+        else:
+            names = tuple(init.meta.class_names) + tuple(f"class {c}" for c in added)
     else:
         kind, config = params.head, dict(params.head_config)
         class_ids = tuple(data.class_ids)
@@ -515,7 +552,9 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        if init is not None:
+        if init is not None and grow:
+            head = _grown_head(init.module, kind, len(class_ids) + 1, loaded, config, params.seed)
+        elif init is not None:
             head = copy.deepcopy(init.module)
         else:
             head = _seeded_head(kind, len(class_ids) + 1, loaded, config, params.seed)
@@ -663,7 +702,8 @@ def _read_payload(path: str | os.PathLike) -> tuple[HeadMeta, dict[str, Any]]:
         raise CheckpointError(f"head file not found: {p}")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError,
+            TypeError, AttributeError, UnicodeDecodeError) as e:  # torch's unpickler on arbitrary bytes
         raise CheckpointError(
             f"cannot read {p} as a napari-medsam head file ({type(e).__name__}: {e}); "
             "it may be corrupt, or not a head saved by `napari-medsam train` / save_head"
