@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -192,20 +191,6 @@ def test_in_place_activations_keep_autograd_working():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_configure_runtime_sets_threads_and_reports_previous():
-    before = torch.get_num_threads()
-    try:
-        rt = speed.configure_runtime(1, allocator=False)
-        assert rt.threads == 1 and rt.previous_threads == before and torch.get_num_threads() == 1
-        assert not rt.allocator_tuned
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_recommended_threads_is_within_the_cpus_we_may_use():
-    assert 1 <= speed.recommended_threads() <= speed.available_cpus()
-
-
 def test_sdpa_fallback_path_is_not_taken_by_window_attention():
     """A 3D mask would select the slow math kernel; ours must stay 4D."""
     att = WindowAttention(8, 2, 3)
@@ -232,57 +217,6 @@ def test_encoder_call_size_is_one_slice_on_cpu_and_the_batch_elsewhere(tiny_lite
     assert speed.encoder_call_size(tiny_lite, 4) == 1
     fake_gpu = dataclasses.replace(tiny_lite, device=torch.device("cuda"))
     assert speed.encoder_call_size(fake_gpu, 4) == 4
-
-
-def test_recommended_threads_leaves_busy_cores_alone(monkeypatch):
-    monkeypatch.setattr(speed, "physical_cpus", lambda: 8)
-    monkeypatch.setattr(speed, "available_cpus", lambda: 8)
-    monkeypatch.setattr(speed, "busy_cpus_elsewhere", lambda: 2.8)  # a core counts busy from 75 %
-    assert speed.recommended_threads() == 5
-    assert speed.recommended_threads(load_aware=False) == 8
-    monkeypatch.setattr(speed, "busy_cpus_elsewhere", lambda: 20.0)
-    assert speed.recommended_threads() == 1
-    monkeypatch.setattr(speed, "busy_cpus_elsewhere", lambda: None)  # no /proc: all physical cores
-    assert speed.recommended_threads() == 8
-
-
-def test_busy_cpus_elsewhere_does_not_count_this_process():
-    """A busy loop in this process is not "another process" (the load average counted it)."""
-    import threading
-    import time
-
-    if speed.busy_cpus_elsewhere(0.05) is None:
-        pytest.skip("no /proc on this platform")
-    stop = threading.Event()
-
-    def spin():
-        x = 0
-        while not stop.is_set():
-            x += 1
-
-    t = threading.Thread(target=spin, daemon=True)
-    t.start()
-    hz = os.sysconf("SC_CLK_TCK")
-    try:
-        time.sleep(0.05)
-        a, t0 = speed._cpu_ticks(), time.perf_counter()
-        time.sleep(0.3)
-        b, dt = speed._cpu_ticks(), time.perf_counter() - t0
-        elsewhere = speed.busy_cpus_elsewhere(0.3)
-    finally:
-        stop.set()
-        t.join()
-    machine, own = (b[0] - a[0]) / (hz * dt), (b[1] - a[1]) / (hz * dt)
-    assert own > 0.5  # the spinning thread kept about one core busy, and the machine saw it
-    assert elsewhere is not None and elsewhere <= machine - 0.5
-
-
-def test_interactive_threads_leave_the_cores_to_a_background_job():
-    from napari_medsam.core.speed import interactive_threads
-
-    assert interactive_threads(4, background_busy=False) == 4
-    assert interactive_threads(0, background_busy=False) == 1
-    assert interactive_threads(4, background_busy=True) == 1
 
 
 def test_conv_act_falls_back_when_the_fused_op_fails(monkeypatch):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from .loaded import LoadedModel
 from .registry import ModelSpec, get_spec
+
+__all__ = ["LoadedModel", "build_sam", "count_parameters", "load_model"]
 
 
 def _tiny_vit(*, dims: tuple[int, ...], depths: tuple[int, ...], heads: tuple[int, ...],
@@ -60,29 +62,6 @@ def build_sam(spec: ModelSpec) -> Any:
             num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=64 if small else 256,
         ),
     )
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to run, with what identifies its weights (for cache keys and head files)."""
-
-    spec: ModelSpec
-    model: Any          # SamModel in eval mode on ``device``
-    device: Any         # torch.device
-    dtype: Any          # autocast dtype or None (fp32)
-    weights_path: str | None
-    weights_hash: str   # SHA-256 of the weights, or "random-seed<N>" for test models
-    variant: str = ""   # how the encoder computes beyond the weights (e.g. "+int8"); part of cache keys
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def compute_id(self) -> str:
-        """Weights hash plus numeric precision and variant: everything in the network that changes an embedding."""
-        dt = "fp32" if self.dtype is None else str(self.dtype).replace("torch.", "")
-        return f"{self.weights_hash}|{dt}{self.variant}"
 
 
 def load_model(name: str | ModelSpec = "litemedsam", *, weights: str | os.PathLike | None = None,

@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from .build import LoadedModel
 from .embeddings import EmbeddingCache, EmbeddingKey, hash_volume
 from .errors import Cancelled, InvalidImageError
+from .loaded import LoadedModel
 from .preprocess import Intensity, SliceTransform, compute_intensity, preprocess_key, to_model_input
 from .progress import Progress, ProgressGen
 
 
 def as_volume(image: Any) -> Any:
-    """An :class:`~napari_medsam.io.ImageVolume` for an ImageVolume or a plain array."""
-    from ..io import ImageVolume
+    """An :class:`~napari_medsam.core.volume.ImageVolume` for an ImageVolume or a plain array."""
+    from .volume import ImageVolume
 
     return image if isinstance(image, ImageVolume) else ImageVolume.from_array(np.asarray(image))
 

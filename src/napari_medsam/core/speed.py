@@ -8,10 +8,9 @@ Nothing here runs on import. Two entry points:
   matrix multiplies (changes embeddings beyond round-off, so the returned model has another
   ``variant`` and therefore other cache keys), optional ``torch.compile``. ``load_model`` calls it
   with the exact defaults.
-* :func:`configure_runtime` is the process-wide CPU policy an application opts into once, where
-  it starts (a command's ``main``, a widget's Load button; a library user may): the intra-op
-  thread count and glibc's allocator thresholds. Both are global, which is why they are a
-  separate, explicit call.
+* The process-wide CPU policy (:func:`~napari_medsam.core.runtime.configure_runtime`: threads,
+  allocator) lives apart in :mod:`napari_medsam.core.runtime`; it is re-exported here for scripts
+  written against the older layout.
 
 Measured on an idle 2-core AVX2 CPU (``benchmarks/bench_encoder.py``, see ``docs/benchmarks.md``):
 LiteMedSAM embeds a slice 2.1x faster than the reference NCHW forward run the way other tools run
@@ -25,16 +24,20 @@ eager code), batching slices on CPU (no faster, see :func:`encoder_call_size`).
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
-import logging
-import os
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
-from .build import LoadedModel
+from .loaded import LoadedModel
+from .runtime import (  # re-exported: the CPU policy moved to core.runtime
+    RuntimeSettings,
+    available_cpus,
+    busy_cpus_elsewhere,
+    configure_runtime,
+    interactive_threads,
+    physical_cpus,
+    recommended_threads,
+)
 
 __all__ = [
     "INT8_VARIANT",
@@ -44,12 +47,12 @@ __all__ = [
     "physical_cpus",
     "configure_runtime",
     "encoder_call_size",
+    "interactive_threads",
     "optimize_for_inference",
     "recommended_threads",
     "set_band_rows",
 ]
 
-_log = logging.getLogger(__name__)
 
 #: Appended to ``LoadedModel.variant`` (and so to every embedding cache key) by int8 quantization.
 INT8_VARIANT = "+int8dyn"
@@ -60,156 +63,6 @@ INT8_VARIANT = "+int8dyn"
 #: ~1.08x in the main thread with glibc's defaults; neutral once :func:`configure_runtime` tuned
 #: the allocator. Four bands add few kernel launches, so multi-threaded runs lose nothing.
 DEFAULT_BAND_ROWS = 64
-
-# glibc mallopt parameters
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-# --------------------------------------------------------------------------------------------- runtime
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask; cgroup-pinned containers included)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
-def physical_cpus() -> int:
-    """CPUs this process may use, counting one per physical core (hyper-threads share FMA units)."""
-    n = available_cpus()
-    try:
-        import psutil
-
-        phys = psutil.cpu_count(logical=False)
-        logical = psutil.cpu_count(logical=True)
-        if phys and logical and logical > phys:
-            n = max(1, n * phys // logical)
-    except ImportError:
-        pass
-    return n
-
-
-def _cpu_ticks() -> tuple[int, int] | None:
-    """(busy ticks of the whole machine, ticks of this process) from ``/proc`` (Linux), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return None
-    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
-    busy = sum(fields[:8]) - fields[3] - fields[4]
-    return busy, int(own[11]) + int(own[12])  # utime + stime (fields 14, 15 of /proc/self/stat)
-
-
-def busy_cpus_elsewhere(window: float = 0.2) -> float | None:
-    """Cores kept busy by *other* processes right now: machine-wide CPU time over ``window``
-    seconds minus this process's own; None where ``/proc`` is not available.
-
-    Not the load average: that counts this process's own recent work too (an embedding finished
-    a minute ago makes a quiet machine look busy) and lags by a minute.
-    """
-    import time
-
-    a = _cpu_ticks()
-    if a is None:
-        return None
-    t0 = time.perf_counter()
-    time.sleep(window)
-    b = _cpu_ticks()
-    dt = time.perf_counter() - t0
-    if b is None or dt <= 0:
-        return None
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    others = ((b[0] - a[0]) - (b[1] - a[1])) / (hz * dt)
-    return max(0.0, others)
-
-
-def recommended_threads(*, load_aware: bool = True) -> int:
-    """Intra-op threads for the encoder: one per physical core that other processes leave free.
-
-    A second thread per core only adds contention to the matrix multiplies. Cores kept busy by
-    other processes (:func:`busy_cpus_elsewhere`, measured for 0.2 s; a core counts as busy from
-    75 % use) are left alone: OpenMP's barriers make a thread that shares its core with another
-    process stall all the others, and on a 2-core machine with two busy neighbours 2 threads
-    measured 2x *slower* than 1 (``napari-medsam bench``, threads table). This process's own work
-    never counts (the load average did: right after an embedding, a quiet 2-core machine got 1
-    thread and ran 1.6x slower than with 2). Without ``/proc`` all physical cores are used.
-    """
-    n = physical_cpus()
-    if load_aware:
-        others = busy_cpus_elsewhere()
-        if others is not None:
-            n = max(1, min(n, available_cpus() - int(others + 0.25)))
-    return n
-
-
-def interactive_threads(current: int, *, background_busy: bool) -> int:
-    """Torch threads for an interactive decode (a click) in this process.
-
-    ``current``: the thread count in use; ``background_busy``: a job of this process (head
-    training, propagation, embedding a whole volume) holds the cores. Training takes all cores but
-    one by default (:func:`napari_medsam.core.finetune.default_threads`), so a click then gets the
-    one left: a second decoder thread would share a core with the job, and OpenMP's barriers make
-    the whole decode wait for it. Measured with ``benchmarks/bench_train_latency.py`` on 2 cores
-    (LiteMedSAM, one box): 2 decoder threads while a head trains 4.6x the idle latency, 1 thread 1.06x.
-    """
-    return 1 if background_busy else max(1, int(current))
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    """What :func:`configure_runtime` set (and what to pass back to undo the thread count)."""
-
-    threads: int
-    previous_threads: int
-    allocator_tuned: bool
-
-
-def _tune_glibc_allocator(mmap_threshold: int, trim_threshold: int) -> bool:
-    """Serve tensors below ``mmap_threshold`` bytes from the reused heap instead of fresh mmaps.
-
-    glibc's default hands every allocation above 32 MiB to a new ``mmap`` and returns it to the
-    kernel on free, so each full-resolution activation is page-faulted in again on every slice
-    (a 64 MiB tensor costs ~45 ms of faults on this class of CPU, more than the GELU applied to
-    it). PyTorch's CPU tuning guide recommends jemalloc/tcmalloc for the same reason; this is the
-    no-dependency equivalent. Only glibc (Linux) is touched; returns whether it was applied.
-    """
-    name = ctypes.util.find_library("c")
-    if not name or "libc" not in name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok
-    return ok
-
-
-def configure_runtime(threads: int | None = None, *, allocator: bool = True,
-                      mmap_threshold: int = 128 * 2**20, trim_threshold: int = 256 * 2**20) -> RuntimeSettings:
-    """Set the process-wide CPU policy for inference; call once, from an application.
-
-    ``threads``: intra-op threads (default :func:`recommended_threads`). ``allocator``: keep
-    tensors up to ``mmap_threshold`` bytes on glibc's heap (freed memory above
-    ``trim_threshold`` still goes back to the system), see :func:`_tune_glibc_allocator`.
-    """
-    import torch
-
-    prev = torch.get_num_threads()
-    n = int(threads) if threads else recommended_threads()
-    if n != prev:
-        torch.set_num_threads(n)
-    tuned = _tune_glibc_allocator(mmap_threshold, trim_threshold) if allocator else False
-    _log.debug("runtime: %d threads (was %d), allocator tuned: %s", n, prev, tuned)
-    return RuntimeSettings(threads=n, previous_threads=prev, allocator_tuned=tuned)
-
 
 # --------------------------------------------------------------------------------------------- model
 
