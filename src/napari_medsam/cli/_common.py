@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Generator
 from pathlib import Path
@@ -23,13 +24,70 @@ def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "litemeds
     p.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
 
 
+def _number(text: str, kind: type, *, low: float, low_ok: bool) -> Any:
+    name = "a whole number" if kind is int else "a number"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+    if not math.isfinite(value) or value < low or (value == low and not low_ok):
+        bound = f">= {low:g}" if low_ok else f"> {low:g}"
+        raise argparse.ArgumentTypeError(f"needs {name} {bound} (finite), got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0 (learning rates, sizes)."""
+    return _number(text, float, low=0.0, low_ok=False)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (epochs, batch sizes)."""
+    return _number(text, int, low=1, low_ok=True)
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0 (patience, thread counts where 0 means 'default')."""
+    return _number(text, int, low=0, low_ok=True)
+
+
+def axis_arg(text: str) -> int:
+    """argparse type of ``--axis``: 0, 1 or 2 (or -3..-1); a 2D image has one slice whatever the axis."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an axis: use 0, 1 or 2") from None
+    if not -3 <= value <= 2:
+        raise argparse.ArgumentTypeError(f"a volume has axes 0, 1 and 2, got {value}")
+    return value
+
+
+def window_arg(text: str) -> str | tuple[float, float]:
+    """argparse type of ``--window``: a preset name or ``WIDTH,LEVEL`` in HU (finite, width > 0)."""
+    from ..core.preprocess import CT_WINDOWS
+
+    if "," not in text:
+        if text not in CT_WINDOWS:
+            raise argparse.ArgumentTypeError(
+                f"unknown window {text!r}: use one of {', '.join(CT_WINDOWS)} or WIDTH,LEVEL, e.g. 400,40")
+        return text
+    parts = text.split(",")
+    try:
+        width, level = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--window WIDTH,LEVEL needs two numbers, e.g. 400,40; got {text!r}") from None
+    if not (math.isfinite(width) and math.isfinite(level) and width > 0):
+        raise argparse.ArgumentTypeError(f"--window WIDTH,LEVEL needs finite numbers and WIDTH > 0, got {text!r}")
+    return (width, level)
+
+
 def add_image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--axis", type=int, default=0,
+    p.add_argument("--axis", type=axis_arg, default=0,
                    help="array axis to take 2D slices along (default 0), in the array order as read; "
                         "for NIfTI that is nibabel's (i, j, k) voxel order")
     p.add_argument("--intensity", default="auto", choices=("auto", "ct", "mr", "minmax", "none"),
                    help="intensity mapping: CT window, MR percentile clipping, min-max, or none (auto detects)")
-    p.add_argument("--window", default=None,
+    p.add_argument("--window", type=window_arg, default=None,
                    help="CT window: soft_tissue, lung, bone, brain, or WIDTH,LEVEL in HU (implies --intensity ct)")
 
 
@@ -58,9 +116,8 @@ def intensity_from_args(args: argparse.Namespace, volume: Any, axis: int) -> Any
     from ..core.preprocess import compute_intensity
 
     window: Any = args.window
-    if window is not None and "," in window:
-        w, level = (float(v) for v in window.split(","))
-        window = (w, level)
+    if isinstance(window, str):  # set programmatically, not parsed
+        window = window_arg(window)
     mode = "ct" if window is not None and args.intensity == "auto" else args.intensity
     return compute_intensity(volume.data, mode, window=window, axis=axis, rgb=volume.rgb)
 
@@ -117,14 +174,23 @@ def run_with_progress(gen: Generator[Any, None, T], desc: str, *, unit: str = "s
 
 def parse_int_list(text: str | None) -> list[int] | None:
     """``"3,17,40"`` -> ``[3, 17, 40]``; also accepts ranges ``"10-20"``."""
+    from ..core.errors import MedSamError
+
     if not text:
         return None
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
-        if "-" in part[1:]:
-            a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError(part)
+                out.extend(range(lo, hi + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise MedSamError(f"slice list {text!r}: {part!r} is not a slice index or a range — give indices "
+                              "like 3,17,40 or ranges like 10-20") from None
     return out

@@ -11,6 +11,7 @@ from ._common import (
     encoder_from_args,
     load_from_args,
     parse_int_list,
+    positive_int,
     run_with_progress,
 )
 
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_image_args(p)
     p.add_argument("--slices", default=None, help="only these slice indices, e.g. 3,17,40 or 10-20")
-    p.add_argument("--batch-size", type=int, default=4, help="slices per encoder call (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="slices per encoder call (default 4)")
     p.set_defaults(func=run)
 
 

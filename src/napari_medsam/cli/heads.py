@@ -13,9 +13,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ._common import add_image_args, add_model_args, parse_int_list, run_with_progress
+from ..core.heads import HEADS
+from ._common import (
+    add_image_args,
+    add_model_args,
+    nonneg_int,
+    parse_int_list,
+    positive_float,
+    positive_int,
+    run_with_progress,
+)
 
-HEAD_KINDS = ("linear", "cnn", "autosam")
+HEAD_KINDS = tuple(HEADS)  # the head registry's families
 
 
 def register(sub: Any) -> None:
@@ -31,18 +40,18 @@ def register(sub: Any) -> None:
     t.add_argument("-o", "--output", required=True, metavar="HEAD", help="head file to write (e.g. brain.head.pt)")
     t.add_argument("--slices", default=None,
                    help="training slices along --axis, e.g. 3,17,40 or 10-20 (default: every slice with a label)")
-    t.add_argument("--epochs", type=int, default=None,
+    t.add_argument("--epochs", type=positive_int, default=None,
                    help="most passes over the labelled slices (default: as many as fit in 150 steps)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the head's own)")
-    t.add_argument("--batch-size", type=int, default=None, help="slices per step (default 4)")
-    t.add_argument("--patience", type=int, default=None,
+    t.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the head's own)")
+    t.add_argument("--batch-size", type=positive_int, default=None, help="slices per step (default 4)")
+    t.add_argument("--patience", type=nonneg_int, default=None,
                    help="stop after this many epochs without improvement (default 15; 0: never)")
     t.add_argument("--no-augment", action="store_true", help="no random flips and shifts")
     t.add_argument("--no-image-skip", action="store_true",
                    help="cnn head: no skip connections from the image (embeddings only)")
     t.add_argument("--class-names", default=None, help="comma-separated names of classes 1..K, e.g. GM,WM")
-    t.add_argument("--threads", type=int, default=None,
+    t.add_argument("--threads", type=nonneg_int, default=None,
                    help="torch threads for training (default: all cores but one; 0: torch's default)")
     add_model_args(t)
     add_image_args(t)
@@ -68,11 +77,20 @@ def register(sub: Any) -> None:
     p.add_argument("--cache-dir", default=None,
                    help="cache folder for embeddings and weights (default: the user cache directory)")
     p.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per batch (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="slices per batch (default 8)")
     p.set_defaults(func=run_predict)
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    import os
+
+    try:
+        return bool(a) and bool(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _read_labels(path: str, image: Any) -> Any:
@@ -81,6 +99,9 @@ def _read_labels(path: str, image: Any) -> Any:
     from ..core.errors import InvalidImageError
     from ..io import read_image
 
+    if _same_file(path, image.source):
+        raise InvalidImageError(f"{path} is the image itself, not its labels: give the label file "
+                                "(0 background, 1..K classes) drawn on this image")
     lab = np.asarray(read_image(path).data[...])
     if lab.dtype.kind == "f":
         if not np.all(np.isfinite(lab)) or not np.all(lab == np.round(lab)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -15,13 +16,20 @@ def _floats(text: str, n: int, what: str) -> list[float]:
     if len(parts) != n:
         raise argparse.ArgumentTypeError(f"{what} needs {n} comma-separated numbers, got {text!r}")
     try:
-        return [float(p) for p in parts]
+        values = [float(p) for p in parts]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{what}: {e}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{what} needs finite numbers, got {text!r}")
+    if values[0] != int(values[0]) or values[0] < 0:
+        raise argparse.ArgumentTypeError(f"{what}: the slice index Z must be a whole number >= 0, got {parts[0]!r}")
+    return values
 
 
 def box_arg(text: str) -> tuple[int, tuple[float, float, float, float]]:
     z, r0, c0, r1, c1 = _floats(text, 5, "--box Z,R0,C0,R1,C1")
+    if not (r1 > r0 and c1 > c0):
+        raise argparse.ArgumentTypeError(f"--box Z,R0,C0,R1,C1 needs R1 > R0 and C1 > C0, got {text!r}")
     return int(z), (r0, c0, r1, c1)
 
 

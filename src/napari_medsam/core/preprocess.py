@@ -68,6 +68,10 @@ class Intensity:
 def _sample(volume: Any, *, axis: int = 0, max_slices: int = 48) -> np.ndarray:
     """Finite values of up to ``max_slices`` evenly spaced slices (bounded memory on big volumes)."""
     shape = volume.shape
+    if len(shape) > 2 and not -len(shape) <= axis < len(shape):
+        raise InvalidImageError(
+            f"slice axis {axis} does not exist in an image of shape {tuple(shape)}: use an axis "
+            f"0..{len(shape) - 1} (CLI: --axis; for a head, the axis it was trained on)")
     if len(shape) <= 2:
         arr = np.asarray(volume[...], dtype=np.float32)
     else:
@@ -97,17 +101,27 @@ def compute_intensity(volume: Any, mode: str = "auto", *, window: str | tuple[fl
                       rgb: bool = False) -> Intensity:
     """Choose the intensity mapping of a whole volume (or 2D image).
 
-    ``auto``: RGB or uint8 data pass through; CT-looking data get the soft-tissue window; anything
-    else gets MR percentile clipping over non-zero voxels. ``ct`` takes ``window`` (a preset name or
+    ``auto``: RGB or uint8 data pass through; binary and few-valued images (at most
+    :data:`FEW_VALUES` distinct values, e.g. 0/100 int16) get min-max, which keeps their contrast;
+    CT-looking data get the soft-tissue window; anything else gets MR percentile clipping over
+    non-zero voxels (min-max when those percentiles collapse to one value). A constant or all-NaN
+    image is logged as a warning: there is nothing to segment. ``ct`` takes ``window`` (a preset name or
     ``(width, level)``); ``mr`` takes ``percentiles``; ``minmax`` uses the data's full range.
     """
     mode = (mode or "auto").lower()
     if rgb:
         return Intensity("none", 0.0, 255.0)
+    s = _sample(volume, axis=axis)
+    few = _warn_if_degenerate(s, volume)
     if mode == "auto":
-        if np.dtype(volume.dtype) == np.uint8:
+        if few and window is None:
+            # Binary / few-valued images (masks, phantoms, 0/100 int16): percentiles over the non-zero
+            # voxels would map every one of them to the same grey; min-max keeps their contrast.
+            mode = "minmax"
+        elif np.dtype(volume.dtype) == np.uint8:
             return Intensity("none", 0.0, 255.0)
-        mode = "ct" if (window is not None or looks_like_ct(volume, axis=axis)) else "mr"
+        else:
+            mode = "ct" if (window is not None or looks_like_ct(volume, axis=axis)) else "mr"
     if mode == "none":
         return Intensity("none", 0.0, 255.0)
     if mode == "ct":
@@ -121,21 +135,50 @@ def compute_intensity(volume: Any, mode: str = "auto", *, window: str | tuple[fl
         if width <= 0:
             raise InvalidImageError(f"CT window width must be positive, got {width}")
         return Intensity("ct", level - width / 2, level + width / 2)
-    s = _sample(volume, axis=axis)
     if s.size == 0:
         return Intensity("minmax", 0.0, 1.0)
     if mode == "mr":
         nz = s[s != 0]
         nz = nz if nz.size else s
         lo, hi = np.percentile(nz, percentiles)
-        return Intensity("mr", float(lo), float(max(hi, lo + 1e-6)), keep_zero=True)
+        if hi > lo or float(s.min()) == float(s.max()):
+            return Intensity("mr", float(lo), float(max(hi, lo + 1e-6)), keep_zero=True)
+        mode = "minmax"  # the percentiles collapse to one value: they would erase the contrast
     if mode == "minmax":
         return Intensity("minmax", float(s.min()), float(max(s.max(), s.min() + 1e-6)))
     raise InvalidImageError(f"unknown intensity mode {mode!r}; use auto, ct, mr, minmax or none")
 
 
+#: At most this many distinct values (on the sampled slices) make an image "few-valued" (binary masks,
+#: phantoms, label-like images): auto intensity maps them min-max instead of by percentiles.
+FEW_VALUES = 16
+
+
+def _warn_if_degenerate(s: np.ndarray, volume: Any) -> bool:
+    """Log a warning (the CLI prints it) for an image with nothing to segment; return whether it has
+    2 to :data:`FEW_VALUES` distinct values."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    shape = tuple(int(v) for v in volume.shape)
+    if s.size == 0:
+        log.warning("the image of shape %s holds no finite value (all NaN or infinite): there is nothing to "
+                    "segment; check the file or its scaling", shape)
+        return False
+    lo, hi = float(s.min()), float(s.max())
+    if lo == hi:
+        log.warning("the image of shape %s holds the single value %g on every sampled slice: there is nothing "
+                    "to segment; check the file, or for a zarr its missing chunks", shape, lo)
+        return False
+    step = max(1, s.size // 262144)  # bounded cost; min and max are counted exactly
+    values = np.union1d(np.unique(s[::step]), [lo, hi])
+    return values.size <= FEW_VALUES
+
+
 def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) weights of area-averaging resampling (OpenCV INTER_AREA when shrinking)."""
+    if n_in < 1 or n_out < 1:
+        raise InvalidImageError(f"cannot resample {n_in} pixels to {n_out}: a slice side must be at least 1")
     scale = n_in / n_out
     m = np.zeros((n_out, n_in), dtype=np.float64)
     for i in range(n_out):
@@ -202,8 +245,11 @@ class SliceTransform:
         s = spec.input_size
         if spec.resize == "squash":
             return cls((h, w), (s, s), s, squash=True)
+        if min(h, w) < 1:
+            raise InvalidImageError(f"empty slice of shape {(h, w)}: nothing to segment")
         scale = s / max(h, w)
-        return cls((h, w), (int(h * scale + 0.5), int(w * scale + 0.5)), s)
+        # a very elongated slice (1 x 4000) keeps at least one row / column in the model frame
+        return cls((h, w), (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))), s)
 
     @property
     def scale_rc(self) -> tuple[float, float]:

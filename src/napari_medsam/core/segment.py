@@ -74,12 +74,20 @@ def validate_prompt(p: Prompt2D, shape: tuple[int, int]) -> None:
         raise PromptError(f"point labels must be 1 (positive) or 0 (negative); got {labels.tolist()}")
     if p.box is not None:
         r0, c0, r1, c1 = p.box
+        if not np.isfinite(np.asarray(p.box, np.float64)).all():
+            raise PromptError(f"box (r0, c0, r1, c1) = {p.box} must be finite numbers")
         if not (r1 > r0 and c1 > c0):
             raise PromptError(f"box (r0, c0, r1, c1) = {p.box} must have r1 > r0 and c1 > c0")
         if r1 < 0 or c1 < 0 or r0 > h or c0 > w:
             raise PromptError(f"box {p.box} lies outside the {h}x{w} slice")
     if p.is_empty():
         raise PromptError("no prompt: give at least one point, a box or a previous mask")
+
+
+def _clipped_box(box: Any, shape: tuple[int, int]) -> np.ndarray:
+    """``(1, 4)`` box clipped to the ``(H, W)`` slice: a box partly outside means its inside part."""
+    h, w = shape
+    return np.clip(np.asarray(box, np.float32).reshape(1, 4), 0, np.array([h, w, h, w], np.float32))
 
 
 def _rc_to_xy(tf: SliceTransform, points_rc: np.ndarray, box_rc: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -121,7 +129,7 @@ def decode(loaded: Any, embedding: Any, tf: SliceTransform, prompts: Sequence[Pr
             for i in idx:
                 p = prompts[i]
                 pxy, bxy = _rc_to_xy(tf, np.asarray(p.points, np.float32).reshape(-1, 2),
-                                     np.asarray(p.box, np.float32)[None] if has_box else None)
+                                     _clipped_box(p.box, tf.original) if has_box else None)
                 pts_xy.append(pxy)
                 labels.append(np.asarray(p.labels, np.int64).reshape(-1))
                 if has_box:
