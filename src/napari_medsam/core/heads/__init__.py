@@ -18,6 +18,13 @@ Families (AutoSAM, Hu et al. 2023, rebuilt on LiteMedSAM's 64x64 grid; see docs/
     SAM's own mask decoder with the prompt tokens removed and one output token per class,
     initialised from the backbone's decoder and using the backbone's positional encoding, so all
     classes come out of one transformer pass.
+``hsam``
+    H-SAM's two-stage hierarchical decoder (Cheng et al. 2024): the autosam decoder gives a prior
+    mask; a second two-way transformer with fresh class tokens attends under that prior, on a
+    class-balanced re-weighted embedding, and a pixel decoder fuses both stages.
+``selfprompt``
+    ESP-MedSAM's self-prompting decoder (Xu et al. 2024): a coarse per-class patch map predicted
+    from the embedding becomes a dense prompt; one query per class through SAM's decoder.
 
 Each head is an ``nn.Module`` with ``kind``, ``num_classes``, ``config`` (JSON-able keyword
 arguments that rebuild it), ``uses_image`` and ``default_lr``; its ``forward(embedding, image=None)``
@@ -51,17 +58,33 @@ def _autosam(**kw: Any) -> Any:
     return AutoSamHead(**kw)
 
 
+def _hsam(**kw: Any) -> Any:
+    from .hsam import HSamHead
+
+    return HSamHead(**kw)
+
+
+def _selfprompt(**kw: Any) -> Any:
+    from .selfprompt import SelfPromptHead
+
+    return SelfPromptHead(**kw)
+
+
 #: kind -> builder taking ``num_classes``, ``spec``, ``backbone`` (a SamModel or None) and the config.
 HEADS: dict[str, Callable[..., Any]] = {
     "linear": _linear,
     "cnn": _cnn,
     "autosam": _autosam,
+    "hsam": _hsam,
+    "selfprompt": _selfprompt,
 }
 
 HEAD_DESCRIPTIONS: dict[str, str] = {
     "linear": "1x1 projection of the embedding, bilinear upsampling (probe; ~1k parameters)",
     "cnn": "UNet-style convolutional decoder up to the decoder's 4x resolution, image skips (~0.1M parameters)",
     "autosam": "SAM mask decoder without prompts, one token per class, initialised from the backbone (~4M)",
+    "hsam": "H-SAM: two-stage decoder, the first stage's prior mask guides the second (both from the backbone; ~9M)",
+    "selfprompt": "ESP-MedSAM: a predicted patch map as dense prompt, one query per class (from the backbone; ~4M)",
 }
 
 

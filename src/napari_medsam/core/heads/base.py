@@ -21,6 +21,7 @@ class Head(nn.Module):
     uses_image = False      # forward needs the model-input image (B, 3, S, S)
     default_lr = 1e-3
     crops = False           # fully convolutional: may be trained on crops of the embedding grid
+    positional = False      # uses absolute positions: trained on crops, it is told where each window lies
 
     def __init__(self, *, num_classes: int, spec: ModelSpec, config: dict[str, Any]) -> None:
         super().__init__()
@@ -35,6 +36,39 @@ class Head(nn.Module):
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # the trainer's protocol: what a step computes and the loss it minimises
+
+    def training_forward(self, embedding: torch.Tensor, image: torch.Tensor | None = None, *,
+                         origin: torch.Tensor | None = None) -> Any:
+        """What one training step computes from a batch (default: the logits of :meth:`forward`).
+
+        ``origin``: ``(B, 2)`` grid cell (row, column) of each window's top-left corner when the
+        trainer feeds windows of the grid to a :attr:`positional` head (None: whole grids).
+        Multi-output heads return whatever their :meth:`loss` takes.
+        """
+        return self(embedding, image)
+
+    def loss(self, outputs: Any, target: torch.Tensor, progress: float, *, dice_weight: float = 1.0) -> torch.Tensor:
+        """The training loss of :meth:`training_forward`'s ``outputs`` against ``(B, K, L, L)`` class fractions.
+
+        ``progress``: the fraction of the training run done so far, in [0, 1] (heads whose loss
+        weighting moves during training read it). Default: cross-entropy + Dice of the logits.
+        """
+        from ..finetune import segmentation_loss
+
+        return segmentation_loss(outputs, target, dice_weight=dice_weight)
+
+
+def pe_windows(pe: torch.Tensor, size: tuple[int, int], origin: torch.Tensor | None) -> torch.Tensor:
+    """Windows of a whole grid's positional encoding ``(1, C, H, W)`` at ``origin`` ``(B, 2)`` cells.
+
+    ``origin=None``: the grid's top-left ``size`` window, shape ``(1, C, h, w)``; else ``(B, C, h, w)``.
+    """
+    h, w = size
+    if origin is None:
+        return pe[..., :h, :w]
+    return torch.stack([pe[0, :, int(r):int(r) + h, int(c):int(c) + w] for r, c in origin.tolist()])
 
 
 def group_norm(channels: int, groups: int = 8) -> nn.GroupNorm:
