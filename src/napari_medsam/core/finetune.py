@@ -368,7 +368,10 @@ def _augment(emb: Any, img: Any, tgt: Any, valid_cells: tuple[int, int], max_shi
 
 
 def _crop(emb: Any, img: Any, tgt: Any, valid_cells: tuple[int, int], crop: int, gen: Any) -> tuple:
-    """A random ``crop`` x ``crop``-cell window of one sample (inside the image's area where it fits)."""
+    """A random ``crop`` x ``crop``-cell window of one sample (inside the image's area where it fits).
+
+    Returns the cropped ``(emb, img, tgt)`` and the window's top-left grid cell ``(row, col)``.
+    """
     import torch
 
     h, w = emb.shape[-2:]
@@ -383,7 +386,7 @@ def _crop(emb: Any, img: Any, tgt: Any, valid_cells: tuple[int, int], crop: int,
     tgt = tgt[:, r * ft:(r + crop) * ft, c * ft:(c + crop) * ft]
     if img is not None:
         img = img[:, r * fi:(r + crop) * fi, c * fi:(c + crop) * fi]
-    return emb, img, tgt
+    return emb, img, tgt, (r, c)
 
 
 def _flip_prefix(x: Any, dim: int, n: int) -> Any:
@@ -598,18 +601,23 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
                 emb = emb_all[idx].float()
                 img = img_all[idx] if img_all is not None else None
                 tgt = tgt_all[idx]
+                kw: dict[str, Any] = {}
                 if params.augment or crop:
                     parts = [(emb[j], img[j] if img is not None else None, tgt[j]) for j in range(len(idx))]
                     if params.augment:
                         parts = [_augment(*p, valid, params.max_shift, gen, params.flip) for p in parts]
                     if crop:  # two windows per slice: about the pixels of one full slice
                         parts = [_crop(*p, valid, crop, gen) for p in parts for _ in range(2)]
+                        if getattr(head, "positional", False):  # it places each window on its positional encoding
+                            kw["origin"] = torch.tensor([p[3] for p in parts], device=dev)
                     emb = torch.stack([p[0] for p in parts])
                     img = torch.stack([p[1] for p in parts]) if img is not None else None
                     tgt = torch.stack([p[2] for p in parts])
                 warm = min(1.0, (step + 1) / max(1, params.warmup_steps))
                 opt.lr = lr * warm
-                loss = segmentation_loss(head(emb, img), tgt, dice_weight=params.dice_weight)
+                # the head's protocol (heads.base.Head): multi-output heads weigh their losses by progress
+                out = head.training_forward(emb, img, **kw)
+                loss = head.loss(out, tgt, step / max(1, total - 1), dice_weight=params.dice_weight)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
