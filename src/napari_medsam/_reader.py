@@ -1,4 +1,4 @@
-"""npe2 reader: NIfTI, TIFF, zarr / OME-Zarr and ``.npy`` files as napari layers with their geometry.
+"""npe2 reader: NIfTI, TIFF, zarr / OME-Zarr, ``.npy`` and DICOM series as napari layers with their geometry.
 
 Voxel spacing becomes the layer's ``scale`` and the origin its ``translate``; the NIfTI affine and
 header stay in ``layer.metadata`` (see :mod:`napari_medsam._layers`), so that labels drawn on the
@@ -23,17 +23,28 @@ NIFTI_INTENT_LABEL = 1002
 def get_reader(path: PathLike | Sequence[PathLike]) -> Callable[[Any], list[LayerData]] | None:
     """The reader function for ``path`` (or a list of paths) when every path is a format we read."""
     from .io import image_format
+    from .io.dicom import is_dicom_path
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not paths or any(image_format(os.fspath(p)) is None for p in paths):
+    if not paths or any(image_format(os.fspath(p)) is None and not is_dicom_path(p) for p in paths):
         return None
     return read_layers
 
 
 def read_layers(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     """Read one file or several into napari layer data tuples ``(data, kwargs, layer_type)``."""
+    from .io import image_format
+    from .io.dicom import is_dicom_path, list_series, split_series
+
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [_read_one(os.fspath(p)) for p in paths]
+    out = []
+    for p in map(os.fspath, paths):
+        if image_format(p) is None and is_dicom_path(p) and split_series(p)[1] is None:
+            series = list_series(p)  # a folder of several DICOM series: one layer each
+            out.extend(_read_one(f"{p}::{s.uid}" if len(series) > 1 else p) for s in series)
+        else:
+            out.append(_read_one(p))
+    return out
 
 
 def _read_one(path: str) -> LayerData:

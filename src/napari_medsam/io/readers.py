@@ -108,6 +108,11 @@ def read_image(path: str | os.PathLike, *, lazy: bool = True) -> ImageVolume:
         The file holds no usable 2D / 3D image (empty, 1D, 4D series, multi-channel).
     """
     path = pathlib.Path(os.fspath(path)).expanduser()
+    if image_format(path) is None:  # a DICOM series folder, FOLDER::SERIES or a .dcm file
+        from napari_medsam.io import dicom
+
+        if dicom.is_dicom_path(path):
+            return dicom.read_dicom(path, lazy=lazy)
     if not path.exists():
         raise ImageReadError(f"Image file not found: {path}")
     fmt = image_format(path)
