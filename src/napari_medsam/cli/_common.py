@@ -91,6 +91,21 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
                    help="CT window: soft_tissue, lung, bone, brain, or WIDTH,LEVEL in HU (implies --intensity ct)")
 
 
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (never an input, a read-only file or a non-zarr folder)")
+
+
+def check_outputs(args: argparse.Namespace, outputs: Any, inputs: Any, *, kind: str = "image") -> None:
+    """Refuse, before any work, outputs that would destroy an input or an existing file (without
+    ``--overwrite``) or cannot be written (see :func:`napari_medsam.io.writers.check_output`)."""
+    from ..io.writers import check_output
+
+    inputs = [i for i in inputs if i]
+    for out in outputs:
+        check_output(out, inputs=inputs, overwrite=bool(getattr(args, "overwrite", False)), kind=kind)
+
+
 def load_from_args(args: argparse.Namespace) -> Any:
     from ..core.build import load_model
     from ..core.speed import configure_runtime

@@ -17,6 +17,8 @@ from ..core.heads import HEADS
 from ._common import (
     add_image_args,
     add_model_args,
+    add_overwrite_arg,
+    check_outputs,
     nonneg_int,
     parse_int_list,
     positive_float,
@@ -53,6 +55,7 @@ def register(sub: Any) -> None:
     t.add_argument("--class-names", default=None, help="comma-separated names of classes 1..K, e.g. GM,WM")
     t.add_argument("--threads", type=nonneg_int, default=None,
                    help="torch threads for training (default: all cores but one; 0: torch's default)")
+    add_overwrite_arg(t)
     add_model_args(t)
     add_image_args(t)
     t.set_defaults(func=run_train)
@@ -78,6 +81,7 @@ def register(sub: Any) -> None:
                    help="cache folder for embeddings and weights (default: the user cache directory)")
     p.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
     p.add_argument("--batch-size", type=positive_int, default=8, help="slices per batch (default 8)")
+    add_overwrite_arg(p)
     p.set_defaults(func=run_predict)
 
 
@@ -120,6 +124,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..io import read_image
     from ._common import encoder_from_args, load_from_args
 
+    check_outputs(args, [args.output], [args.image, args.labels, args.weights], kind="file")
     image = read_image(args.image)
     labels = _read_labels(args.labels, image)
     loaded = load_from_args(args)
@@ -184,6 +189,11 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         targets = [out]
     meta = read_head_meta(args.head)
+    sources = [*inputs, args.head, args.weights]
+    check_outputs(args, targets, sources)
+    if args.probabilities is not None:
+        check_outputs(args, [Path(args.probabilities) / f"{split_extension(t)[0]}_prob_{_safe(n)}{split_extension(t)[1]}"
+                             for t in targets for n in ("background", *meta.class_names)], sources)
     bar = _DownloadBar()
     try:
         loaded = load_model(meta.backbone, weights=args.weights, device=args.device, precision=args.precision,

@@ -8,7 +8,15 @@ import time
 
 import numpy as np
 
-from ._common import add_image_args, add_model_args, encoder_from_args, load_from_args, run_with_progress
+from ._common import (
+    add_image_args,
+    add_model_args,
+    add_overwrite_arg,
+    check_outputs,
+    encoder_from_args,
+    load_from_args,
+    run_with_progress,
+)
 
 
 def _floats(text: str, n: int, what: str) -> list[float]:
@@ -53,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--propagate", action="store_true", help="carry each object through the volume (3D)")
     p.add_argument("-o", "--output", required=True,
                    help="output label file: .nii.gz (keeps a NIfTI input's geometry), .tif, .npy or .zarr")
+    add_overwrite_arg(p)
     add_model_args(p)
     add_image_args(p)
     p.set_defaults(func=run)
@@ -86,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import read_image, write_labels
 
     t0 = time.perf_counter()
+    check_outputs(args, [args.output], [args.image, args.weights])
     volume = read_image(args.image)
     loaded = load_from_args(args)
     enc = encoder_from_args(args, loaded, volume)

@@ -46,6 +46,10 @@ class HeadMismatchError(MedSamError):
     """A trained head that does not fit the loaded backbone or the request."""
 
 
+class OutputError(MedSamError):
+    """An output path that cannot be written without destroying an input or a user file, or at all."""
+
+
 class PromptError(MedSamError, ValueError):
     """Prompts that cannot be used (outside the image, empty, malformed)."""
 

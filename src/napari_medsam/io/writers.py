@@ -4,8 +4,10 @@ The format follows the extension, as for :func:`read_image`. With a ``reference`
 :class:`ImageVolume` the output keeps its geometry: a NIfTI reference's header is copied (affine,
 qform / sform and their codes, zooms, units), other formats store spacing, origin and the affine
 in their own metadata. Every write is atomic: the data go to a hidden temporary sibling
-(``.NAME.tmp-XXXXXXXX.EXT``) that is renamed over the target only once complete, so a crash or an
-error never leaves a half-written file behind.
+(``.NAME.tmp-PID-XXXXXXXX.EXT``) that is renamed over the target only once complete, so a crash or an
+error never leaves a half-written file in place of the target; a later write removes such leftovers
+of dead writers (:func:`remove_stale_temps`). :func:`check_output` refuses, before any work, an
+output that would destroy an input or a user file.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from napari_medsam.core.errors import InvalidImageError, MedSamError
+from napari_medsam.core.errors import InvalidImageError, MedSamError, OutputError
 from napari_medsam.io.readers import SUPPORTED_EXTENSIONS, image_format, split_extension
 from napari_medsam.io.volume import ImageVolume
 
-__all__ = ["write_image", "write_labels"]
+__all__ = ["check_output", "remove_stale_temps", "write_image", "write_labels"]
+
+#: Our temporary files older than this many minutes are removed even when their writer's PID is unknown.
+STALE_MINUTES = 60
+_TMP_TAG = "tmp"
 
 # dtypes ImageJ hyperstacks hold natively; others are written as plain (shaped) TIFF
 _IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
@@ -65,7 +71,8 @@ def write_labels(
     path
         Target file; its extension picks the format (``.nii``, ``.nii.gz``, ``.tif``, ``.tiff``,
         ``.npy``, ``.zarr``, ``.ome.zarr``). Missing parent folders are created; an existing file
-        or store is replaced.
+        or store is replaced (never a read-only file, a folder that is not a store, or a file by a
+        store: see :func:`check_output`, which the CLI calls with ``overwrite=False`` first).
     labels
         ``(H, W)`` or ``(D, H, W)`` non-negative integers (or booleans), 0 = background. Stored as
         ``uint8`` when the largest label is below 256, else ``uint16`` or ``uint32``.
@@ -164,6 +171,7 @@ def _write(
             f"Use one of {', '.join(SUPPORTED_EXTENSIONS)} (or .ome.zarr)."
         )
     geometry = _geometry(array, reference)
+    check_output(path, overwrite=True)  # never a read-only file, a folder for a file, or x.zarr-the-file
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "zarr":
         with _atomic_dir(path) as tmp:
@@ -175,12 +183,164 @@ def _write(
     return path
 
 
+# ---- output checks: before any work ------------------------------------------------------------
+
+
+def _name_max(folder: pathlib.Path) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # Windows has no pathconf
+        return 255
+
+
+def _is_zarr_store(path: pathlib.Path) -> bool:
+    return any((path / n).is_file() for n in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def _probe_folder(folder: pathlib.Path) -> None:
+    """Create and remove a file in ``folder``: the only writability test that also holds for root."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".napari-medsam-probe-", dir=folder)
+    except OSError as e:
+        raise OutputError(f"cannot write into {folder} ({e.strerror or e}) — choose a folder you can write to") from e
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    inputs: Any = (),
+    overwrite: bool = False,
+    kind: str = "image",
+) -> pathlib.Path:
+    """Check, before any work starts, that ``path`` can be written without destroying anything.
+
+    Refused with :class:`OutputError`: an output that is one of ``inputs`` (same resolved path or
+    same file); an existing output unless ``overwrite``; an existing read-only or immutable file
+    (even with ``overwrite``); a folder where a file is to go, or a plain file named like a zarr
+    store (``x.zarr`` is never replaced by a folder); a folder that is not a zarr store where a
+    zarr store is to go; a parent that is a file or not writable; a name longer than the file
+    system allows (counting our temporary sibling's name). ``kind="image"`` also checks the
+    extension (one :func:`write_labels` writes); ``kind="file"`` (heads, tables) does not.
+    Stale temporary files of ours next to ``path`` are removed (:func:`remove_stale_temps`).
+    Returns the expanded path.
+    """
+    path = pathlib.Path(os.fspath(path)).expanduser()
+    fmt = image_format(path) if kind == "image" else None
+    if kind == "image" and fmt is None:
+        ext = split_extension(path)[1]
+        raise OutputError(
+            f"cannot write {path}: unsupported extension {ext or '(none)'!r} — use one of "
+            f"{', '.join(SUPPORTED_EXTENSIONS)} (or .ome.zarr)")
+    target = os.path.abspath(path)
+    for src in inputs if isinstance(inputs, (list, tuple, set)) else (inputs,):
+        if src is None:
+            continue
+        same = os.path.realpath(target) == os.path.realpath(os.fspath(src))
+        if not same:
+            try:
+                same = os.path.samefile(target, src)
+            except OSError:
+                same = False
+        if same:
+            raise OutputError(f"the output {path} is the input {src}: it would be destroyed — choose another "
+                              "output name")
+    if os.path.lexists(path):
+        is_dir = path.is_dir()
+        if fmt == "zarr" and not is_dir:
+            raise OutputError(f"{path} exists and is a file, not a zarr folder: it is not replaced by a store — "
+                              "choose another output name or remove it yourself")
+        if is_dir and fmt != "zarr":
+            raise OutputError(f"{path} is a folder: a file cannot replace it — choose another output name")
+        if is_dir and not _is_zarr_store(path):
+            raise OutputError(f"{path} is a folder that is not a zarr store: it is not replaced — choose another "
+                              "output name")
+        if not is_dir:
+            if not os.stat(path).st_mode & 0o222:
+                raise OutputError(f"{path} exists and is read-only: it is not replaced — choose another output "
+                                  "name, or make it writable if it should be replaced")
+            try:  # an immutable file (chattr +i) refuses even root; O_WRONLY without O_TRUNC changes nothing
+                os.close(os.open(path, os.O_WRONLY))
+            except OSError as e:
+                raise OutputError(f"{path} cannot be replaced ({e.strerror or e}) — choose another output name") from e
+        if not overwrite:
+            raise OutputError(f"{path} already exists — pass --overwrite to replace it, or choose another name")
+    parent = path.parent
+    ancestor = parent
+    while not ancestor.exists():
+        if os.path.lexists(ancestor):  # a dangling link
+            raise OutputError(f"{ancestor} is a broken link — choose another output folder")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{ancestor} is a file, not a folder: {path} cannot be created in it — choose another "
+                          "output path")
+    stem, ext = split_extension(path)
+    longest = max(len(path.name), len(f".{stem}.{_TMP_TAG}-{os.getpid()}-xxxxxxxx{ext}"))
+    if longest > _name_max(ancestor):
+        raise OutputError(f"the output name {path.name[:40]}... is {len(path.name)} characters, too long for this "
+                          f"file system (at most {_name_max(ancestor) - (longest - len(path.name))} here) — "
+                          "choose a shorter name")
+    _probe_folder(ancestor)
+    if parent.is_dir():
+        remove_stale_temps(path)
+    return path
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` runs; None when that cannot be told."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with napari
+        return None
+    return bool(psutil.pid_exists(pid))
+
+
+def remove_stale_temps(path: str | os.PathLike, *, minutes: float = STALE_MINUTES) -> list[pathlib.Path]:
+    """Remove our own leftover temporary siblings of ``path`` (``.NAME.tmp-PID-XXXXXXXX.EXT``).
+
+    A writer killed mid-write (``kill -9``, power loss) leaves one behind. Removed: those whose
+    writer PID no longer runs, and any older than ``minutes`` (names without a PID, or a PID
+    reused by another process). Other files are never touched. Returns what was removed.
+    """
+    import re
+    import time
+
+    path = pathlib.Path(os.fspath(path)).expanduser()
+    stem, ext = split_extension(path)
+    removed = []
+    pattern = re.compile(r"^\.(?:" + re.escape(stem) + "|" + re.escape(path.name) + r")\." + _TMP_TAG
+                         + r"-(?:(\d+)-)?[0-9a-f]+")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        m = pattern.match(name)
+        if m is None:
+            continue
+        tmp = path.parent / name
+        pid = int(m.group(1)) if m.group(1) else None
+        try:
+            age_min = (now - tmp.lstat().st_mtime) / 60
+        except OSError:
+            continue
+        dead = pid is not None and pid != os.getpid() and _pid_alive(pid) is False
+        if dead or age_min > minutes:
+            _remove(tmp)
+            removed.append(tmp)
+    return removed
+
+
 # ---- atomic replacement -----------------------------------------------------------------------
 
 
 def _temp_sibling(path: pathlib.Path, tag: str) -> pathlib.Path:
     stem, ext = split_extension(path)
-    return path.with_name(f".{stem}.{tag}-{secrets.token_hex(4)}{ext}")
+    return path.with_name(f".{stem}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{ext}")
 
 
 def _remove(path: pathlib.Path) -> None:
