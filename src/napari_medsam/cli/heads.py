@@ -38,7 +38,10 @@ def register(sub: Any) -> None:
     t.add_argument("image", metavar="IMAGE", help="the image (NIfTI, TIFF, .npy, zarr)")
     t.add_argument("labels", metavar="LABELS",
                    help="integer labels of the same shape: 0 background, 1..K classes")
-    t.add_argument("--head", required=True, choices=HEAD_KINDS, help="head family")
+    t.add_argument("--head", default=None, choices=HEAD_KINDS, help="head family (required unless --init)")
+    t.add_argument("--init", default=None, metavar="HEAD",
+                   help="continue training this head file (warm start): its family, slice axis, intensity mapping "
+                        "and classes are kept; classes new in LABELS are added")
     t.add_argument("-o", "--output", required=True, metavar="HEAD", help="head file to write (e.g. brain.head.pt)")
     t.add_argument("--slices", default=None,
                    help="training slices along --axis, e.g. 3,17,40 or 10-20 (default: every slice with a label)")
@@ -127,14 +130,26 @@ def run_train(args: argparse.Namespace) -> int:
     check_outputs(args, [args.output], [args.image, args.labels, args.weights], kind="file")
     image = read_image(args.image)
     labels = _read_labels(args.labels, image)
+    if args.head is None and args.init is None:
+        raise MedSamError("give the head family with --head (e.g. --head cnn), or a head file to continue with --init")
     loaded = load_from_args(args)
-    encoder = encoder_from_args(args, loaded, image)
+    init = None
+    if args.init is not None:
+        from ..core.finetune import load_head
+        from ..core.infer import encoder_for_head
+        from ._common import cache_from_args
+
+        init = load_head(args.init, loaded=loaded)
+        encoder = encoder_for_head(loaded, image, init, cache=cache_from_args(args))  # the head's axis and mapping
+    else:
+        encoder = encoder_from_args(args, loaded, image)
     slices = parse_int_list(args.slices)
     data = run_with_progress(collect_training_data(encoder, labels, slices), "embedding")
     names = None
+    n_classes = len(data.class_ids) if init is None else len(set(init.class_ids) | set(data.class_ids))
     if args.class_names:
         names = [n.strip() for n in args.class_names.split(",")]
-        if len(names) != len(data.class_ids):
+        if len(names) != n_classes:
             raise MedSamError(f"--class-names gives {len(names)} names but the labels hold "
                               f"{len(data.class_ids)} classes ({list(data.class_ids)})")
     kw: dict[str, Any] = {}
@@ -143,11 +158,13 @@ def run_train(args: argparse.Namespace) -> int:
         if value is not None:
             kw[name] = value
     config = {"image_skip": False} if args.no_image_skip and args.head == "cnn" else {}
-    params = TrainParams(head=args.head, head_config=config, seed=args.seed, augment=not args.no_augment, **kw)
-    head = run_with_progress(fine_tune(data, params, loaded=loaded, class_names=names), "training", unit="step")
+    params = TrainParams(head=args.head or init.kind, head_config=config, seed=args.seed,
+                         augment=not args.no_augment, **kw)
+    head = run_with_progress(fine_tune(data, params, loaded=loaded, class_names=names, init=init), "training",
+                             unit="step")
     out = save_head(args.output, head)
     h = head.meta.history
-    print(f"trained a {args.head} head on {len(data.slices)} slice(s) along axis {data.axis} "
+    print(f"{'continued' if init is not None else 'trained'} a {head.kind} head on {len(data.slices)} slice(s) along axis {data.axis} "
           f"({', '.join(str(s) for s in data.slices[:12])}{', ...' if len(data.slices) > 12 else ''}), "
           f"classes {list(data.class_ids)}: {h['steps']} steps in {h['seconds']:.1f} s, "
           f"final loss {h['final_loss']:.4f}; wrote {out}")
