@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import zarr
 
 from napari_medsam import __version__
-from napari_medsam.core.embeddings import EmbeddingCache, EmbeddingKey, hash_volume
+from napari_medsam.core.embeddings import EmbeddingCache, EmbeddingKey, chunk_checksum, hash_volume
 from napari_medsam.core.errors import CacheMismatchError, MedSamError
 
 EMB_SHAPE = (7, 8, 9)
@@ -101,7 +102,9 @@ def test_disk_layout(cache, tmp_path):
     emb = group["embeddings"]
     assert emb.shape == (N_SLICES, *EMB_SHAPE) and emb.chunks == (1, *EMB_SHAPE)
     assert emb.dtype == np.float16
-    np.testing.assert_array_equal(group["present"][:], [False, False, True, False, False])
+    flags = group["present"][:]
+    assert flags.dtype == np.uint64 and list(flags != 0) == [False, False, True, False, False]
+    assert int(flags[2]) == chunk_checksum(emb[2], 2)  # the checksum of the stored chunk
     attrs = dict(group.attrs)
     assert attrs["model"] == "litemedsam" and attrs["axis"] == 0 and attrs["version"] == __version__
     assert attrs["emb_shape"] == list(EMB_SHAPE) and attrs["n_slices"] == N_SLICES
@@ -298,3 +301,100 @@ def test_hash_volume_rejects_bad_arguments():
         hash_volume(np.zeros((2, 3)), axis=2)
     with pytest.raises(ValueError, match="chunk_slices"):
         hash_volume(np.zeros((2, 3)), chunk_slices=0)
+
+
+# ---------------------------------------------------------------------- verified chunks
+
+
+def _chunk_file(root, key):
+    files = [p for p in (root / key.volume_id() / "embeddings" / "c" / str(key.index)).rglob("*") if p.is_file()]
+    assert len(files) == 1
+    return files[0]
+
+
+def _damage(kind, root, cache):
+    """Damage slice 1's stored embedding the way the issue found it happen; returns its key."""
+    key = make_key(1)
+    chunk = _chunk_file(root, key)
+    if kind == "flipped bytes":
+        raw = bytearray(chunk.read_bytes())
+        mid = len(raw) // 2
+        raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
+        chunk.write_bytes(bytes(raw))
+    elif kind == "copied from another slice":
+        chunk.write_bytes(_chunk_file(root, make_key(0)).read_bytes())
+    elif kind == "deleted, flag kept":
+        chunk.unlink()
+    elif kind == "garbage":
+        chunk.write_bytes(b"not a zstd frame at all")
+    return key
+
+
+@pytest.mark.parametrize("kind", ["flipped bytes", "copied from another slice", "deleted, flag kept", "garbage"])
+def test_damaged_chunk_is_a_miss_and_rewritten(tmp_path, kind):
+    root = tmp_path / "cache"
+    first = EmbeddingCache(root)
+    for i in (0, 1):
+        first.put(make_key(i), make_embedding(i), n_slices=N_SLICES)
+    key = _damage(kind, root, first)
+    fresh = EmbeddingCache(root)
+    assert key not in fresh  # what `embed` counts ...
+    assert fresh.get(key) is None  # ... and what `segment` reads: both a miss
+    assert fresh.stats.misses == 1 and fresh.stats.hits_disk == 0
+    assert fresh.cached_indices(key) == {0, 1}  # the quick count sees the flag only
+    assert fresh.get(make_key(0)) is not None  # the other slice is intact
+    fresh.put(key, make_embedding(1), n_slices=N_SLICES)  # recomputed: the chunk is rewritten
+    again = EmbeddingCache(root)
+    assert key in again
+    np.testing.assert_array_equal(again.get(key), make_embedding(1).astype(np.float16))
+
+
+def test_store_of_the_unverified_format_is_rebuilt(tmp_path):
+    root = tmp_path / "cache"
+    cache = EmbeddingCache(root)
+    key = make_key(0)
+    cache.put(key, make_embedding(), n_slices=N_SLICES)
+    meta = root / key.volume_id() / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["format"] = "napari-medsam-embeddings/1"
+    meta.write_text(json.dumps(doc))
+    fresh = EmbeddingCache(root)
+    assert fresh.get(key) is None  # rebuilt empty, not a CacheMismatchError
+    fresh.put(key, make_embedding(), n_slices=N_SLICES)
+    assert EmbeddingCache(root).get(key) is not None
+
+
+def test_corrupt_chunk_gives_the_uncached_masks_and_is_rewritten(tmp_path, tiny_lite):
+    from napari_medsam.core.encoder import VolumeEncoder
+    from napari_medsam.core.segment import Prompt2D, segment_slice
+
+    vol = np.random.default_rng(3).integers(0, 900, (3, 40, 36)).astype(np.int16)
+    prompt = Prompt2D.from_box((5, 6, 30, 28))
+    uncached = segment_slice(VolumeEncoder(tiny_lite, vol), 1, [prompt])[0].mask
+    root = tmp_path / "cache"
+    enc = VolumeEncoder(tiny_lite, vol, cache=EmbeddingCache(root))
+    assert _drain(enc.embed())["computed"] == 3
+    key = enc.key(1)
+    chunk = _chunk_file(root, key)
+    good = chunk.read_bytes()
+    raw = bytearray(good)
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+    chunk.write_bytes(bytes(raw))
+    again = VolumeEncoder(tiny_lite, vol, cache=EmbeddingCache(root))
+    assert again.cached_indices() == {0, 1, 2}
+    assert _drain(again.embed())["computed"] == 1  # embed counts the corrupt chunk as a miss ...
+    assert chunk.read_bytes() == good  # ... and rewrites it
+    chunk.write_bytes(bytes(raw))
+    third = VolumeEncoder(tiny_lite, vol, cache=EmbeddingCache(root))
+    mask = segment_slice(third, 1, [prompt])[0].mask  # segment recomputes it too
+    np.testing.assert_array_equal(mask, uncached)
+    assert third.cache.stats.hits_disk == 0
+    assert chunk.read_bytes() == good
+
+
+def _drain(gen):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

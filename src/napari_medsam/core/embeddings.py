@@ -10,8 +10,15 @@ disk (zarr format 3), one store per volume::
     <cache_dir>/<volume_id>/            zarr group; attrs: the key fields except index,
                                         emb_shape, n_slices, format
         embeddings  (n_slices, *emb_shape) float16, chunks (1, *emb_shape): one chunk file per slice
-        present     (n_slices,) bool, chunks (1,): one tiny chunk file per slice (present/c/<i>),
-                    written only after that slice's embedding chunk
+        present     (n_slices,) uint64, chunks (1,): one tiny chunk file per slice (present/c/<i>),
+                    written only after that slice's embedding chunk; 0 (the fill value, no file)
+                    means absent, else it is the slice's checksum (:func:`chunk_checksum`)
+
+Verified reads: a slice counts as cached only when its flag exists *and* the embedding read back
+matches the checksum in the flag (CRC-32 of the float16 bytes, seeded with the slice index). A
+corrupt, truncated, deleted or undecodable chunk, or one copied over another slice's, is a miss:
+it is recomputed and rewritten, never used. ``get``, ``in`` and :meth:`EmbeddingCache.embed` (through
+``in``) all count the same way.
 
 Crash and concurrency safety: a slice's embedding chunk is written first and its ``present`` flag
 after, so a slice whose write was interrupted reads as absent (zarr's local store also writes each
@@ -45,17 +52,27 @@ import numpy as np
 from napari_medsam import __version__
 from napari_medsam.core.errors import CacheMismatchError
 
-__all__ = ["CacheStats", "EmbeddingCache", "EmbeddingKey", "hash_volume"]
+__all__ = ["CacheStats", "EmbeddingCache", "EmbeddingKey", "chunk_checksum", "hash_volume"]
 
 _log = logging.getLogger(__name__)
 
-STORE_FORMAT = "napari-medsam-embeddings/1"
+STORE_FORMAT = "napari-medsam-embeddings/2"
+_OLD_FORMATS = ("napari-medsam-embeddings/1",)  # unverified flags: such a store is rebuilt
 _STORE_DTYPE = np.float16
 _VOLUME_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _TMP_PREFIX = ".tmp-"
 _MAX_OPEN_STORES = 8
 # Key fields stored in a volume store's attrs (every field except ``index``).
 _VOLUME_FIELDS = ("content_hash", "model", "weights_hash", "preprocess", "axis", "version")
+
+
+def chunk_checksum(array: np.ndarray, index: int) -> int:
+    """The non-zero uint64 stored as slice ``index``'s flag: CRC-32 of its float16 bytes, seeded with
+    the index (so a chunk copied over another slice's does not verify), with bit 32 set."""
+    import zlib
+
+    data = np.ascontiguousarray(array, dtype=_STORE_DTYPE)
+    return (1 << 32) | zlib.crc32(data.data.cast("B"), zlib.crc32(int(index).to_bytes(8, "little")))
 
 
 def _hex_digest(payload: dict[str, Any]) -> str:
@@ -184,14 +201,32 @@ class _Store:
         self.n_slices = int(embeddings.shape[0])
         self.emb_shape = tuple(int(s) for s in embeddings.shape[1:])
         # ``present`` uses the default "/" chunk key encoding, so slice i's flag is the file
-        # present/c/<i>. Flags are only ever set to True (never reset), and zarr stores no chunk
-        # equal to the fill value False, so "the flag file exists" == "the slice is present".
-        # Checking or listing files is ~100x faster than decoding one chunk per slice.
+        # present/c/<i>. Flags are only ever set to a checksum (never 0), and zarr stores no chunk
+        # equal to the fill value 0, so "the flag file exists" == "the slice was written"; whether
+        # it is intact is :meth:`read_verified`'s to tell. Listing files is ~100x faster than
+        # decoding one chunk per slice, which is why ``cached_indices`` counts flags only.
         self.flags_dir = path / "present" / "c"
         self.lock = threading.Lock()
 
     def is_present(self, index: int) -> bool:
         return (self.flags_dir / str(index)).is_file()
+
+    def read_verified(self, index: int) -> np.ndarray | None:
+        """Slice ``index``'s embedding if its flag exists and its checksum matches, else None (lock held)."""
+        if not self.is_present(index):
+            return None
+        try:
+            expected = int(self.present[index])
+            array = np.asarray(self.embeddings[index], dtype=_STORE_DTYPE)
+        except Exception as e:  # noqa: BLE001 - a corrupt chunk raises whatever its codec raises
+            _log.warning("Unreadable embedding chunk %d in %s (%s: %s); it is recomputed", index, self.path,
+                         type(e).__name__, e)
+            return None
+        if expected != chunk_checksum(array, index):
+            _log.warning("Embedding chunk %d in %s does not match its checksum (corrupt, missing or another "
+                         "slice's); it is recomputed", index, self.path)
+            return None
+        return array
 
     def present_indices(self) -> set[int]:
         try:
@@ -300,16 +335,16 @@ class EmbeddingCache:
         if self.disk:
             store = self._store_for_write(key, array.shape, n_slices)
             with store.lock:
-                # Same key, same embedding: a slice already present is not rewritten (so a reader
-                # never sees a chunk being replaced).
-                if not store.is_present(key.index):
+                # Same key, same embedding: a slice already present and verified is not rewritten;
+                # a corrupt one is (a reader of a half-replaced chunk sees a checksum mismatch: a miss).
+                if store.read_verified(key.index) is None:
                     store.embeddings[key.index] = array  # the chunk first ...
-                    store.present[key.index] = True  # ... then the flag
+                    store.present[key.index] = chunk_checksum(array, key.index)  # ... then the flag
         with self._lock:
             self._ram_put(key.digest(), key, array)
 
     def __contains__(self, key: object) -> bool:
-        """Whether ``key`` is cached in RAM or on disk (does not count as a hit or miss)."""
+        """Whether ``key`` is cached in RAM or on disk, verified (does not count as a hit or miss)."""
         if not isinstance(key, EmbeddingKey):
             return False
         with self._lock:
@@ -321,10 +356,11 @@ class EmbeddingCache:
         if store is None or not 0 <= key.index < store.n_slices:
             return False
         with store.lock:
-            return store.is_present(key.index)
+            return store.read_verified(key.index) is not None
 
     def cached_indices(self, key: EmbeddingKey) -> set[int]:
-        """Slice indices of ``key``'s volume store that are in RAM or on disk (``key.index`` is ignored)."""
+        """Slice indices of ``key``'s volume store that are in RAM or flagged on disk (``key.index`` is
+        ignored). A quick count from the flags alone: a corrupt chunk is found when it is read."""
         volume_id = key.volume_id()
         with self._lock:
             indices = {e.index for e in self._ram.values() if e.volume_id == volume_id}
@@ -387,18 +423,9 @@ class EmbeddingCache:
         if store is None or not 0 <= key.index < store.n_slices:
             return None
         with store.lock:
-            if not store.is_present(key.index):
-                return None
-            try:
-                array = np.asarray(store.embeddings[key.index], dtype=_STORE_DTYPE)
-            except (OSError, ValueError, RuntimeError) as e:  # a corrupt chunk file: recompute it
-                _log.warning(
-                    "Unreadable embedding chunk %d in %s (%s); treating it as a miss",
-                    key.index,
-                    store.path,
-                    e,
-                )
-                return None
+            array = store.read_verified(key.index)
+        if array is None:
+            return None
         array.flags.writeable = False
         return array
 
@@ -428,6 +455,8 @@ class EmbeddingCache:
                 self._stores.move_to_end(volume_id)
                 return store
             path = self.cache_dir / volume_id
+            if (path / "zarr.json").exists() and _store_format(path) in _OLD_FORMATS:
+                _discard(path)  # ours, from an older version without checksums: rebuilt
             if not (path / "zarr.json").exists():
                 if create is None:
                     return None
@@ -466,8 +495,8 @@ class EmbeddingCache:
                 "present",
                 shape=(n_slices,),
                 chunks=(1,),
-                dtype=bool,
-                fill_value=False,
+                dtype=np.uint64,
+                fill_value=0,
                 chunk_key_encoding={"name": "default", "separator": "/"},
             )
             try:
@@ -510,11 +539,30 @@ class EmbeddingCache:
             differing.append(f"present: shape {tuple(present.shape)}, expected {(n_slices,)}")
         if present.metadata.chunk_key_encoding.encode_chunk_key((3,)) != "c/3":
             differing.append("present: chunk key encoding is not the default '/' one")
+        if np.dtype(present.dtype) != np.uint64:
+            differing.append(f"present dtype: {present.dtype}, expected uint64 checksums")
         if np.dtype(embeddings.dtype) != _STORE_DTYPE:
             differing.append(f"embeddings dtype: {embeddings.dtype}, expected float16")
         if differing:
             raise _mismatch(path, differing)
         return _Store(path, embeddings, present)
+
+
+def _store_format(path: Path) -> Any:
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _discard(path: Path) -> None:
+    """Move a store of ours aside (atomically) and delete it."""
+    aside = path.with_name(f"{_TMP_PREFIX}{path.name}-old-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _mismatch(path: Path, differing: list[str]) -> CacheMismatchError:
