@@ -122,7 +122,7 @@ def main() -> int:
     model_w.select_model(args.model)
     meter.start()
     t0 = time.perf_counter()
-    model_w._on_load()
+    model_w.load()
     _workers.wait(model_w.load_job, 600_000)
     print(f"load {args.model} in a worker: {time.perf_counter() - t0:.1f} s; main thread {fmt(meter.stop())}",
           flush=True)
@@ -136,7 +136,7 @@ def main() -> int:
     pump(0.2)
     meter.start()
     t0 = time.perf_counter()
-    model_w._on_embed()
+    model_w.embed()
     _workers.wait(model_w.embed_job, 3_600_000)
     secs = time.perf_counter() - t0
     stats = meter.stop()
@@ -153,7 +153,7 @@ def main() -> int:
         pump(0.2)
         meter.start()
         t0 = time.perf_counter()
-        model_w._on_embed()
+        model_w.embed()
         pump_until(lambda: model_w.embed_job.done or (model_w.embed_job.last is not None
                                                        and model_w.embed_job.last.step >= k_bar), 3600)
         secs_bar = time.perf_counter() - t0
@@ -195,7 +195,7 @@ def main() -> int:
     meter.start()
     model_w.image_combo.set_layer(other)  # a second volume embeds in the background meanwhile
     pump(0.1)
-    model_w._on_embed()
+    model_w.embed()
     pump(1.0)
     busy = [one_prompt(n // 2 - 1 - k, k) for k in range(args.prompts)]
     busy_compute = annot_w.compute_times[-args.prompts:]
@@ -219,11 +219,11 @@ def main() -> int:
           flush=True)
 
     # -- 3. encoder speed: main thread vs thread worker (fresh cache, same slices)
-    from napari_medsam._qt.session import EncoderRequest, Session
+    from napari_medsam.app.session import AnnotationSession, EncoderRequest
     from napari_medsam.core.progress import drain
-    from napari_medsam.io import ImageVolume
+    from napari_medsam.core.volume import ImageVolume
 
-    probe = Session(disk_cache=False)
+    probe = AnnotationSession(disk_cache=False)
     probe.set_model(annot_w.session.loaded)
     k = 6
 

@@ -65,7 +65,7 @@ def _launch_gui(image: str | os.PathLike | None, *, model: str, device: str, blo
     model_w.select_model(model)
     if device != "auto":
         model_w.device_combo.setCurrentText(device)
-    model_w._on_load()  # in a thread worker: the window is usable at once
+    model_w.load()  # in a thread worker: the window is usable at once
     if block:
         napari.run()
     return viewer

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+# The slice and label-edit values live in the GUI-free app layer; the widgets reach them from here.
+from .app.bookkeeping import LabelEdit, SliceView, label_mask, paint_masks, undo_edit, with_index  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.segment import Prompt2D
@@ -230,30 +233,6 @@ def fits(labels_layer: Any, image_layer: Any) -> bool:
 # ---- which slice is under view ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SliceView:
-    """The 2D slice of an image layer under view.
-
-    ``axis``: the data axis being sliced (0 for a 2D image); ``index``: the slice along it;
-    ``is_3d``: the image has three spatial axes; ``rc_axes``: the data axes that are the slice's
-    rows and columns, in array order (the order the core's slices use).
-    """
-
-    axis: int
-    index: int
-    is_3d: bool
-    rc_axes: tuple[int, int]
-    n_slices: int = 1
-
-    def region(self, ndim: int) -> tuple[Any, ...]:
-        """An index into a ``ndim``-D spatial array selecting this slice."""
-        if not self.is_3d:
-            return (slice(None),) * ndim
-        key: list[Any] = [slice(None)] * ndim
-        key[self.axis] = self.index
-        return tuple(key)
-
-
 def slice_axis(dims: Any, layer: Any) -> int:
     """The data axis of a 3D layer that the viewer slices through (handles ``dims.order``)."""
     n = int(layer.ndim)
@@ -280,10 +259,6 @@ def current_slice(dims: Any, layer: Any) -> SliceView | None:
         return None
     rc = tuple(a for a in range(3) if a != axis)
     return SliceView(axis=axis, index=index, is_3d=True, rc_axes=(rc[0], rc[1]), n_slices=n_slices)
-
-
-def with_index(view: SliceView, index: int) -> SliceView:
-    return dataclasses.replace(view, index=int(index))
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -349,6 +324,16 @@ def slice_prompt(points_layer: Any, shapes_layer: Any, image_layer: Any, view: S
     return Prompt2D(points=pts, labels=labels, box=box)
 
 
+def layer_prompts(points_layer: Any, shapes_layer: Any, image_layer: Any, view: SliceView) -> dict[int, Prompt2D]:
+    """``{slice: Prompt2D}`` for every slice of ``image_layer`` along ``view.axis`` holding prompts."""
+    out: dict[int, Prompt2D] = {}
+    for z in prompted_slices(points_layer, shapes_layer, image_layer, view):
+        p = slice_prompt(points_layer, shapes_layer, image_layer, with_index(view, z))
+        if p is not None:
+            out[z] = p
+    return out
+
+
 def prompted_slices(points_layer: Any, shapes_layer: Any, image_layer: Any, view: SliceView) -> list[int]:
     """Indices of every slice (along ``view.axis``) that holds a point or a box."""
     if not view.is_3d:
@@ -388,76 +373,6 @@ def remove_prompts(points_layer: Any, shapes_layer: Any, image_layer: Any, view:
 
 
 # ---- writing masks into Labels --------------------------------------------------------------------
-
-
-@dataclass
-class LabelEdit:
-    """What a commit or a propagation changed in a Labels layer, to undo it."""
-
-    description: str
-    indices: tuple[np.ndarray, ...]
-    previous: np.ndarray
-    label_id: int
-    slices: tuple[int, ...] = field(default_factory=tuple)
-
-    @property
-    def n_voxels(self) -> int:
-        return int(self.indices[0].size) if self.indices else 0
-
-
-def _full_indices(view: SliceView, rc_nonzero: tuple[np.ndarray, np.ndarray], ndim: int) -> tuple[np.ndarray, ...]:
-    rows, cols = rc_nonzero
-    if not view.is_3d:
-        return (rows, cols)
-    out: list[np.ndarray] = [np.empty(0, np.intp)] * ndim
-    out[view.axis] = np.full(rows.shape, view.index, dtype=np.intp)
-    out[view.rc_axes[0]] = rows
-    out[view.rc_axes[1]] = cols
-    return tuple(out)
-
-
-def paint_masks(labels_layer: Any, view: SliceView, masks: dict[int, np.ndarray], label_id: int, *,
-                description: str = "commit") -> LabelEdit | None:
-    """Write ``label_id`` where each slice's mask is set and the label is 0 (other labels stay).
-
-    ``masks`` maps slice indices along ``view.axis`` to ``(H, W)`` bool masks. Goes through
-    ``Labels.data_setitem`` so that napari's own undo history and partial refresh apply.
-    Returns the edit for :func:`undo_edit`, or None when nothing changed.
-    """
-    data = labels_layer.data
-    ndim = data.ndim
-    parts: list[tuple[np.ndarray, ...]] = []
-    for z, mask in sorted(masks.items()):
-        v = with_index(view, z)
-        current = np.asarray(data[v.region(ndim)])
-        if current.shape != mask.shape:
-            raise ValueError(f"mask of shape {mask.shape} does not fit slice of shape {current.shape}")
-        write = np.asarray(mask, dtype=bool) & (current == 0)
-        if write.any():
-            parts.append(_full_indices(v, np.nonzero(write), ndim))
-    if not parts:
-        return None
-    indices = tuple(np.concatenate([p[d] for p in parts]) for d in range(ndim))
-    previous = np.array(data[indices], copy=True)
-    labels_layer.data_setitem(indices, int(label_id))
-    return LabelEdit(description=description, indices=indices, previous=previous, label_id=int(label_id),
-                     slices=tuple(sorted(masks)))
-
-
-def undo_edit(labels_layer: Any, edit: LabelEdit) -> None:
-    """Put back what :func:`paint_masks` overwrote (voxels the user repainted since stay as they are)."""
-    data = labels_layer.data
-    still = np.asarray(data[edit.indices]) == edit.label_id
-    if not still.any():
-        return
-    idx = tuple(i[still] for i in edit.indices)
-    labels_layer.data_setitem(idx, edit.previous[still])
-
-
-def label_mask(labels_layer: Any, view: SliceView, label_id: int) -> np.ndarray:
-    """``(H, W)`` bool: where the slice under view holds ``label_id``."""
-    data = labels_layer.data
-    return np.asarray(data[view.region(data.ndim)]) == int(label_id)
 
 
 def show_preview(preview_layer: Any, view: SliceView, mask: np.ndarray | None, label_id: int,

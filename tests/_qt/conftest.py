@@ -42,7 +42,7 @@ def widgets(viewer, qtbot):
     _, model_w = viewer.window.add_plugin_dock_widget(PLUGIN, "Model")
     _, annot_w = viewer.window.add_plugin_dock_widget(PLUGIN, "Annotate")
     model_w.select_model("test_tiny_lite")
-    model_w._on_load()
+    model_w.load()
     wait_job(qtbot, model_w.load_job)
     assert model_w.session.loaded is not None and model_w.session.loaded.name == "test_tiny_lite"
     assert annot_w.session is model_w.session  # one session per viewer, shared by its widgets

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from napari_medsam._qt import _workers
-from napari_medsam._qt.model_widget import encoder_request
+from napari_medsam._qt._shared import encoder_request
 from napari_medsam.core import encoder as encoder_mod
 from napari_medsam.core.progress import Progress
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from napari_medsam import _layers
-from napari_medsam._qt.model_widget import encoder_request
+from napari_medsam._qt._shared import encoder_request
 from napari_medsam._qt.session import session_for
 
 from .conftest import PLUGIN, wait_job
@@ -164,7 +164,7 @@ def test_scan_to_exported_labels(viewer, widgets, qtbot, tmp_path):
 
 
 def _layers_signature(annot, image, z):
-    from napari_medsam._qt._bookkeeping import prompt_signature
+    from napari_medsam.app.bookkeeping import prompt_signature
 
     pts, shp = annot.prompt_layers(create=False)
     view = _layers.with_index(_layers.current_slice(annot.viewer.dims, image), z)
@@ -416,7 +416,7 @@ def test_model_widget_lists_availability_and_picks_weights(viewer, qtbot, tmp_pa
     model_w.precision_combo.setCurrentText("fp32")
     assert (model_w.choice().device, model_w.choice().precision) == ("cpu", "fp32")
     # a missing file: a clear warning, no model, the widget stays usable
-    model_w._on_load()
+    model_w.load()
     _wait(qtbot, model_w.load_job)
     assert model_w.session.loaded is None
     assert model_w.load_button.isEnabled()
@@ -427,7 +427,7 @@ def test_embed_whole_image_then_cancel(viewer, widgets, qtbot):
     small = viewer.add_image(np.random.default_rng(3).random((5, 30, 30)).astype(np.float32), name="small")
     model.image_combo.set_layer(small)
     _go_to(viewer, small, 3)
-    model._on_embed()
+    model.embed()
     _wait(qtbot, model.embed_job)
     qtbot.waitUntil(lambda: "5 / 5 slices cached" in model.cache_label.text(), timeout=30_000)
     enc = session_for(viewer).peek_encoder(model.request())
@@ -436,7 +436,7 @@ def test_embed_whole_image_then_cancel(viewer, widgets, qtbot):
     big = viewer.add_image(np.random.default_rng(4).random((400, 40, 40)).astype(np.float32), name="big")
     model.image_combo.set_layer(big)
     _go_to(viewer, big, 300)
-    model._on_embed()
+    model.embed()
     qtbot.waitUntil(lambda: model.embed_job.last is not None and model.embed_job.last.step >= 8, timeout=60_000)
     model._on_cancel()
     _wait(qtbot, model.embed_job)
@@ -543,7 +543,7 @@ def test_litemedsam_segments_the_mni_brain(viewer, qtbot, mni):
     annot.image_combo.set_layer(image)
     model_w.select_model("litemedsam")
     model_w.device_combo.setCurrentText("cpu")
-    model_w._on_load()
+    model_w.load()
     _wait(qtbot, model_w.load_job, 600_000)
     assert annot.session.loaded.name == "litemedsam"
     z = 10  # coronal slice 93 of the template
@@ -576,7 +576,7 @@ def test_training_after_the_canvas_exists_does_not_crash(tmp_path):
         "import napari, numpy as np\n"
         "v = napari.Viewer(show=False)\n"
         "v.add_image(np.zeros((8, 8)))\n"
-        "from napari_medsam._qt.session import avoid_triton_llvm_clash\n"
+        "from napari_medsam.core.runtime import avoid_triton_llvm_clash\n"
         "print('GUARD', avoid_triton_llvm_clash())\n"
         "import torch\n"
         "opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.1)\n"

@@ -27,8 +27,8 @@ import logging
 from typing import Any
 
 from .. import _layers
+from ..app.session import AnnotationSession
 from . import _workers
-from .session import Session
 
 __all__ = ["SlicePrefetch"]
 
@@ -38,7 +38,7 @@ _log = logging.getLogger(__name__)
 class SlicePrefetch:
     """Background embedding of the neighbours of the slice under view, for one widget."""
 
-    def __init__(self, session: Session, *, enabled: bool = True, ahead: int = 8, behind: int = 4) -> None:
+    def __init__(self, session: AnnotationSession, *, enabled: bool = True, ahead: int = 8, behind: int = 4) -> None:
         self.session = session
         self.enabled = bool(enabled)
         self.ahead = int(ahead)
@@ -56,7 +56,7 @@ class SlicePrefetch:
     # -- main thread ----------------------------------------------------------------------------------
     def follow(self, image: Any, view: _layers.SliceView | None, make_request: Any) -> None:
         """``image``'s slice ``view`` is under view; ``make_request()`` snapshots an
-        :class:`~napari_medsam._qt.session.EncoderRequest` for it (called only when the image,
+        :class:`~napari_medsam.app.session.EncoderRequest` for it (called only when the image,
         its data, the axis, the intensity choice or the model changed)."""
         loaded = self.session.loaded
         if self._closed or not self.enabled or image is None or loaded is None:

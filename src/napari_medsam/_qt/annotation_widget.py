@@ -8,7 +8,7 @@ where the labels are 0. *Propagate* carries the object through the volume in a w
 user browses, the slices around the one under view are embedded in the background
 (:class:`~napari_medsam._qt._prefetch.SlicePrefetch`), so that moving to them answers at decoder
 speed. The geometry (world -> data, which axis is sliced) is :mod:`napari_medsam._layers`'s job; the
-model work is :class:`~napari_medsam._qt.session.Session`'s.
+model work and the edit log are the :class:`~napari_medsam.app.session.AnnotationSession`'s.
 """
 
 from __future__ import annotations
@@ -32,15 +32,17 @@ from qtpy.QtWidgets import (
 )
 
 from .. import _layers
+from ..app.bookkeeping import prompt_signature
+from ..app.params import ModelChoice
+from ..app.session import AnnotationSession
 from ..core.registry import DEFAULT_MODEL
 from . import _workers
-from ._bookkeeping import EditLog, prompt_signature, propagation_seeds
 from ._class_table import ClassTable
 from ._dock import DockWidget
 from ._layer_combo import LayerCombo
 from ._prefetch import SlicePrefetch
-from .model_widget import encoder_request, is_image, load_model_job
-from .session import ModelChoice, Session, session_for
+from ._shared import encoder_request, is_image, load_model_job
+from .session import session_for
 
 SHORTCUTS = (
     ("Click", "positive point (Points layer in add mode, key P)"),
@@ -66,7 +68,7 @@ def _action(event: Any) -> str:
 class AnnotationWidget(DockWidget):
     """Prompted segmentation of the selected image into a Labels layer, class by class."""
 
-    def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
+    def __init__(self, napari_viewer: Any, *, session: AnnotationSession | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
@@ -79,7 +81,6 @@ class AnnotationWidget(DockWidget):
         self._prompt_time: float | None = None
         self._commit_pending = False
         self._negative = False
-        self.edits = EditLog()  # commits and propagations: Undo, and the slices committed per class
         self._watched_image: Any = None
         self.load_job: _workers.Job | None = None
         self.propagate_job: _workers.Job | None = None
@@ -184,6 +185,11 @@ class AnnotationWidget(DockWidget):
         self._on_image_changed(self.image_combo.layer)
 
     # ---- public state ----------------------------------------------------------------------------
+    @property
+    def edits(self) -> Any:
+        """The session's :class:`~napari_medsam.app.bookkeeping.EditLog` (Undo, committed slices)."""
+        return self.session.edits
+
     @property
     def image_layer(self) -> Any:
         return self.image_combo.layer
@@ -576,9 +582,8 @@ class AnnotationWidget(DockWidget):
         if labels is None:
             return
         cls = self.current_class
-        edit = _layers.paint_masks(labels, view, {view.index: self._last[1].mask}, cls.label_id,
-                                   description=f"commit {cls.name} on slice {view.index}")
-        self.edits.record(labels, cls.label_id, view.axis, [view.index], edit)
+        edit = self.session.commit(view.index, self._last[1].mask, cls.label_id, target=labels, view=view,
+                                   name=cls.name)
         pts, shp = self.prompt_layers(create=False)
         self._cancel_preview()
         _layers.remove_prompts(pts, shp, image, view)
@@ -603,8 +608,8 @@ class AnnotationWidget(DockWidget):
         labels = self.labels_layer
         cls = self.current_class
         pts, shp = self.prompt_layers(create=False)
-        done = self.edits.committed(labels, cls.label_id, view.axis) if labels is not None else set()
-        seeds, committed = propagation_seeds(pts, shp, image, view, labels, cls.label_id, done)
+        prompts = _layers.layer_prompts(pts, shp, image, view)
+        seeds, committed = self.session.seeds(cls.label_id, view, target=labels, prompts=prompts)
         if not seeds:
             self._hint("Nothing to propagate: draw a box on a slice (and commit it) first.")
             return
@@ -639,9 +644,8 @@ class AnnotationWidget(DockWidget):
                 self.status_label.setText("The image changed during propagation; nothing was written.")
                 return
             labels = self._target_labels()
-        todo = {z: m for z, m in masks.items() if z not in committed}
-        edit = _layers.paint_masks(labels, view, todo, cls.label_id, description=f"propagate {cls.name}")
-        self.edits.record(labels, cls.label_id, view.axis, masks, edit)
+        edit = self.session.write_masks(labels, view, masks, cls.label_id, keep=sorted(committed),
+                                        description=f"propagate {cls.name}")
         pts, shp = self.prompt_layers(create=False)
         if self.image_layer is image:
             _layers.remove_prompts(pts, shp, image, None)
@@ -685,7 +689,7 @@ class AnnotationWidget(DockWidget):
 
     def undo(self) -> None:
         """Undo the last commit or propagation (voxels repainted since then are left alone)."""
-        edit = self.edits.undo(lambda labels: labels in self.viewer.layers)
+        edit = self.session.undo(lambda labels: labels in self.viewer.layers)
         self.status_label.setText("Nothing to undo." if edit is None else
                                   f"Undid {edit.description} ({edit.n_voxels} voxels).")
 

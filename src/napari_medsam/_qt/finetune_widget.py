@@ -9,7 +9,6 @@ The maths is :mod:`napari_medsam.core.finetune` and :mod:`napari_medsam.core.inf
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -34,23 +33,16 @@ from qtpy.QtWidgets import (
 )
 
 from .. import _layers
+from ..app.params import head_kinds, parse_slices
+from ..app.session import AnnotationSession
 from ..core.progress import Progress, ProgressGen
 from . import _workers
 from ._dock import DockWidget
 from ._layer_combo import LayerCombo
-from .model_widget import encoder_request, is_image
-from .session import EncoderRequest, Session, session_for, worker_threads
+from ._shared import encoder_request, is_image
+from .session import session_for
 
 PLOT_INTERVAL = 0.2  # seconds between two repaints of the loss curve and label
-
-#: The head kinds, the default first. docs/benchmarks.md (few-shot heads): ``cnn`` was the most
-#: accurate at 1 and 3 labelled slices and trains in seconds; ``autosam`` was slower and less accurate.
-HEAD_KINDS = {
-    "cnn": "CNN decoder from the embedding grid with image skips (default: most accurate in our benchmark)",
-    "autosam": "AutoSAM: SAM's decoder, one token per class (slow on a CPU)",
-    "linear": "Linear probe (fastest, coarse)",
-}
-
 
 class LossPlot(QWidget):
     """A minimal live curve of the training loss (no plotting library)."""
@@ -89,33 +81,6 @@ class LossPlot(QWidget):
         painter.drawText(6, 14, f"loss {vals[-1]:.3f}  (min {lo:.3f})")
 
 
-def _train_steps(session: Session, req: EncoderRequest, labels: np.ndarray, slices: list[int] | None,
-                 params: Any, class_names: dict[int, str], init: Any,
-                 cancel: threading.Event) -> ProgressGen[Any]:
-    """Worker: embed the training slices, collect targets, train. Returns a TrainedHead."""
-    from ..core.finetune import collect_training_data, fine_tune
-
-    yield Progress(0, 0, "preparing")
-    with worker_threads():
-        enc = session.encoder(req)
-        ids = tuple(init.meta.class_ids) if init is not None else None
-        data = yield from collect_training_data(enc, labels, slices, class_ids=ids, cancel=cancel)
-    names = [class_names.get(c, f"class {c}") for c in data.class_ids]
-    head = yield from fine_tune(data, params, loaded=enc.loaded, class_names=names, init=init, cancel=cancel)
-    return head
-
-
-def _predict_steps(session: Session, volume: Any, head: Any, cancel: threading.Event) -> ProgressGen[Any]:
-    """Worker: segment every slice of ``volume`` with ``head``. Returns a PredictionResult."""
-    from ..core.infer import encoder_for_head, predict_slices
-
-    yield Progress(0, 0, "preparing")
-    with worker_threads():
-        enc = encoder_for_head(session.loaded, volume, head, cache=session.cache)
-        result = yield from predict_slices(enc, head, cancel=cancel)
-    return result
-
-
 def _load_head_steps(path: str, loaded: Any) -> ProgressGen[Any]:
     from ..core.finetune import load_head
 
@@ -130,35 +95,13 @@ def _save_head_steps(path: str, head: Any) -> ProgressGen[Any]:
     return save_head(path, head)
 
 
-def parse_slices(text: str) -> list[int] | None:
-    """``"3, 10-12"`` -> ``[3, 10, 11, 12]``; empty -> None. Raises ValueError on bad input."""
-    text = text.strip()
-    if not text:
-        return None
-    out: list[int] = []
-    for part in text.replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            lo, hi = int(a), int(b)
-            if hi < lo:
-                raise ValueError(f"range {part!r} runs backwards")
-            out.extend(range(lo, hi + 1))
-        else:
-            out.append(int(part))
-    return sorted(set(out))
-
-
 class FinetuneWidget(DockWidget):
     """Train a head on labelled slices; segment whole volumes into a new Labels layer."""
 
-    def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
+    def __init__(self, napari_viewer: Any, *, session: AnnotationSession | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
-        self.head: Any = None
         self.train_job: _workers.Job | None = None
         self.predict_job: _workers.Job | None = None
         self.io_job: _workers.Job | None = None
@@ -176,14 +119,21 @@ class FinetuneWidget(DockWidget):
         self.slices_edit = QLineEdit()
         self.slices_edit.setPlaceholderText("e.g. 40, 52, 60-64")
         self.head_combo = QComboBox()
-        for kind, text in HEAD_KINDS.items():
+        for kind, text in head_kinds().items():
             self.head_combo.addItem(kind, kind)
             self.head_combo.setItemData(self.head_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
-        self.epochs_spin = QSpinBox()
-        self.epochs_spin.setRange(1, 10000)
-        self.epochs_spin.setValue(100)
+        from ..core.finetune import TrainParams
+
+        defaults = TrainParams()
+        self.epochs_spin = QSpinBox()  # 0 = "auto": the benchmarked schedule (as many as fit in max_steps)
+        self.epochs_spin.setRange(0, 10000)
+        self.epochs_spin.setSpecialValueText(f"auto (up to {defaults.max_steps} steps)")
+        self.epochs_spin.setValue(defaults.epochs or 0)
+        self.epochs_spin.setToolTip("most passes over the labelled slices; auto trains the schedule "
+                                    "docs/benchmarks.md measured")
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
+        self.seed_spin.setValue(defaults.seed)
         self.train_button = QPushButton("Train")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -238,7 +188,17 @@ class FinetuneWidget(DockWidget):
         self.segment_button.clicked.connect(self.segment)
         self.image_combo.layer_changed.connect(lambda _ly: self.labels_combo.refresh())
         self.session.model_changed.connect(self._update_buttons)
+        self.session.head_changed.connect(self._on_head_changed)
         self._update_buttons()
+
+    @property
+    def head(self) -> Any:
+        """The session's trained or loaded head (None: none yet)."""
+        return self.session.head
+
+    @head.setter
+    def head(self, head: Any) -> None:
+        self.session.set_head(head)
 
     # ---- helpers ------------------------------------------------------------------------------------
     def _accept_labels(self, layer: Any) -> bool:
@@ -271,7 +231,8 @@ class FinetuneWidget(DockWidget):
     def params(self) -> Any:
         from ..core.finetune import TrainParams
 
-        return TrainParams(head=str(self.head_combo.currentData()), epochs=int(self.epochs_spin.value()),
+        epochs = int(self.epochs_spin.value())
+        return TrainParams(head=str(self.head_combo.currentData()), epochs=epochs or None,
                            seed=int(self.seed_spin.value()))
 
     # ---- training -----------------------------------------------------------------------------------
@@ -301,7 +262,8 @@ class FinetuneWidget(DockWidget):
         _workers.show_progress(self.progress_bar)
         self.loss_label.setText("Embedding the training slices…")
         self.train_job = self.session.hold_cpu(_workers.start(  # background prefetching waits meanwhile
-            lambda cancel: _train_steps(self.session, req, snapshot, slices, params, names, None, cancel),
+            lambda cancel: self.session.train_head_steps(req, snapshot, slices, params, class_names=names,
+                                                         cancel=cancel),
             desc=f"Training a {params.head} head", on_progress=self._on_train_progress,
             on_returned=self._on_trained, on_finished=self._on_job_finished, show_bar=self.session.napari_progress))
         self._update_buttons()
@@ -322,8 +284,7 @@ class FinetuneWidget(DockWidget):
             self.loss_label.setText(f"{p.message}: {p.step}/{p.total}" if p.total else f"{p.message}…")
 
     def _on_trained(self, head: Any) -> None:
-        self.head = head
-        self._describe_head()
+        self.head = head  # the session keeps it; head_changed describes it
         hist = head.meta.history or {}
         self.loss_label.setText(f"Trained in {hist.get('seconds', 0):.1f} s, {hist.get('epochs', '?')} epochs "
                                 f"(stopped: {hist.get('stopped', '?')}).")
@@ -354,7 +315,7 @@ class FinetuneWidget(DockWidget):
         image_ref = image
         _workers.show_progress(self.progress_bar)
         self.predict_job = self.session.hold_cpu(_workers.start(
-            lambda cancel: _predict_steps(self.session, volume, head, cancel), desc="Segmenting the volume",
+            lambda cancel: self.session.predict_steps(volume, head, cancel=cancel), desc="Segmenting the volume",
             on_progress=self._on_predict_progress, on_returned=lambda res: self._on_predicted(image_ref, res),
             on_finished=self._on_job_finished, show_bar=self.session.napari_progress))
         self._update_buttons()
@@ -397,6 +358,8 @@ class FinetuneWidget(DockWidget):
 
     def _on_head_loaded(self, head: Any) -> None:
         self.head = head
+
+    def _on_head_changed(self, _head: Any = None) -> None:
         self._describe_head()
         self._update_buttons()
 
@@ -417,3 +380,4 @@ class FinetuneWidget(DockWidget):
         self.image_combo.disconnect_viewer()
         self.labels_combo.disconnect_viewer()
         self.session.model_changed.disconnect(self._update_buttons)
+        self.session.head_changed.disconnect(self._on_head_changed)

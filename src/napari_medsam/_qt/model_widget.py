@@ -30,79 +30,23 @@ from qtpy.QtWidgets import (
 )
 
 from .. import _layers
+from ..app.params import IntensityChoice, ModelChoice, availability, intensity_presets
+from ..app.session import AnnotationSession, EncoderRequest
 from ..core.device import DEVICES, PRECISIONS
 from ..core.registry import DEFAULT_MODEL, MODELS, get_spec, list_models
 from . import _workers
 from ._dock import DockWidget, fit_dock_height
 from ._layer_combo import LayerCombo
-from .session import EncoderRequest, IntensityChoice, ModelChoice, Session, session_for
+from ._shared import encoder_request, is_image, load_model_job
+from .session import session_for
 
-INTENSITIES: dict[str, IntensityChoice] = {
-    "auto": IntensityChoice("auto"),
-    "CT soft tissue W400 L40": IntensityChoice("ct", "soft_tissue"),
-    "CT lung W1500 L-600": IntensityChoice("ct", "lung"),
-    "CT bone W1800 L400": IntensityChoice("ct", "bone"),
-    "CT brain W80 L40": IntensityChoice("ct", "brain"),
-    "MR 0.5-99.5 %iles": IntensityChoice("mr"),
-    "min-max": IntensityChoice("minmax"),
-}
-
-
-def is_image(layer: Any) -> bool:
-    from napari.layers import Image
-
-    return isinstance(layer, Image) and int(layer.ndim) in (2, 3)
-
-
-def availability(name: str) -> tuple[bool, str]:
-    """Whether a model can be loaded now (or downloaded on Load), and a line saying why."""
-    from ..core.weights import how_to_get, weights_available
-
-    spec = get_spec(name)
-    if spec.weights.random_init:
-        return True, "random (tests and demos only)"
-    found = weights_available(spec)
-    if found is not None:
-        if spec.weights.bundled_package and spec.weights.bundled_package in str(found).replace("-", "_"):
-            return True, f"bundled with {spec.weights.bundled_package.replace('_', '-')}, offline"
-        return True, f"found: {found.name} in {found.parent}"
-    if spec.weights.url:
-        size = f" ({spec.weights.size / 1e6:.0f} MB)" if spec.weights.size else ""
-        return True, f"downloaded on Load{size} from {spec.weights.url}"
-    return False, f"missing: {how_to_get(spec)}"
-
-
-def encoder_request(layer: Any, viewer: Any, session: Session) -> EncoderRequest | None:
-    """Snapshot (main thread) of what to embed for ``layer`` along the axis under view."""
-    if layer is None or not is_image(layer):
-        return None
-    view = _layers.current_slice(viewer.dims, layer)
-    axis = view.axis if view is not None else _layers.slice_axis(viewer.dims, layer) if layer.ndim == 3 else 0
-    data = _layers._plain_data(layer)
-    return EncoderRequest(image_id=id(layer), data_id=id(data), volume=_layers.image_volume(layer), axis=axis,
-                          intensity=session.intensity, name=layer.name)
-
-
-def load_model_job(session: Session, choice: ModelChoice, *, on_progress: Any = None,
-                   on_done: Any = None) -> _workers.Job:
-    """Load ``choice`` into ``session`` in a thread worker (shared by every widget)."""
-
-    def returned(loaded: Any) -> None:
-        session.set_model(loaded, choice)
-
-    def finished(job: _workers.Job) -> None:
-        if on_done is not None:
-            on_done(job)
-
-    return _workers.start(lambda cancel: session.load_model_steps(choice), desc=f"Loading {choice.name}",
-                          on_progress=on_progress, on_returned=returned, on_finished=finished,
-                          cancelable=False, show_bar=session.napari_progress)
+INTENSITIES: dict[str, IntensityChoice] = intensity_presets()  # from core.preprocess's presets
 
 
 class ModelWidget(DockWidget):
     """Choose, load and inspect a model; precompute embeddings of an image."""
 
-    def __init__(self, napari_viewer: Any, *, session: Session | None = None) -> None:
+    def __init__(self, napari_viewer: Any, *, session: AnnotationSession | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer = _layers.unwrap(napari_viewer)
         self.session = session or session_for(napari_viewer)
@@ -214,8 +158,8 @@ class ModelWidget(DockWidget):
         self.details_button.toggled.connect(self._show_details)
         self.weights_button.clicked.connect(self._on_choose_weights)
         self.weights_edit.textChanged.connect(self._on_weights_text)
-        self.load_button.clicked.connect(self._on_load)
-        self.embed_button.clicked.connect(self._on_embed)
+        self.load_button.clicked.connect(lambda *_: self.load())
+        self.embed_button.clicked.connect(lambda *_: self.embed())
         self.cancel_button.clicked.connect(self._on_cancel)
         self.intensity_combo.currentIndexChanged.connect(self._on_intensity)
         self.napari_bar_check.toggled.connect(self._on_napari_bar)
@@ -268,7 +212,8 @@ class ModelWidget(DockWidget):
         return ModelChoice(name=self.model_name, weights=weights, device=self.device_combo.currentText(),
                            precision=self.precision_combo.currentText())
 
-    def _on_load(self, *_: Any, then: Any = None) -> None:
+    def load(self, then: Any = None) -> _workers.Job | None:
+        """Load the chosen model in a thread worker (``then()`` runs once it is loaded); returns the job."""
         if self.load_job is not None and self.load_job.running:
             return
         self._after_load = then
@@ -278,6 +223,7 @@ class ModelWidget(DockWidget):
         self.load_status.setText(f"Loading {choice.name}…")
         self.load_job = load_model_job(self.session, choice, on_progress=self._on_load_progress,
                                        on_done=self._on_load_done)
+        return self.load_job
 
     def _on_load_progress(self, p: Any) -> None:
         _workers.show_progress(self.load_bar, p)
@@ -375,16 +321,18 @@ class ModelWidget(DockWidget):
         self.cache_label.setText(f"{status['cached']} / {status['n_slices']} slices cached{axis} "
                                  f"for {self.session.loaded.name if self.session.loaded else '?'}.")
 
-    def _on_embed(self) -> None:
+    def embed(self) -> _workers.Job | None:
+        """Embed every slice of the chosen image (the slice under view first) in a thread worker,
+        loading the model first if none is; returns the job (None: nothing to embed)."""
         if self.embed_job is not None and self.embed_job.running:
-            return
+            return self.embed_job
         req = self.request()
         if req is None:
-            return
+            return None
         if self.session.loaded is None:
             # Load first, then embed: the same button press, no second click needed.
-            self._on_load(then=self._on_embed)
-            return
+            self.load(then=self.embed)
+            return None
         self._on_dims()
         self.embed_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -394,6 +342,7 @@ class ModelWidget(DockWidget):
             lambda cancel: self.session.embed_steps(req, lambda: self._current_index, cancel=cancel),
             desc=f"Embedding {req.name}", on_progress=self._on_embed_progress, on_finished=self._on_embed_done,
             show_bar=self.session.napari_progress))
+        return self.embed_job
 
     def _on_embed_progress(self, p: Any) -> None:
         # Only the bar changes while embedding: a label's new text re-lays out the dock, which costs
