@@ -188,24 +188,12 @@ def run_with_progress(gen: Generator[Any, None, T], desc: str, *, unit: str = "s
 
 
 def parse_int_list(text: str | None) -> list[int] | None:
-    """``"3,17,40"`` -> ``[3, 17, 40]``; also accepts ranges ``"10-20"``."""
+    """``"3,17,40"`` -> ``[3, 17, 40]``; ranges ``"10-20"`` too: the widgets' parser
+    (:func:`napari_medsam.app.params.parse_slices`: sorted, each once), with a CLI error message."""
+    from ..app.params import parse_slices
     from ..core.errors import MedSamError
 
-    if not text:
-        return None
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError(part)
-                out.extend(range(lo, hi + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise MedSamError(f"slice list {text!r}: {part!r} is not a slice index or a range — give indices "
-                              "like 3,17,40 or ranges like 10-20") from None
-    return out
+    try:
+        return parse_slices(text)
+    except ValueError as e:
+        raise MedSamError(f"slice list {text!r}: {e} — give indices like 3,17,40 or ranges like 10-20") from None
