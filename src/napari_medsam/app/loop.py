@@ -244,10 +244,15 @@ class ReviewLoop:
         return tuple(s for s in range(max(0, a), min(self.n_slices - 1, b) + 1) if self.accept(s))
 
     def suggest(self, n: int = 5, *, score: str | None = None, min_gap: int = 2) -> list[tuple[int, float]]:
-        """The next slices to review: ``(slice, score)``, most uncertain first, reviewed ones excluded."""
+        """The next slices to review: ``(slice, score)``, most uncertain first, reviewed ones excluded.
+
+        ``disagreement`` needs two rounds' proposals of a slice; until any exists, ``entropy`` ranks.
+        """
         name = check_score(score or DEFAULT_SCORE)
         with self._lock:
             values = self.scores.get(name)
+            if name == "disagreement" and (values is None or not np.isfinite(values).any()):
+                values = self.scores.get("entropy")
             if values is None:
                 return []
             return rank_slices(values.copy(), n, exclude=self._reviewed[self.axis], min_gap=min_gap)
