@@ -21,7 +21,13 @@ Prints a markdown table and writes it to ``--out``::
 
 Heads use their general defaults (``TrainParams()``); the rows ``cnn no-image``, ``cnn no-aug``,
 ``cnn +flips`` and ``cnn 32-cell windows`` are ablations of the cnn head's image skips, its
-augmentation and its training-window size (32 cells: the default before 3/8 of the grid, 24).
+augmentation and its training-window size (32 cells: the default before 3/8 of the grid, 24);
+``hsam no-mask-attention``, ``hsam no-masa`` and ``hsam no-hierarchical`` switch off one of
+H-SAM's three parts each. Ablations run at ``--ablation-ks`` only. ``--seeds 0,1,2`` trains every
+head once per seed and adds a table of the seed spread (mean, min - max of the mean Dice, mean
+training time and its ratio to the cnn head's at the same k); every row names its trainable
+parameter count. ``--save-masks DIR`` keeps each run's predictions for
+``benchmarks/plot_head_masks.py``.
 """
 
 from __future__ import annotations
@@ -183,7 +189,14 @@ VARIANTS = {
     "cnn +flips": ("cnn", {}, {"flip": True}),
     "cnn 32-cell windows": ("cnn", {}, {"crop": 32}),
     "autosam": ("autosam", {}, {}),
+    "hsam": ("hsam", {}, {}),
+    "hsam no-mask-attention": ("hsam", {"mask_attention": False}, {}),
+    "hsam no-masa": ("hsam", {"masa": False}, {}),
+    "hsam no-hierarchical": ("hsam", {"hierarchical": False}, {}),
+    "selfprompt": ("selfprompt", {}, {}),
 }
+#: the prefixes of ablation rows (run at --ablation-ks only)
+ABLATIONS = ("cnn ", "hsam ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None, help="embedding cache folder (default: the user cache)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for everything (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds, one row per head and seed (default: --seed)")
     ap.add_argument("--axis", type=int, default=1, choices=(0, 1, 2),
                     help="slicing axis of the MNI array: 0 sagittal, 1 coronal (default), 2 axial")
     ap.add_argument("--eval-every", type=int, default=1,
                     help="evaluate on every n-th brain slice (default 1: all); only those are embedded")
     ap.add_argument("--no-unet", action="store_true", help="skip the scratch UNet baseline")
+    ap.add_argument("--save-masks", type=Path, default=None,
+                    help="write each run's predicted and true labels of the evaluation slices here (.npz)")
     ap.add_argument("--unet-steps", type=int, default=300, help="step budget of the scratch UNet (default 300)")
     args = ap.parse_args(argv)
 
@@ -219,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     for h in heads:
         if h not in VARIANTS:
             ap.error(f"unknown head {h!r}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     autosam_ks = ks if args.autosam_ks == "all" else [int(k) for k in args.autosam_ks.split(",") if k]
     ablation_ks = ks if args.ablation_ks == "all" else [int(k) for k in args.ablation_ks.split(",") if k]
     image, labels = load_mni()
     axis = args.axis
+    plane_name = {0: "sagittal", 1: "coronal", 2: "axial"}[axis]
     if args.eval_every < 1:
         ap.error("--eval-every must be at least 1")
     lab_sl = np.moveaxis(labels, axis, 0)
@@ -247,22 +265,31 @@ def main(argv: list[str] | None = None) -> int:
         data = drain(collect_training_data(enc, labels, train))
         for name in heads:
             kind, cfg, over = VARIANTS[name]
-            if (kind == "autosam" and k not in autosam_ks) or (name.startswith("cnn ") and k not in ablation_ks):
+            if (kind == "autosam" and k not in autosam_ks) or (name.startswith(ABLATIONS) and k not in ablation_ks):
                 continue
-            params = TrainParams(head=kind, head_config=cfg, seed=args.seed, threads=0, **over)
-            head = drain(fine_tune(data, params, loaded=loaded, class_names=("GM", "WM")))
-            res = drain(predict_slices(enc, head, slices=evals))
-            pred = np.moveaxis(res.labels, axis, 0)[evals]
-            d = dice_per_class(pred, truth, (1, 2))
-            h = head.meta.history
-            rows.append((k, name, d[0], d[1], float(np.mean(d)), h["seconds"], h["steps"], k * embed_s))
-            print(rows[-1], file=sys.stderr, flush=True)
+            for seed in seeds:
+                params = TrainParams(head=kind, head_config=cfg, seed=seed, threads=0, **over)
+                head = drain(fine_tune(data, params, loaded=loaded, class_names=("GM", "WM")))
+                res = drain(predict_slices(enc, head, slices=evals))
+                pred = np.moveaxis(res.labels, axis, 0)[evals]
+                d = dice_per_class(pred, truth, (1, 2))
+                h = head.meta.history
+                n_par = sum(p.numel() for p in head.module.parameters())
+                rows.append((k, name, seed, d[0], d[1], float(np.mean(d)), h["seconds"], h["steps"], k * embed_s,
+                             n_par))
+                print(rows[-1], file=sys.stderr, flush=True)
+                if args.save_masks is not None:
+                    args.save_masks.mkdir(parents=True, exist_ok=True)
+                    np.savez_compressed(args.save_masks / f"{plane_name}_k{k}_{name.replace(' ', '_')}_s{seed}.npz",
+                                        pred=pred.astype(np.uint8), truth=truth.astype(np.uint8),
+                                        image=raw[evals].astype(np.float16), slices=np.asarray(evals))
         if not args.no_unet:
             net, secs, steps = train_unet(raw[train], lab_sl[train], max_steps=args.unet_steps, patience=15,
                                           seed=args.seed)
             pred = predict_unet(net, raw[evals])
             d = dice_per_class(pred, truth, (1, 2))
-            rows.append((k, "unet (scratch)", d[0], d[1], float(np.mean(d)), secs, steps, None))
+            rows.append((k, "unet (scratch)", args.seed, d[0], d[1], float(np.mean(d)), secs, steps, None,
+                         sum(p.numel() for p in net.parameters())))
             print(rows[-1], file=sys.stderr, flush=True)
     plane = {0: "sagittal", 1: "coronal", 2: "axial"}[axis]
     evaluated = ("all other brain slices" if args.eval_every == 1 else
@@ -270,16 +297,28 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"MNI152 2009 template (nilearn), GM/WM, {plane} slices (array axis {axis}), {len(brain)} brain slices, "
               f"evaluated on {evaluated}; "
               f"LiteMedSAM fp32 embeddings ({embed_s:.2f} s/slice to embed); torch {torch.__version__}, "
-              f"{args.threads} thread(s) on {platform.machine()}; seed {args.seed}; "
+              f"{args.threads} thread(s) on {platform.machine()}; seeds {','.join(map(str, seeds))}; "
               f"scratch UNet budget {args.unet_steps} steps")
     lines = [
         header, "",
-        "| k | method | Dice GM | Dice WM | mean Dice | train (s) | steps | + embed k slices (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| k | method | seed | Dice GM | Dice WM | mean Dice | train (s) | steps | + embed k slices (s) | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for k, name, g, w, m, s, steps, e in rows:
+    for k, name, seed, g, w, m, s, steps, e, n_par in rows:
         emb = "-" if e is None else f"{e:.1f}"
-        lines.append(f"| {k} | {name} | {g:.3f} | {w:.3f} | {m:.3f} | {s:.1f} | {steps} | {emb} |")
+        lines.append(f"| {k} | {name} | {seed} | {g:.3f} | {w:.3f} | {m:.3f} | {s:.1f} | {steps} | {emb} | {n_par:,} |")
+    if len(seeds) > 1:  # the seed spread: mean and range of the mean Dice, mean training time
+        lines += ["", "| k | method | seeds | mean Dice (mean) | min - max | train (s, mean) | x cnn time |",
+                  "|---|---|---|---|---|---|---|"]
+        groups: dict[tuple[int, str], list[tuple]] = {}
+        for r in rows:
+            groups.setdefault((r[0], r[1]), []).append(r)
+        for (k, name), rs in groups.items():
+            md, secs = [r[5] for r in rs], float(np.mean([r[6] for r in rs]))
+            cnn = groups.get((k, "cnn"))
+            ratio = f"{secs / float(np.mean([r[6] for r in cnn])):.2f}" if cnn else "-"
+            lines.append(f"| {k} | {name} | {len(rs)} | {np.mean(md):.3f} | {min(md):.3f} - {max(md):.3f} | "
+                         f"{secs:.1f} | {ratio} |")
     table = "\n".join(lines)
     print(table)
     if args.out is not None:
