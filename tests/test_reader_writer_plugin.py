@@ -81,7 +81,7 @@ def test_get_reader_claims_supported_files(name):
     assert _reader.get_reader(name) is _reader.read_layers
 
 
-@pytest.mark.parametrize("name", ["a.png", "b.dcm", "c.gz", "d", "e.mha"])
+@pytest.mark.parametrize("name", ["a.png", "b.dcm", "c.gz", "d", "e.txt"])
 def test_get_reader_declines_other_files(name):
     assert _reader.get_reader(name) is None
     assert _reader.get_reader([name, "x.nii"]) is None

@@ -23,7 +23,7 @@ from .errors import ImageReadError, InvalidImageError
 __all__ = ["ImageVolume", "LazyArray"]
 
 # Errors raised while lazily reading a damaged file, turned into ImageReadError on access.
-_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, RuntimeError)  # codecs: RuntimeError
 _FORMAT_NAMES = {
     "nifti": "NIfTI",
     "tiff": "TIFF",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,12 @@ from napari_medsam.io.volume import ImageVolume, LazyArray
 
 __all__ = ["SUPPORTED_EXTENSIONS", "image_format", "read_image"]
 
-SUPPORTED_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz", ".tif", ".tiff", ".npy", ".zarr")
+SUPPORTED_EXTENSIONS: tuple[str, ...] = (
+    ".nii", ".nii.gz", ".tif", ".tiff", ".npy", ".zarr",
+    ".mgh", ".mgz", ".mnc", ".hdr", ".img", ".par", ".rec", ".v", ".nrrd", ".nhdr", ".mha", ".mhd",
+)
+#: Formats :func:`~napari_medsam.io.write_labels` writes; the others are read only (write .nii.gz).
+WRITABLE_FORMATS: tuple[str, ...] = ("nifti", "tiff", "npy", "zarr")
 
 # extension -> format family; longest first so ".nii.gz" wins over ".gz" and ".ome.zarr" over ".zarr"
 _EXTENSIONS: tuple[tuple[str, str], ...] = (
@@ -31,19 +37,30 @@ _EXTENSIONS: tuple[tuple[str, str], ...] = (
     (".nii.gz", "nifti"),
     (".tiff", "tiff"),
     (".zarr", "zarr"),
+    (".nrrd", "nrrd"),
+    (".nhdr", "nrrd"),
     (".nii", "nifti"),
     (".tif", "tiff"),
     (".npy", "npy"),
+    (".mgh", "nibabel"),  # FreeSurfer MGH / MGZ
+    (".mgz", "nibabel"),
+    (".mnc", "nibabel"),  # MINC 1 and 2
+    (".hdr", "nibabel"),  # Analyze 7.5 / NIfTI pairs
+    (".img", "nibabel"),
+    (".par", "nibabel"),  # Philips PAR / REC
+    (".rec", "nibabel"),
+    (".mha", "metaimage"),
+    (".mhd", "metaimage"),
+    (".v", "ecat"),  # ECAT 7
 )
 
-_FORMAT_NAMES = {"nifti": "NIfTI", "tiff": "TIFF", "npy": "NumPy .npy", "zarr": "zarr"}
+_FORMAT_NAMES = {"nifti": "NIfTI", "tiff": "TIFF", "npy": "NumPy .npy", "zarr": "zarr", "nrrd": "NRRD",
+                 "nibabel": "a nibabel format (MGH/MGZ, MINC, Analyze, PAR/REC)", "metaimage": "MetaImage",
+                 "ecat": "ECAT"}
 
 # Hints for formats people commonly try; the error message lists what is supported.
 _CONVERT_HINTS = {
     ".dcm": "For a DICOM series convert the folder to NIfTI first, e.g. `dcm2niix -z y -o OUT DICOM_DIR`.",
-    ".mha": "Convert MetaImage to NIfTI first, e.g. with SimpleITK: `sitk.WriteImage(sitk.ReadImage(p), 'x.nii.gz')`.",
-    ".mhd": "Convert MetaImage to NIfTI first, e.g. with SimpleITK: `sitk.WriteImage(sitk.ReadImage(p), 'x.nii.gz')`.",
-    ".nrrd": "Convert NRRD to NIfTI first, e.g. with SimpleITK or 3D Slicer.",
     ".npz": "Save one array with `numpy.save('x.npy', array)` instead of an .npz archive.",
     ".gz": "Only gzip-compressed NIfTI (.nii.gz) is supported among .gz files.",
 }
@@ -118,7 +135,9 @@ def read_image(path: str | os.PathLike, *, lazy: bool = True) -> ImageVolume:
     fmt = image_format(path)
     if fmt is None:
         raise _unsupported(path)
-    reader = {"nifti": _read_nifti, "tiff": _read_tiff, "npy": _read_npy, "zarr": _read_zarr}[fmt]
+    reader = {"nifti": _read_nifti, "tiff": _read_tiff, "npy": _read_npy, "zarr": _read_zarr,
+              "nibabel": _read_nibabel, "ecat": _read_nibabel, "nrrd": _read_nrrd,
+              "metaimage": _read_metaimage}[fmt]
     try:
         return reader(path, lazy)
     except MedSamError:
@@ -158,7 +177,10 @@ def _read_nifti(path: pathlib.Path, lazy: bool) -> ImageVolume:
     dtype = _nifti_dtype(proxy, shape)
     # gzip cannot seek: every lazy slice read of a .nii.gz would decompress the file again,
     # so compressed NIfTI is decompressed once into memory; uncompressed .nii stays memory-mapped.
-    if lazy and not path.name.lower().endswith(".gz"):
+    in_memory = not lazy or path.name.lower().endswith(".gz")
+    check_declared_size(path, shape, img.get_data_dtype(), in_memory=in_memory,
+                        compressed=path.name.lower().endswith(".gz"), out_dtype=dtype)
+    if not in_memory:
         data: Any = LazyArray(proxy, dtype=dtype, drop_axes=drop, source=str(path), format="nifti")
     else:
         full = np.asanyarray(proxy)
@@ -191,6 +213,65 @@ def _read_nifti(path: pathlib.Path, lazy: bool) -> ImageVolume:
     )
 
 
+#: The most a deflate (gzip) stream can expand: 1032 : 1 (zlib's technical details), plus headers.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _available_memory() -> int | None:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with napari
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_declared_size(
+    path: pathlib.Path,
+    shape: tuple[int, ...],
+    dtype: Any,
+    *,
+    in_memory: bool,
+    compressed: bool = False,
+    out_dtype: Any = None,
+    available: int | None = None,
+) -> None:
+    """Refuse, before any allocation, a header whose declared size cannot be read.
+
+    ``in_memory``: the whole array will be loaded (compressed files, ``lazy=False``), so it must fit
+    in the free memory; else only 2D slices are read, and the largest one (as float32, what the
+    intensity mapping makes of it) must fit in half of it. ``compressed``: the file is a gzip / deflate
+    stream, which cannot expand more than 1032 times, so a small file that declares a huge array is
+    truncated or lies. ``available`` overrides the free memory (tests).
+    """
+    n = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    nbytes = n * max(np.dtype(dtype).itemsize, np.dtype(out_dtype or dtype).itemsize)
+    if compressed:
+        size = path.stat().st_size
+        if nbytes > size * _DEFLATE_MAX_RATIO + 2**16:
+            raise ImageReadError(
+                f"Could not read {path}: its header declares shape {tuple(shape)} ({_gib(nbytes)}) but a "
+                f"compressed file of {size} bytes holds at most {_gib(size * _DEFLATE_MAX_RATIO)}; the file is "
+                "truncated or its header is wrong. Re-export or re-download it.")
+    free = _available_memory() if available is None else available
+    if free is None:
+        return
+    if in_memory and nbytes > free:
+        raise ImageReadError(
+            f"{path} declares shape {tuple(shape)}: {_gib(nbytes)} to load, more than the {_gib(free)} of free "
+            "memory. Crop or downsample it first, or save it uncompressed (.nii, zarr) so it is read slice by slice.")
+    spatial = [int(s) for s in shape[:3]]
+    if len(spatial) == 3:
+        biggest = max(spatial[0] * spatial[1], spatial[0] * spatial[2], spatial[1] * spatial[2]) * 4
+        if biggest > free // 2:
+            raise ImageReadError(
+                f"{path} declares shape {tuple(shape)}: one slice of it is {_gib(biggest)} as float32, more than "
+                f"half the {_gib(free)} of free memory. Crop or downsample it first.")
+
+
 def _check_nifti_size(path: pathlib.Path, img: Any, shape: tuple[int, ...]) -> None:
     """Catch a truncated uncompressed NIfTI at open time (compressed ones fail when read)."""
     if path.name.lower().endswith(".gz"):
@@ -213,6 +294,151 @@ def _nifti_dtype(proxy: Any, shape: tuple[int, ...]) -> np.dtype:
         return np.dtype(proxy.dtype).newbyteorder("=")
     corner = np.asanyarray(proxy[tuple(slice(0, 1) for _ in shape)])
     return np.dtype(corner.dtype).newbyteorder("=")
+
+
+# ---- other volumetric formats: nibabel (MGH/MGZ, MINC 1/2, Analyze, PAR/REC, ECAT), NRRD, MetaImage ----
+
+
+def _kept_axes(path: pathlib.Path, shape: tuple[int, ...], what: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Trailing length-1 axes beyond the third to hide, and the shape kept; refuses real 4D+ data."""
+    drop = tuple(i for i in range(3, len(shape)) if shape[i] == 1)
+    kept = tuple(s for i, s in enumerate(shape) if i not in drop)
+    if len(kept) > 3:
+        raise InvalidImageError(
+            f"{path} is a {len(kept)}D {what} of shape {shape} (a time series, echoes or several channels); "
+            "only 2D and 3D images can be segmented. Save one volume of it first, e.g. with nibabel "
+            "`nib.save(nib.Nifti1Image(img.dataobj[..., 0], img.affine), 'vol0.nii.gz')`."
+        )
+    if len(kept) < 2 or min(kept) < 1:
+        raise InvalidImageError(f"{path} holds no 2D or 3D image (shape {shape}).")
+    return drop, kept
+
+
+def _geometry_from_affine(affine: np.ndarray, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Voxel spacing (column norms) and origin of a 4x4 voxel-to-world affine, for ``ndim`` axes."""
+    cols = np.linalg.norm(affine[:3, :ndim], axis=0)
+    spacing = tuple(float(z) if z > 0 and np.isfinite(z) else 1.0 for z in cols)
+    return spacing, tuple(float(v) for v in affine[:ndim, 3])
+
+
+def _read_nibabel(path: pathlib.Path, lazy: bool) -> ImageVolume:
+    """Any volume nibabel reads besides NIfTI, with its affine (nibabel's RAS+ world)."""
+    import nibabel as nib
+
+    if image_format(path) == "ecat":
+        import nibabel.ecat
+
+        img: Any = nibabel.ecat.load(path)
+    else:
+        img = nib.load(path)
+    if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):  # a .hdr/.img NIfTI pair is NIfTI
+        return _read_nifti(path, lazy)
+    kind = type(img).__name__.replace("Image", "")
+    shape = tuple(int(s) for s in img.shape)
+    drop, kept = _kept_axes(path, shape, kind)
+    proxy = img.dataobj
+    corner = np.asanyarray(proxy[tuple(slice(0, 1) for _ in shape)])
+    dtype = np.dtype(corner.dtype).newbyteorder("=")
+    compressed = path.name.lower().endswith((".mgz", ".gz"))
+    in_memory = not lazy or compressed or not nib.is_proxy(proxy)
+    check_declared_size(path, shape, dtype, in_memory=in_memory, compressed=compressed)
+    if in_memory:
+        data: Any = np.asarray(np.asanyarray(proxy).reshape(kept), dtype=dtype)
+    else:
+        data = LazyArray(proxy, dtype=dtype, drop_axes=drop, source=str(path), format="nibabel")
+    affine = np.array(img.affine, dtype=float)
+    spacing, origin = _geometry_from_affine(affine, len(kept))
+    return ImageVolume(data=data, spacing=spacing, origin=origin, affine=affine, rgb=False, source=str(path),
+                       format="nibabel", meta={"nibabel_class": type(img).__name__})
+
+
+def _lps_to_ras(affine: np.ndarray) -> np.ndarray:
+    out = np.array(affine, dtype=float)
+    out[:2, :] *= -1
+    return out
+
+
+def _read_nrrd(path: pathlib.Path, lazy: bool) -> ImageVolume:
+    """NRRD (``.nrrd`` / detached ``.nhdr``) through pynrrd, in its (i, j, k) index order, with the
+    affine from ``space directions`` / ``space origin`` in RAS+ (as nibabel's)."""
+    import nrrd
+
+    header = nrrd.read_header(str(path))
+    sizes = tuple(int(v) for v in header.get("sizes", ()))
+    try:
+        dtype = np.dtype(nrrd.reader._determine_datatype(header))
+    except Exception:  # noqa: BLE001 - pynrrd's own type table; the read below names a bad type
+        dtype = np.dtype(np.float64)  # the largest, for the size check
+    drop, kept = _kept_axes(path, sizes, "NRRD")
+    raw = str(header.get("encoding", "raw")).lower() in ("raw",)
+    check_declared_size(path, sizes, dtype, in_memory=True, compressed=not raw and "data file" not in header)
+    data, header = nrrd.read(str(path), index_order="F")
+    data = np.asarray(data).reshape(kept)
+    ndim = len(kept)
+    affine = None
+    directions = header.get("space directions")
+    if directions is not None:
+        rows = [r for r in np.asarray(directions, dtype=object) if r is not None and not
+                (isinstance(r, float) and np.isnan(r))]
+        dirs = np.array([np.asarray(r, dtype=float) for r in rows], dtype=float)
+        if dirs.shape[0] != ndim:
+            raise InvalidImageError(
+                f"{path}: NRRD with {ndim} axes but {dirs.shape[0]} spatial directions (a channel or list "
+                "axis?); only single-channel 2D / 3D images can be segmented. Save one channel first.")
+        dim = dirs.shape[1]
+        affine = np.eye(4)
+        affine[:dim, :ndim] = dirs.T
+        origin = np.asarray(header.get("space origin", np.zeros(dim)), dtype=float)
+        affine[:dim, 3] = origin
+        space = str(header.get("space", "")).lower()
+        if space in ("left-posterior-superior", "lps"):
+            affine = _lps_to_ras(affine)
+    if affine is not None and np.isfinite(affine).all():
+        spacing, origin_t = _geometry_from_affine(affine, ndim)
+    else:
+        affine = None
+        spacing = tuple(float(v) for v in header.get("spacings", [1.0] * ndim))
+        origin_t = (0.0,) * ndim
+    return ImageVolume(data=data, spacing=spacing, origin=origin_t, affine=affine, rgb=False, source=str(path),
+                       format="nrrd", meta={"nrrd_header": dict(header)})
+
+
+def _read_metaimage(path: pathlib.Path, lazy: bool) -> ImageVolume:
+    """MetaImage (``.mha`` / ``.mhd`` + raw) through SimpleITK, in (i, j, k) order like NIfTI, with the
+    affine from ITK's direction, spacing and origin in RAS+ (ITK's world is LPS)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size = tuple(int(v) for v in reader.GetSize())  # ITK order: (i, j, k)
+    comps = int(reader.GetNumberOfComponents())
+    if comps != 1:
+        raise InvalidImageError(
+            f"{path} has {comps} components per voxel (vector or colour data); only single-channel 2D / 3D "
+            "images can be segmented. Save one component first.")
+    drop, kept = _kept_axes(path, size, "MetaImage")
+    dtype = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * len(size), reader.GetPixelID())).dtype)
+    # a .mha holds its (maybe zlib-compressed) data after the text header; a .mhd points to another file
+    head = ""
+    if path.suffix.lower() == ".mha":
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("latin-1")
+    compressed = bool(re.search(r"^\s*CompressedData\s*=\s*True", head, re.MULTILINE | re.IGNORECASE))
+    check_declared_size(path, size, dtype, in_memory=True, compressed=compressed)
+    img = reader.Execute()
+    data = sitk.GetArrayFromImage(img).T.reshape(kept)  # numpy (k, j, i) -> (i, j, k)
+    n = len(size)
+    direction = np.asarray(img.GetDirection(), dtype=float).reshape(n, n)
+    spacing_itk = np.asarray(img.GetSpacing(), dtype=float)
+    affine = np.eye(4)
+    affine[:n, :n] = direction * spacing_itk[None, :]
+    affine[:n, 3] = np.asarray(img.GetOrigin(), dtype=float)
+    affine = _lps_to_ras(affine) if n >= 2 else affine
+    ndim = len(kept)
+    spacing, origin = _geometry_from_affine(affine, ndim)
+    return ImageVolume(data=np.ascontiguousarray(data) if not lazy else data, spacing=spacing, origin=origin,
+                       affine=affine, rgb=False, source=str(path), format="metaimage", meta={})
 
 
 # ---- TIFF -------------------------------------------------------------------------------------
@@ -420,6 +646,21 @@ def _ngff_scale_translation(transforms: Any, ndim: int) -> tuple[np.ndarray, np.
     return scale, translation
 
 
+def _warn_missing_chunks(path: pathlib.Path, array: Any) -> None:
+    """Log how many chunks a zarr image does not store (they read as its fill value)."""
+    import logging
+
+    try:
+        stored, total = int(array.nchunks_initialized), int(array.nchunks)
+    except Exception:  # noqa: BLE001 - a store that cannot list its keys: nothing to tell
+        return
+    if stored < total:
+        logging.getLogger(__name__).warning(
+            "%s: %d of %d chunks are not stored and read as the fill value %s (zarr does not store chunks "
+            "that hold only that value; if chunks were lost, re-export the image)", path, total - stored, total,
+            getattr(array, "fill_value", 0))
+
+
 def _zarr_volume(
     path: pathlib.Path,
     array: Any,
@@ -447,10 +688,15 @@ def _zarr_volume(
             "2D / 3D image can be segmented. Save one channel / time point as its own image."
         )
     keep = [i for i in range(ndim) if i not in drop]
-    data: Any = LazyArray(array, drop_axes=tuple(drop), source=str(path), format=fmt) if drop else array
+    kept_shape = tuple(shape[i] for i in keep)
+    check_declared_size(path, kept_shape, array.dtype, in_memory=not lazy)
+    labels = bool((meta or {}).get("image-label")) or ours.get("kind") == "labels"
+    if not labels:
+        _warn_missing_chunks(path, array)
+    # Always through LazyArray: a corrupt chunk, found only when read, is an ImageReadError naming the file.
+    data: Any = LazyArray(array, drop_axes=tuple(drop), source=str(path), format=fmt)
     if not lazy:
         data = np.asarray(data[...])
-    kept_shape = tuple(shape[i] for i in keep)
     rgb = fmt == "zarr" and len(kept_shape) in (3, 4) and kept_shape[-1] in (3, 4) and array.dtype == np.uint8
     n = len(keep) - (1 if rgb else 0)
     spacing = [1.0] * n if scale is None else [float(scale[i]) for i in keep][:n]

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_medsam.core.errors import InvalidImageError, MedSamError, OutputError
-from napari_medsam.io.readers import SUPPORTED_EXTENSIONS, image_format, split_extension
+from napari_medsam.core.errors import InvalidImageError, OutputError
+from napari_medsam.io.readers import WRITABLE_FORMATS, image_format, split_extension
 from napari_medsam.io.volume import ImageVolume
 
 __all__ = ["check_output", "remove_stale_temps", "write_image", "write_labels"]
@@ -33,6 +33,8 @@ __all__ = ["check_output", "remove_stale_temps", "write_image", "write_labels"]
 #: Our temporary files older than this many minutes are removed even when their writer's PID is unknown.
 STALE_MINUTES = 60
 _TMP_TAG = "tmp"
+#: Extensions :func:`write_labels` and :func:`write_image` write (other readable formats are read only).
+WRITABLE_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz", ".tif", ".tiff", ".npy", ".zarr")
 
 # dtypes ImageJ hyperstacks hold natively; others are written as plain (shaped) TIFF
 _IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
@@ -165,10 +167,10 @@ def _write(
     path = pathlib.Path(os.fspath(path)).expanduser()
     ext = split_extension(path)[1]
     fmt = image_format(path) if ext else None
-    if fmt is None:
-        raise MedSamError(
-            f"Cannot write {path}: unsupported extension {ext or '(none)'!r}. "
-            f"Use one of {', '.join(SUPPORTED_EXTENSIONS)} (or .ome.zarr)."
+    if fmt not in WRITABLE_FORMATS:
+        raise OutputError(
+            f"Cannot write {path}: unsupported extension {ext or '(none)'!r} for an output. "
+            f"Use one of {', '.join(WRITABLE_EXTENSIONS)} (or .ome.zarr)."
         )
     geometry = _geometry(array, reference)
     check_output(path, overwrite=True)  # never a read-only file, a folder for a file, or x.zarr-the-file
@@ -230,11 +232,11 @@ def check_output(
     """
     path = pathlib.Path(os.fspath(path)).expanduser()
     fmt = image_format(path) if kind == "image" else None
-    if kind == "image" and fmt is None:
+    if kind == "image" and fmt not in WRITABLE_FORMATS:
         ext = split_extension(path)[1]
         raise OutputError(
-            f"cannot write {path}: unsupported extension {ext or '(none)'!r} — use one of "
-            f"{', '.join(SUPPORTED_EXTENSIONS)} (or .ome.zarr)")
+            f"cannot write {path}: unsupported extension {ext or '(none)'!r} for an output — use one of "
+            f"{', '.join(WRITABLE_EXTENSIONS)} (or .ome.zarr)")
     target = os.path.abspath(path)
     for src in inputs if isinstance(inputs, (list, tuple, set)) else (inputs,):
         if src is None:
