@@ -47,6 +47,14 @@ def test_segment_box_writes_labels_with_geometry(tmp_path, capsys):
     arr = np.asarray(lab.dataobj)
     assert set(np.unique(arr)) <= {0, 1, 2, 3}
     assert not arr[..., [0, 2, 4, 5]].any()  # only the prompted slices
+    # what the command says it wrote is in the file: the point object on slice 1, the boxes on slice 3
+    import re
+
+    found = {int(m[0]): (int(m[1]), int(m[2])) for m in re.findall(r"object (\d+): slice (\d+), (\d+) pixels", printed)}
+    assert set(found) == {1, 2, 3} and found[3][0] == 1 and found[1][0] == found[2][0] == 3
+    assert found[3][1] > 0 and int((arr[..., 1] == 3).sum()) == found[3][1]
+    assert set(np.unique(arr[..., 1])) == {0, 3}
+    assert set(np.unique(arr[..., 3])) - {0} and set(np.unique(arr[..., 3])) <= {0, 1, 2}
 
 
 @pytest.mark.parametrize("argv,needle", [

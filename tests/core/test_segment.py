@@ -110,7 +110,8 @@ def test_propagation_between_two_seeds_covers_the_gap(enc):
     params = PropagationParams(min_iou=-1.0, min_area_frac=0.0, min_area_px=0)
     out = drain(propagate(enc, {1: Prompt2D.from_box((5, 4, 40, 28)), 6: Prompt2D.from_box((5, 4, 40, 28))},
                           params=params))
-    assert {1, 6} <= set(out)
+    gap = range(2, 6)  # the slices between the seeds: the seeds themselves are always in the output
+    assert set(gap) <= set(out) and all(out[z].any() for z in gap)
 
 
 def test_propagation_needs_a_seed(enc):
