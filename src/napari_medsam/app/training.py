@@ -41,19 +41,23 @@ def train_head_steps(encoder: Any, labels: Any, slices: Sequence[int] | None = N
     ``labels``: integer array of the volume's spatial shape (0 background); ``slices``: training
     slices along the encoder's axis (None: every slice holding a label); ``params``: a
     :class:`~napari_medsam.core.finetune.TrainParams` (None: its defaults, the benchmarked schedule);
-    ``init``: a head to continue training (its classes are kept); ``threads``: a context manager
+    ``init``: a head to continue training (its classes are kept, new ones in the labels are added
+    after them, see :func:`~napari_medsam.core.finetune.fine_tune`); ``threads``: a context manager
     factory that sets the embedding thread's torch threads (the session passes its worker policy).
     """
     from ..core.finetune import TrainParams, collect_training_data, fine_tune
 
     yield Progress(0, 0, "preparing")
-    ids = tuple(init.meta.class_ids) if init is not None else None
     if threads is None:
-        data = yield from collect_training_data(encoder, labels, slices, class_ids=ids, cancel=cancel)
+        data = yield from collect_training_data(encoder, labels, slices, cancel=cancel)
     else:
         with threads():
-            data = yield from collect_training_data(encoder, labels, slices, class_ids=ids, cancel=cancel)
-    names = class_names_for(data.class_ids, class_names)
+            data = yield from collect_training_data(encoder, labels, slices, cancel=cancel)
+    ids = tuple(data.class_ids)
+    if init is not None:  # continuing: the head's classes first, new ones after (the head grows)
+        old = tuple(init.meta.class_ids)
+        ids = old + tuple(c for c in ids if c not in old)
+    names = class_names_for(ids, class_names)
     head = yield from fine_tune(data, params if params is not None else TrainParams(), loaded=encoder.loaded,
                                 class_names=names, init=init, cancel=cancel)
     return head
