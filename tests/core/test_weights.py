@@ -131,3 +131,48 @@ def test_user_file_wins_and_must_exist(tmp_path):
 def test_unknown_model():
     with pytest.raises(UnknownModelError, match="litemedsam"):
         get_spec("sam_vit_x")
+
+
+# ---- weights without a published checksum (MedSAM, MobileSAM) --------------------------------
+
+
+@pytest.mark.parametrize("name", ["medsam_vit_b", "mobilesam"])
+def test_dropped_in_file_without_checksum_needs_trust_once(tmp_path, name):
+    from napari_medsam.core.weights import TRUSTED_FILE, trusted_hashes
+
+    spec = get_spec(name)
+    dropped = weights_dir(tmp_path) / spec.weights.filename
+    dropped.parent.mkdir(parents=True)
+    dropped.write_bytes(b"a checkpoint someone put here")
+    with pytest.raises(ChecksumError, match="cannot be verified.*--trust-weights"):
+        resolve_weights(spec, cache_dir=tmp_path, download=False)
+    assert trusted_hashes(tmp_path) == {}
+    path, digest = resolve_weights(spec, cache_dir=tmp_path, download=False, trust=True)
+    assert path == dropped and digest == hashlib.sha256(dropped.read_bytes()).hexdigest()
+    assert trusted_hashes(tmp_path) == {spec.weights.filename: digest}
+    assert (weights_dir(tmp_path) / TRUSTED_FILE).is_file()
+    assert resolve_weights(spec, cache_dir=tmp_path, download=False)[1] == digest  # recorded: no flag needed
+    dropped.write_bytes(b"another file under the same name")
+    with pytest.raises(ChecksumError, match="changed since it was trusted"):
+        resolve_weights(spec, cache_dir=tmp_path, download=False)
+
+
+def test_download_without_published_checksum_is_recorded(served, tmp_path):
+    from napari_medsam.core.weights import trusted_hashes
+
+    spec = _spec(served["url"], None)
+    _, digest = resolve_weights(spec, cache_dir=tmp_path)
+    assert digest == served["sha"] and trusted_hashes(tmp_path) == {"tiny.pth": served["sha"]}
+    (weights_dir(tmp_path) / "tiny.pth").write_bytes(b"tampered")
+    with pytest.raises(ChecksumError, match="changed since it was trusted"):
+        resolve_weights(spec, cache_dir=tmp_path)
+
+
+def test_models_table_says_an_unverified_file_needs_trust(tmp_path, capsys):
+    from napari_medsam.cli import main
+
+    (weights_dir(tmp_path) / "mobile_sam.pt").parent.mkdir(parents=True)
+    (weights_dir(tmp_path) / "mobile_sam.pt").write_bytes(b"x")
+    assert main(["models", "--cache-dir", str(tmp_path)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mobilesam"))
+    assert "--trust-weights" in line

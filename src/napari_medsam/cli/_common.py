@@ -22,6 +22,9 @@ def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "litemeds
     p.add_argument("--cache-dir", default=None,
                    help="cache folder for embeddings and weights (default: the user cache directory)")
     p.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
+    p.add_argument("--trust-weights", action="store_true",
+                   help="vouch for a weights file in the weights folder that has no published checksum "
+                        "(MedSAM, MobileSAM): its SHA-256 is recorded and checked from then on")
 
 
 def _number(text: str, kind: type, *, low: float, low_ok: bool) -> Any:
@@ -115,7 +118,8 @@ def load_from_args(args: argparse.Namespace) -> Any:
     bar = _DownloadBar()
     try:
         return load_model(args.model, weights=args.weights, device=args.device, precision=args.precision,
-                          cache_dir=args.cache_dir, progress=bar)
+                          cache_dir=args.cache_dir, progress=bar,
+                          trust_weights=bool(getattr(args, "trust_weights", False)))
     finally:
         bar.close()
 

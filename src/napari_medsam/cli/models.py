@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.build import count_parameters
     from ..core.registry import DEFAULT_MODEL, MODELS, list_models
-    from ..core.weights import how_to_get, weights_available
+    from ..core.weights import has_published_checksum, how_to_get, trusted_hashes, weights_available
 
     rows = []
     for name in list_models(include_test=args.all):
@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
             if found is not None:
                 status = "bundled, offline" if spec.weights.bundled_package and "site-packages" in str(found) \
                     else f"available: {found}"
+                if not has_published_checksum(spec) and spec.weights.filename not in trusted_hashes(args.cache_dir):
+                    status += " (no published checksum: pass --trust-weights once to use it)"
             elif spec.weights.url:
                 status = f"downloads on first use from {spec.weights.url}"
             else:

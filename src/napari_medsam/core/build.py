@@ -67,13 +67,16 @@ def build_sam(spec: ModelSpec) -> Any:
 def load_model(name: str | ModelSpec = "litemedsam", *, weights: str | os.PathLike | None = None,
                device: str = "auto", precision: str = "auto", cache_dir: str | os.PathLike | None = None,
                download: bool = True, progress: Callable[[int, int], None] | None = None,
-               seed: int = 0, fuse: bool = True, optimize: bool = True, int8: bool = False) -> LoadedModel:
+               seed: int = 0, fuse: bool = True, optimize: bool = True, int8: bool = False,
+               trust_weights: bool = False) -> LoadedModel:
     """Build a registered model and load its weights strictly; move it to ``device``.
 
     Test models (``test_*``) get seeded random weights. ``fuse`` folds conv+batchnorm pairs
     for inference (same outputs, fewer kernels). ``optimize`` applies the exact inference
     speed-ups of :func:`~napari_medsam.core.speed.optimize_for_inference`; ``int8`` adds its
     int8 quantization of the encoder (CPU; other embeddings, so other cache keys).
+    ``trust_weights`` vouches for a weights file that has no published checksum (see
+    :func:`~napari_medsam.core.weights.resolve_weights`).
     """
     import torch
 
@@ -89,7 +92,7 @@ def load_model(name: str | ModelSpec = "litemedsam", *, weights: str | os.PathLi
         path, digest = None, f"random-seed{seed}"
     else:
         path_, digest = resolve_weights(spec, path=weights, cache_dir=cache_dir, download=download,
-                                        progress=progress)
+                                        progress=progress, trust=trust_weights)
         model = build_sam(spec)
         load_state_dict_strict(model, load_checkpoint(path_), source=str(path_))
         path = str(path_)

@@ -122,13 +122,72 @@ def how_to_get(spec: ModelSpec, *, cache_dir: str | os.PathLike | None = None) -
     return f"download {spec.weights.filename} from {where}{extra} and put it in {folder}, or pass its path"
 
 
+TRUSTED_FILE = "trusted.json"
+
+
+def has_published_checksum(spec: ModelSpec) -> bool:
+    """Whether the registry can verify ``spec``'s official file (a SHA-256, or SAM's MD5 prefix)."""
+    return spec.weights.sha256 is not None or spec.weights.md5_prefix is not None
+
+
+def trusted_hashes(cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{file name: sha256}`` the user vouched for (``--trust-weights``) or that came from the official URL."""
+    import json
+
+    try:
+        data = json.loads((weights_dir(cache_dir) / TRUSTED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def record_trusted(spec: ModelSpec, digest: str, *, cache_dir: str | os.PathLike | None = None) -> None:
+    """Remember ``digest`` as the SHA-256 of ``spec``'s weights file (atomically)."""
+    import json
+
+    folder = weights_dir(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = trusted_hashes(cache_dir)
+    data[spec.weights.filename] = digest
+    fd, tmp = tempfile.mkstemp(prefix=f".{TRUSTED_FILE}.", dir=folder)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+    os.replace(tmp, folder / TRUSTED_FILE)
+
+
+def _verify_unpublished(path: Path, spec: ModelSpec, *, trust: bool, cache_dir: str | os.PathLike | None) -> str:
+    """A file of a model without a published checksum: refused unless trusted now or before."""
+    digest = cached_sha256(path)
+    known = trusted_hashes(cache_dir).get(spec.weights.filename)
+    if known is not None and digest == known:
+        return digest
+    if not trust:
+        if known is not None:
+            raise ChecksumError(
+                f"{path} changed since it was trusted (SHA-256 {digest}, recorded {known}): it is corrupt or "
+                f"another file. Fetch {spec.weights.filename} again ({spec.weights.url or spec.weights.manual_url}) "
+                "and, if it is the official file, pass --trust-weights (Python: trust_weights=True) once.")
+        raise ChecksumError(
+            f"{path} cannot be verified: the publishers of {spec.name} give no checksum for "
+            f"{spec.weights.filename}. If you downloaded it from {spec.weights.url or spec.weights.manual_url}, "
+            f"pass --trust-weights (Python: trust_weights=True) once: its SHA-256 ({digest[:16]}...) is recorded "
+            f"in {weights_dir(cache_dir) / TRUSTED_FILE} and checked on every later use.")
+    record_trusted(spec, digest, cache_dir=cache_dir)
+    return digest
+
+
 def resolve_weights(spec: ModelSpec, *, path: str | os.PathLike | None = None,
                     cache_dir: str | os.PathLike | None = None, download: bool = True,
-                    progress: ProgressCallback | None = None, timeout: float = 30.0) -> tuple[Path, str]:
+                    progress: ProgressCallback | None = None, timeout: float = 30.0,
+                    trust: bool = False) -> tuple[Path, str]:
     """Find (or fetch) and verify a model's weights; return ``(path, sha256)``.
 
     A ``path`` the user gives is checked only for readability (fine-tuned checkpoints differ from
-    the official file); official files are checked against the registry's checksum.
+    the official file); official files are checked against the registry's checksum. For models
+    whose publishers give none (MedSAM, MobileSAM), a file found in the weights folder is refused
+    unless ``trust`` (CLI ``--trust-weights``) vouches for it once; its SHA-256 is then recorded
+    (``trusted.json`` beside it) and checked on every later use. A file downloaded from the
+    registry's official URL is recorded the same way.
     """
     if path is not None:
         p = Path(path).expanduser()
@@ -140,12 +199,18 @@ def resolve_weights(spec: ModelSpec, *, path: str | os.PathLike | None = None,
         return found, verify_file(found, spec)
     local = weights_dir(cache_dir) / spec.weights.filename
     if local.is_file():
-        return local, verify_file(local, spec)
+        digest = verify_file(local, spec)
+        if not has_published_checksum(spec):
+            digest = _verify_unpublished(local, spec, trust=trust, cache_dir=cache_dir)
+        return local, digest
     if spec.weights.url is None or not download:
         raise WeightsUnavailableError(
             f"no weights for {spec.name}: {how_to_get(spec, cache_dir=cache_dir)}."
         )
-    return local, download_weights(spec, spec.weights.url, local, progress=progress, timeout=timeout)
+    digest = download_weights(spec, spec.weights.url, local, progress=progress, timeout=timeout)
+    if not has_published_checksum(spec):
+        record_trusted(spec, digest, cache_dir=cache_dir)  # from the official URL: checked from now on
+    return local, digest
 
 
 def download_weights(spec: ModelSpec, url: str, dest: Path, *, progress: ProgressCallback | None = None,
