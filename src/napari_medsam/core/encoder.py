@@ -120,6 +120,16 @@ class VolumeEncoder:
         x, _ = to_model_input(img, self.loaded.spec)
         return x
 
+    def encoder_input(self, index: int) -> np.ndarray:
+        """What the image encoder takes for slice ``index``: :meth:`model_input` ``(3, S, S)``, or for a
+        depth-aware (SD-Trans) encoder with ``slice_context = k`` the stack ``(2k+1, 3, S, S)`` of the
+        slice and its neighbours (repeated at the volume's ends), see :mod:`~napari_medsam.core.adapt`."""
+        k = int(getattr(self.loaded.model.image_encoder, "slice_context", 0) or 0)
+        if k <= 0:
+            return self.model_input(index)
+        last = self.n_slices - 1
+        return np.stack([self.model_input(min(max(index + o, 0), last)) for o in range(-k, k + 1)])
+
     def get(self, index: int) -> Any:
         """The embedding of slice ``index`` as a ``(1, C, h, w)`` float32 tensor on the model's device.
 
@@ -138,7 +148,7 @@ class VolumeEncoder:
             with self._lock:
                 emb = self.cache.get(key)
                 if emb is None:
-                    out = run_encoder(self.loaded, self.model_input(index)[None])
+                    out = run_encoder(self.loaded, self.encoder_input(index)[None])
                     emb = out[0].cpu().numpy().astype(np.float16)
                     self.cache.put(key, emb, n_slices=self.n_slices)
         hwc = np.empty(emb.shape[1:] + emb.shape[:1], np.float32)  # (h, w, C): one converting transpose
@@ -168,7 +178,7 @@ class VolumeEncoder:
             with self._lock:
                 chunk = [i for i in chunk if not self.is_cached(i)]
                 if chunk:
-                    batch = np.stack([self.model_input(i) for i in chunk])
+                    batch = np.stack([self.encoder_input(i) for i in chunk])
                     out = run_encoder(self.loaded, batch).cpu().numpy().astype(np.float16)
                     for i, emb in zip(chunk, out, strict=True):
                         self.cache.put(self.key(i), emb, n_slices=self.n_slices)

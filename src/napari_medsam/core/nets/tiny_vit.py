@@ -233,10 +233,15 @@ class WindowAttention(nn.Module):
         n = len(points)
         self.register_buffer("attention_bias_idxs", torch.tensor(idxs, dtype=torch.long).view(n, n),
                              persistent=False)
+        self.lora = None  # optional hook: a nets.adapters.LoRAQV adding low-rank q and v updates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B*, N, C)
         b, n, _ = x.shape
-        qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim)
+        xn = self.norm(x)
+        qkv = self.qkv(xn)
+        if self.lora is not None:
+            qkv = self.lora(xn, qkv)
+        qkv = qkv.view(b, n, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.head_dim, dim=3)  # (B*, heads, N, hd) each
         # (1, heads, N, N): a 4D mask gets the fused CPU kernel, a 3D one the slow math fallback
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
@@ -263,6 +268,7 @@ class TinyViTBlock(nn.Module):
         self.attn = WindowAttention(dim, num_heads, window)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.local_conv = Conv2dBN(dim, dim, 3, 1, 1, groups=dim)
+        self.adapter = None  # optional hook: a nets.adapters.BlockAdapter (None: the plain block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) channels-last tokens
         b, h, w, c = x.shape
@@ -275,7 +281,12 @@ class TinyViTBlock(nn.Module):
         y = y.view(b, ph // ws, pw // ws, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
         if pad_b or pad_r:
             y = y[:, :h, :w]
+        ad = self.adapter
+        if ad is not None:  # on the whole token grid, after un-windowing (SD-Trans never sees windows)
+            y = ad.after_attention(self.attn, x, y)
         x = pointwise(self.local_conv, x + y)
+        if ad is not None:
+            return _add(ad.beside_mlp(self.mlp.norm(x), self.mlp(x)), x)
         return _add(self.mlp(x), x)
 
 

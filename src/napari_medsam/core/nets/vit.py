@@ -32,10 +32,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, self.head_dim))
+        self.lora = None  # optional hook: a nets.adapters.LoRAQV adding low-rank q and v updates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         b, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        if self.lora is not None:
+            qkv = self.lora(x, qkv)
+        qkv = qkv.reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, HW, hd)
         rh = _get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, hd)
         rw = _get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
@@ -76,10 +80,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
         self.window_size = window_size
+        self.adapter = None  # optional hook: a nets.adapters.BlockAdapter (None: the plain block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
+        normed = x
         if self.window_size > 0:
             h, w = x.shape[1], x.shape[2]
             x, pad_hw = _window_partition(x, self.window_size)
@@ -87,7 +93,13 @@ class Block(nn.Module):
             x = _window_unpartition(x, self.window_size, pad_hw, (h, w))
         else:
             x = self.attn(x)
+        ad = self.adapter
+        if ad is not None:  # on the whole token grid, after un-windowing (SD-Trans never sees windows)
+            x = ad.after_attention(self.attn, normed, x)
         x = shortcut + x
+        if ad is not None:
+            n2 = self.norm2(x)
+            return x + ad.beside_mlp(n2, self.mlp(n2))
         return x + self.mlp(self.norm2(x))
 
 
