@@ -19,8 +19,10 @@ LPS = np.diag([-1.0, -1.0, 1.0])
 
 def write_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, slope: float = 1.0,
                  intercept: float = 0.0, series_uid: str | None = None, description: str = "MNI",
-                 modality: str = "MR", shuffle_seed: int | None = 0, prefix: str = "") -> list[Path]:
-    """Write one single-frame file per ``k`` slice; stored values are ``(data - intercept) / slope``.
+                 modality: str = "MR", shuffle_seed: int | None = 0, prefix: str = "", axis: int = 2) -> list[Path]:
+    """Write one single-frame file per slice along ``axis`` (default ``k``); stored values are
+    ``(data - intercept) / slope``. With ``axis=2`` a frame is ``data[:, :, k].T`` as described
+    above; in general its columns run along the first other axis, its rows along the second.
 
     Files get shuffled names (``shuffle_seed``) so no reader can rely on the file order.
     """
@@ -33,9 +35,11 @@ def write_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, slope: f
     series_uid = series_uid or generate_uid()
     study_uid, frame_uid = generate_uid(), generate_uid()
     a = np.asarray(affine, float)
-    di, dj, dk = a[:3, 0], a[:3, 1], a[:3, 2]
+    c_axis, r_axis = (x for x in range(3) if x != axis)
+    di, dj, dk = a[:3, c_axis], a[:3, r_axis], a[:3, axis]
     row_dir = LPS @ di / np.linalg.norm(di)
     col_dir = LPS @ dj / np.linalg.norm(dj)
+    stored = np.moveaxis(stored, axis, 2)
     n = stored.shape[2]
     names = np.arange(n)
     if shuffle_seed is not None:

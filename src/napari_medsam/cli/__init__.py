@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from .. import __version__
 
-SUBCOMMANDS = ("models", "embed", "segment", "heads", "suggest", "bench", "gui")
+SUBCOMMANDS = ("models", "embed", "segment", "heads", "predict", "suggest", "bench", "gui")
 
 _DEBUG_HINT = "rerun with --debug for the traceback"
 

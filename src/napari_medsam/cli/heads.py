@@ -1,16 +1,13 @@
-"""``napari-medsam train`` and ``napari-medsam predict``: few-shot prompt-free heads from the shell.
+"""``napari-medsam train``: few-shot prompt-free heads from the shell.
 
 ``train IMAGE LABELS --head KIND -o HEAD`` embeds the labelled slices (through the cache), trains a
-head on them and writes one head file. ``predict IMAGE [IMAGE...] --head HEAD -o OUT`` segments
-whole images with it, no prompt: the model, slice axis and intensity mapping come from the head
-file.
+head on them and writes one head file. ``napari-medsam predict`` (:mod:`.predict`) segments whole
+images or cohorts with it.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-from pathlib import Path
 from typing import Any
 
 from ..core.heads import HEADS
@@ -62,30 +59,6 @@ def register(sub: Any) -> None:
     add_model_args(t)
     add_image_args(t)
     t.set_defaults(func=run_train)
-
-    p = sub.add_parser(
-        "predict", help="segment whole images with a trained head, no prompt",
-        description="Segment every slice of each IMAGE with a head trained by `napari-medsam train`. "
-                    "The model, slice axis and intensity mapping come from the head file.",
-    )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="one or more images")
-    p.add_argument("--head", required=True, metavar="HEAD", help="a head file written by `napari-medsam train`")
-    p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output labels: a file for one input; a folder for several (one file per input, "
-                        "named after it: .nii.gz for NIfTI inputs, else the input's extension)")
-    p.add_argument("--probabilities", default=None, metavar="PATH",
-                   help="also write per-class probabilities (float32) into the folder PATH, one file per "
-                        "input and class: <input name>_prob_<class name><ext>")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps or cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="encoder autocast precision")
-    p.add_argument("--weights", default=None, help="the backbone's checkpoint when the head was trained on a local one")
-    p.add_argument("--cache-dir", default=None,
-                   help="cache folder for embeddings and weights (default: the user cache directory)")
-    p.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="slices per batch (default 8)")
-    add_overwrite_arg(p)
-    p.set_defaults(func=run_predict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,69 +142,3 @@ def run_train(args: argparse.Namespace) -> int:
           f"classes {list(data.class_ids)}: {h['steps']} steps in {h['seconds']:.1f} s, "
           f"final loss {h['final_loss']:.4f}; wrote {out}")
     return 0
-
-
-def _output_name(path: Path) -> str:
-    from ..io.readers import image_format, split_extension
-
-    stem, ext = split_extension(path)
-    return f"{stem}.nii.gz" if image_format(path) == "nifti" else f"{stem}{ext}"
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from ..core.build import load_model
-    from ..core.errors import MedSamError
-    from ..core.finetune import load_head, read_head_meta
-    from ..core.infer import encoder_for_head, predict_slices
-    from ..io import read_image, write_image, write_labels
-    from ..io.readers import split_extension
-    from ._common import _DownloadBar, cache_from_args
-
-    inputs = [Path(p) for p in args.images]
-    out = Path(args.output)
-    several = len(inputs) > 1 or out.is_dir()
-    if several:
-        names = [_output_name(p) for p in inputs]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise MedSamError(f"several inputs would be written to the same output name(s) {dupes} in {out}; "
-                              "rename them or predict them one at a time")
-        targets = [out / n for n in names]
-    else:
-        targets = [out]
-    meta = read_head_meta(args.head)
-    sources = [*inputs, args.head, args.weights]
-    check_outputs(args, targets, sources)
-    if args.probabilities is not None:
-        check_outputs(args, [Path(args.probabilities) / f"{split_extension(t)[0]}_prob_{_safe(n)}{split_extension(t)[1]}"
-                             for t in targets for n in ("background", *meta.class_names)], sources)
-    bar = _DownloadBar()
-    try:
-        loaded = load_model(meta.backbone, weights=args.weights, device=args.device, precision=args.precision,
-                            cache_dir=args.cache_dir, progress=bar)
-    finally:
-        bar.close()
-    head = load_head(args.head, loaded=loaded)
-    cache = cache_from_args(args)
-    for src, dst in zip(inputs, targets, strict=True):
-        image = read_image(src)
-        encoder = encoder_for_head(loaded, image, head, cache=cache)
-        res = run_with_progress(predict_slices(encoder, head, batch_size=args.batch_size,
-                                               return_probs=args.probabilities is not None),
-                                f"predict {src.name}")
-        written = write_labels(dst, res.labels, reference=image, name=f"{meta.kind} head")
-        found = {int(v): int(n) for v, n in zip(*np.unique(res.labels, return_counts=True), strict=True) if v}
-        print(f"{src} -> {written} (voxels per class: {found})")
-        if args.probabilities is not None and res.probs is not None:
-            folder = Path(args.probabilities)
-            stem, ext = split_extension(dst)
-            for k, name in enumerate(("background", *res.class_names)):
-                write_image(folder / f"{stem}_prob_{_safe(name)}{ext}", res.probs[k], reference=image)
-    return 0
-
