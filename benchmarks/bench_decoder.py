@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from napari_medsam.cli.bench import bench_decoder, format_decoder, machine_info
+    from napari_medsam._bench import bench_decoder, format_decoder, machine_info
     from napari_medsam.core.speed import configure_runtime
 
     info = machine_info()

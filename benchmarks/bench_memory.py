@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from napari_medsam.cli.bench import MEMORY_SHAPE, bench_memory, format_table
+    from napari_medsam._bench import MEMORY_SHAPE, bench_memory, format_table
 
     r = bench_memory(args.model, device=args.device, slices=args.slices, workdir=args.workdir, threads=args.threads)
     if "error" in r:

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from napari_medsam.cli.bench import _median, _p95, bench_load, format_table, machine_info, real_slices
+    from napari_medsam._bench import bench_load, format_table, machine_info, median, p95, real_slices
     from napari_medsam.core.encoder import VolumeEncoder
     from napari_medsam.core.finetune import TrainParams, collect_training_data, fine_tune
     from napari_medsam.core.progress import drain
@@ -91,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         cancel.set()
         t.join()
         steps += len(done)
-    rows = [{"condition": "idle", "n": len(idle), "median_ms": _median(idle), "p95_ms": _p95(idle)},
-            {"condition": "while a cnn head trains", "n": len(busy), "median_ms": _median(busy), "p95_ms": _p95(busy)}]
+    rows = [{"condition": "idle", "n": len(idle), "median_ms": median(idle), "p95_ms": p95(idle)},
+            {"condition": "while a cnn head trains", "n": len(busy), "median_ms": median(busy), "p95_ms": p95(busy)}]
     print(format_table(rows, [("condition", "condition", ""), ("n", "n", ""), ("median_ms", "median ms", ".1f"),
                               ("p95_ms", "p95 ms", ".1f")]))
-    print(f"\nmedian while training / idle: {_median(busy) / _median(idle):.2f}x "
+    print(f"\nmedian while training / idle: {median(busy) / median(idle):.2f}x "
           f"(budget 2x); {steps} training steps ran during the clicks")
     return 0
 

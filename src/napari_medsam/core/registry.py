@@ -15,6 +15,8 @@ from .errors import UnknownModelError
 
 Normalization = Literal["imagenet", "minmax"]
 ResizeMode = Literal["longest", "squash"]
+#: Whose published inference code the pre- and postprocessing reproduce exactly (see core.preprocess).
+Pipeline = Literal["litemedsam", "sam", "medsam"]
 Prompt = Literal["point", "box", "mask"]
 
 
@@ -50,6 +52,7 @@ class ModelSpec:
     weights: WeightsSource
     multimask_single_point: bool = True  # ask for 3 masks and keep the best IoU when one point is given
     mask_threshold: float = 0.0        # logit threshold
+    pipeline: Pipeline = "litemedsam"  # "sam": SamPredictor's; "medsam": MedSAM_Inference.py's
     tags: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -95,7 +98,7 @@ register(ModelSpec(
     encoder="vit_b", input_size=1024, normalization="minmax", resize="squash",
     embedding_shape=(256, 64, 64), prompts=("box",), license="Apache-2.0",
     weights=WeightsSource(filename="medsam_vit_b.pth", manual_url=_MEDSAM_PAGE),
-    multimask_single_point=False,
+    multimask_single_point=False, pipeline="medsam",
 ))
 for _v, _md5 in (("b", "01ec64"), ("l", "0b3195"), ("h", "4b8939")):
     register(ModelSpec(
@@ -105,6 +108,7 @@ for _v, _md5 in (("b", "01ec64"), ("l", "0b3195"), ("h", "4b8939")):
         embedding_shape=(256, 64, 64), prompts=("point", "box", "mask"), license="Apache-2.0",
         weights=WeightsSource(filename=f"sam_vit_{_v}_{_md5}.pth", url=f"{_SAM_URL}sam_vit_{_v}_{_md5}.pth",
                               md5_prefix=_md5),
+        pipeline="sam",
     ))
 register(ModelSpec(
     name="mobilesam", family="mobilesam",
@@ -113,6 +117,7 @@ register(ModelSpec(
     embedding_shape=(256, 64, 64), prompts=("point", "box", "mask"), license="Apache-2.0",
     weights=WeightsSource(filename="mobile_sam.pt",
                           url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt"),
+    pipeline="sam",
 ))
 # Tiny random models for tests: same code paths, seconds instead of minutes.
 register(ModelSpec(

@@ -101,13 +101,14 @@ def _rc_to_xy(tf: SliceTransform, points_rc: np.ndarray, box_rc: np.ndarray | No
 
 
 def decode(loaded: Any, embedding: Any, tf: SliceTransform, prompts: Sequence[Prompt2D], *,
-           multimask: bool | None = None, return_prob: bool = False) -> list[MaskResult]:
+           multimask: bool | None = None, return_prob: bool = False, fast: bool = True) -> list[MaskResult]:
     """Run the prompt encoder and mask decoder for several objects on one slice.
 
     Objects that share a prompt structure (same number of points, box or not, mask or not) go
     through the decoder in one batched call. ``multimask=None`` asks for three masks and keeps the
     best predicted IoU when an object has a single point and no box (SAM's ambiguity rule), for
-    models whose weights were trained with points.
+    models whose weights were trained with points. ``fast=False`` runs the decoder's reference
+    modules instead of its CPU inference fast paths (the same masks up to round-off; benchmarks).
     """
     import torch
 
@@ -145,19 +146,24 @@ def decode(loaded: Any, embedding: Any, tf: SliceTransform, prompts: Sequence[Pr
             mm = multimask
             if mm is None:
                 mm = n_pts == 1 and not has_box and not has_mask and spec.multimask_single_point
-            logits, iou = loaded.model.mask_decoder(embedding, dense_pe, sparse, dense, multimask_output=mm)
+            logits, iou = loaded.model.mask_decoder(embedding, dense_pe, sparse, dense, multimask_output=mm,
+                                                    fast=fast)
             logits, iou = logits.float(), iou.float()
             best = iou.argmax(dim=1)
             ar = torch.arange(len(idx), device=logits.device)
             low = logits[ar, best]  # (B, L, L)
             iou_best = iou[ar, best]
-            full = tf.logits_to_original(low)  # (B, H, W)
             low_np = low.cpu().numpy()
-            full_np = full.cpu().numpy()
+            if spec.pipeline == "medsam":  # MedSAM's inference: bilinear(sigmoid(logits)) > 0.5
+                prob_np = tf.logits_to_original(torch.sigmoid(low)).cpu().numpy()  # (B, H, W)
+                masks_np = prob_np > 0.5
+            else:
+                full_np = tf.logits_to_original(low).cpu().numpy()  # (B, H, W)
+                masks_np = full_np > spec.mask_threshold
+                prob_np = (1.0 / (1.0 + np.exp(-full_np))).astype(np.float32) if return_prob else None
             for j, i in enumerate(idx):
-                prob = (1.0 / (1.0 + np.exp(-full_np[j]))).astype(np.float32) if return_prob else None
-                results[i] = MaskResult(mask=full_np[j] > spec.mask_threshold, logits=low_np[j],
-                                        iou=float(iou_best[j]), prob=prob)
+                prob = prob_np[j] if return_prob and prob_np is not None else None
+                results[i] = MaskResult(mask=masks_np[j], logits=low_np[j], iou=float(iou_best[j]), prob=prob)
     return [r for r in results if r is not None]
 
 

@@ -263,6 +263,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+def describe_layout(keys: Any) -> str:
+    """What a checkpoint's keys look like, in words: which image encoder, and for ViTs how deep."""
+    keys = set(keys)
+    blocks = {k.split(".")[2] for k in keys if k.startswith("image_encoder.blocks.")}
+    if blocks:
+        n = len(blocks)
+        known = {12: "SAM ViT-B or MedSAM", 24: "SAM ViT-L", 32: "SAM ViT-H"}.get(n, "no registered model")
+        return f"a ViT image encoder with {n} blocks ({known})"
+    if any(k.startswith("image_encoder.layers.") for k in keys):
+        return "a TinyViT image encoder (LiteMedSAM, MobileSAM)"
+    if any(k.startswith(("mask_decoder.", "prompt_encoder.")) for k in keys):
+        return "SAM's prompt encoder or mask decoder without an image encoder"
+    return "no SAM-family layout (no image_encoder./prompt_encoder./mask_decoder. keys)"
+
+
 def load_state_dict_strict(module: Any, state: dict[str, Any], *, source: str) -> None:
     """``module.load_state_dict(state, strict=True)`` with an error that names the bad keys."""
     expected = set(module.state_dict().keys())
@@ -279,8 +294,8 @@ def load_state_dict_strict(module: Any, state: dict[str, Any], *, source: str) -
         if unexpected:
             parts.append(f"unexpected keys: {_fmt(unexpected)}")
         raise CheckpointError(
-            f"{source} does not fit this network ({'; '.join(parts)}). Is it a checkpoint of another model? "
-            "Pick the matching model, or convert the checkpoint."
+            f"{source} does not fit this network ({'; '.join(parts)}). It holds {describe_layout(given)}. "
+            "Pick the matching model (`napari-medsam models`), or convert the checkpoint."
         )
     try:
         module.load_state_dict(state, strict=True)

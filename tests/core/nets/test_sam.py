@@ -1,5 +1,5 @@
 """The decoder's CPU inference fast paths give the reference modules' outputs (folded attention,
-channels-last upscaling, cached positional encoding)."""
+channels-last upscaling, cached positional encoding); ``fast=False`` selects the reference."""
 
 from __future__ import annotations
 
@@ -9,18 +9,6 @@ import pytest
 import torch
 
 from napari_medsam.core.nets import sam
-
-
-@pytest.fixture
-def reference(monkeypatch):
-    """A context that switches the fast paths off."""
-    class _Ref:
-        def __enter__(self):
-            monkeypatch.setattr(sam, "FAST_CPU_DECODER", False)
-
-        def __exit__(self, *exc):
-            monkeypatch.setattr(sam, "FAST_CPU_DECODER", True)
-    return _Ref()
 
 
 def _perturbed(tiny_lite):
@@ -35,7 +23,7 @@ def _perturbed(tiny_lite):
 
 
 @pytest.mark.parametrize("n_tokens", [1, 2, 7, 16])
-def test_folded_transformer_matches_reference(tiny_lite, reference, n_tokens):
+def test_folded_transformer_matches_reference(tiny_lite, n_tokens):
     model = _perturbed(tiny_lite)
     t = model.mask_decoder.transformer
     c, h, w = tiny_lite.spec.embedding_shape
@@ -46,9 +34,8 @@ def test_folded_transformer_matches_reference(tiny_lite, reference, n_tokens):
         assert sam.use_folded(t, tok)
         q_fast, k_fast = t(x, pe, tok)
         q_sub, _ = t(x, pe, tok, outputs=[0, n_tokens - 1])
-        with reference:
-            assert not sam.use_folded(t, tok)
-            q_ref, k_ref = t(x, pe, tok)
+        assert not sam.use_folded(t, tok, fast=False)
+        q_ref, k_ref = t(x, pe, tok, fast=False)
     torch.testing.assert_close(q_fast, q_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(k_fast, k_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(q_sub, q_ref[:, [0, n_tokens - 1]], atol=1e-4, rtol=1e-4)
@@ -63,7 +50,7 @@ def test_fold_is_not_used_with_autograd_or_many_tokens(tiny_lite):
 
 @pytest.mark.parametrize("multimask", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_fast_decoder_masks_match_reference(tiny_lite, reference, multimask, with_mask):
+def test_fast_decoder_masks_match_reference(tiny_lite, multimask, with_mask):
     model = _perturbed(tiny_lite)
     pe_mod, dec = model.prompt_encoder, model.mask_decoder
     c, h, w = tiny_lite.spec.embedding_shape
@@ -74,8 +61,7 @@ def test_fast_decoder_masks_match_reference(tiny_lite, reference, multimask, wit
     with torch.no_grad():
         sparse, dense = pe_mod(pts, boxes, masks)
         fast = dec(emb, pe_mod.get_dense_pe(), sparse, dense, multimask_output=multimask)
-        with reference:
-            ref = dec(emb, pe_mod.get_dense_pe(), sparse, dense, multimask_output=multimask)
+        ref = dec(emb, pe_mod.get_dense_pe(), sparse, dense, multimask_output=multimask, fast=False)
     assert fast[0].shape == ref[0].shape == (2, 3 if multimask else 1, 4 * h, 4 * w)
     torch.testing.assert_close(fast[0], ref[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast[1], ref[1], atol=1e-4, rtol=1e-4)
@@ -95,7 +81,7 @@ def test_dense_pe_cache_follows_the_weights(tiny_lite):
     assert b_grad is not b and b_grad.requires_grad == m.requires_grad
 
 
-def test_real_litemedsam_fast_decoder_matches_reference(litemedsam, reference):
+def test_real_litemedsam_fast_decoder_matches_reference(litemedsam):
     """On the real weights and a real-scale embedding grid (64 x 64 x 256, 8 heads)."""
     torch.manual_seed(0)
     pe_mod, dec = litemedsam.model.prompt_encoder, litemedsam.model.mask_decoder
@@ -103,8 +89,7 @@ def test_real_litemedsam_fast_decoder_matches_reference(litemedsam, reference):
     with torch.no_grad():
         sparse, dense = pe_mod(None, torch.tensor([[30.0, 40.0, 150.0, 200.0]]), None)
         fast = dec(emb, pe_mod.get_dense_pe(), sparse, dense, multimask_output=False)
-        with reference:
-            ref = dec(emb, pe_mod.get_dense_pe(), sparse, dense, multimask_output=False)
+        ref = dec(emb, pe_mod.get_dense_pe(), sparse, dense, multimask_output=False, fast=False)
     torch.testing.assert_close(fast[0], ref[0], atol=1e-3, rtol=1e-3)
     assert ((fast[0] > 0) == (ref[0] > 0)).float().mean() > 0.999
 
@@ -117,3 +102,24 @@ def test_upscaling_blocks_do_not_change_the_masks(tiny_lite):
         whole = dec._masks_channels_last(src, hyper, h, w, block=h * w)
         odd = dec._masks_channels_last(src, hyper, h, w, block=7)  # blocks that do not divide the grid
     torch.testing.assert_close(odd, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_fast_false_runs_the_reference_modules(tiny_lite, monkeypatch):
+    """``decode(..., fast=False)`` reaches the decoder as a parameter: the folded path is not taken."""
+
+    from napari_medsam.core.preprocess import SliceTransform
+    from napari_medsam.core.segment import Prompt2D, decode
+
+    calls = []
+    real = sam.TwoWayTransformer._forward_folded
+    monkeypatch.setattr(sam.TwoWayTransformer, "_forward_folded",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    c, h, w = tiny_lite.spec.embedding_shape
+    emb = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0))
+    tf = SliceTransform.for_model((40, 30), tiny_lite.spec)
+    p = [Prompt2D.from_box((5, 4, 30, 20))]
+    ref = decode(tiny_lite, emb, tf, p, fast=False)[0]
+    assert not calls
+    ours = decode(tiny_lite, emb, tf, p)[0]
+    assert calls
+    assert (ref.mask == ours.mask).mean() > 0.99  # the same masks up to round-off at the threshold

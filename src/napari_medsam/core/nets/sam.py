@@ -195,16 +195,17 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor,
-                outputs: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                outputs: list[int] | None = None, *, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding (B, C, h, w), image_pe (B|1, C, h, w), tokens (B, N, C) -> (tokens, keys (B, hw, C)).
 
         ``outputs``: return only these tokens (the final attention updates each token on its own,
-        so the folded path then computes it for these alone).
+        so the folded path then computes it for these alone). ``fast=False``: the reference
+        formulation even where the folded one applies (see :func:`use_folded`).
         """
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
-        if use_folded(self, point_embedding):
+        if use_folded(self, point_embedding, fast=fast):
             return self._forward_folded(keys, key_pe, point_embedding, outputs)
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
@@ -241,18 +242,16 @@ class TwoWayTransformer(nn.Module):
 
 #: Token counts up to which the folded decoder is used (8 heads x 16 tokens = the 128-wide projection).
 FOLD_MAX_TOKENS = 16
-#: The CPU inference fast paths of the decoder (folded attention, channels-last upscaling); the
-#: benchmarks switch them off to measure the reference modules in the same run.
-FAST_CPU_DECODER = True
 
 
-def use_folded(transformer: TwoWayTransformer, tokens: torch.Tensor) -> bool:
-    """Whether :meth:`TwoWayTransformer._forward_folded` applies: no autograd, CPU, a few tokens.
+def use_folded(transformer: TwoWayTransformer, tokens: torch.Tensor, *, fast: bool = True) -> bool:
+    """Whether :meth:`TwoWayTransformer._forward_folded` applies: ``fast``, no autograd, CPU, a few tokens.
 
-    On a CPU the folded form is 2-3x faster for prompts (7 tokens for a box). On a GPU the fused
-    attention kernels are kept: the folded path is not measured there.
+    ``fast=False`` (the decoder's ``fast`` argument) keeps the reference formulation, which the
+    benchmarks time beside ours. On a GPU the fused attention kernels are kept: the folded path
+    is not measured there (CPU figures: docs/benchmarks.md).
     """
-    return (FAST_CPU_DECODER and not torch.is_grad_enabled() and tokens.device.type == "cpu"
+    return (fast and not torch.is_grad_enabled() and tokens.device.type == "cpu"
             and tokens.shape[1] <= FOLD_MAX_TOKENS and len(transformer.layers) > 0)
 
 
@@ -328,19 +327,22 @@ class MaskDecoder(nn.Module):
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
-        # optional hook: a nets.adapters.HypAdapter on the output tokens, conditioned on the prompt tokens
-        self.token_adapter = None
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
-                dense_prompt_embeddings: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embeddings (B|1, C, h, w) with prompts (B, N, C)/(B, C, h, w) -> logits (B, M, 4h, 4w), iou (B, M)."""
+                dense_prompt_embeddings: torch.Tensor, multimask_output: bool, *,
+                fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_embeddings (B|1, C, h, w) with prompts (B, N, C)/(B, C, h, w) -> logits (B, M, 4h, 4w), iou (B, M).
+
+        ``fast``: the CPU inference fast paths (folded attention, channels-last upscaling) where
+        they apply; ``False`` runs the reference modules (same masks up to round-off)."""
         sl = slice(1, None) if multimask_output else slice(0, 1)
         masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-                                        outputs=sl)
+                                        outputs=sl, fast=fast)
         return masks, iou[:, sl]
 
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                      dense: torch.Tensor, outputs: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      dense: torch.Tensor, outputs: slice | None = None, *,
+                      fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the mask tokens in ``outputs`` (all by default) and every token's IoU prediction.
 
         At inference on a CPU only those mask tokens are upscaled."""
@@ -349,7 +351,7 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([out_tokens.to(sparse.dtype), sparse], dim=1)  # (B, 1+M+N, C)
         bsz = tokens.shape[0]
         src = image_embeddings if image_embeddings.shape[0] == bsz else image_embeddings.expand(bsz, -1, -1, -1)
-        fast = FAST_CPU_DECODER and not torch.is_grad_enabled() and src.device.type == "cpu"
+        fast = fast and not torch.is_grad_enabled() and src.device.type == "cpu"
         if fast:  # the sum laid out channels-last: the transformer's (B, h*w, C) view of it is contiguous
             out = torch.empty(src.shape, dtype=torch.result_type(src, dense), device=src.device,
                               memory_format=torch.channels_last)
@@ -360,15 +362,11 @@ class MaskDecoder(nn.Module):
         b, c, h, w = src.shape
         if fast:  # only the IoU token and the mask tokens asked for leave the transformer
             idx = list(range(self.num_mask_tokens)[outputs if outputs is not None else slice(None)])
-            hs, src = self.transformer(src, pos, tokens, outputs=[0] + [1 + i for i in idx])
-            if self.token_adapter is not None:
-                hs = self.token_adapter(hs, sparse)
+            hs, src = self.transformer(src, pos, tokens, outputs=[0] + [1 + i for i in idx], fast=True)
             hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + j, :]) for j, i in enumerate(idx)], dim=1)
             iou = self.iou_prediction_head(hs[:, 0, :])
             return self._masks_channels_last(src, hyper, h, w), iou
-        hs, src = self.transformer(src, pos, tokens)
-        if self.token_adapter is not None:
-            hs = self.token_adapter(hs, sparse)
+        hs, src = self.transformer(src, pos, tokens, fast=False)
         iou_out = hs[:, 0, :]
         mask_out = hs[:, 1:1 + self.num_mask_tokens, :]
         hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
@@ -387,8 +385,8 @@ class MaskDecoder(nn.Module):
         stages and only the final masks (``M`` channels instead of ``C/8``) are shuffled to
         ``(B, M, 4h, 4w)``. Tokens go through in blocks of ``block``, whose intermediates (16x the
         pixels at C/8 channels) stay in the CPU's cache instead of making three round trips to
-        memory. Same arithmetic as the NCHW modules, up to round-off (measured: 1.4x faster than
-        unblocked on the 2-core development machine).
+        memory. Same arithmetic as the NCHW modules, up to round-off (the blocking's
+        gain: docs/benchmarks.md).
         """
         ct1, ln, act1, ct2, act2 = self.output_upscaling
         b, n, c = src.shape

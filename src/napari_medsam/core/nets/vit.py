@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
+from .tiny_vit import pointwise
 
 
 def _get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -135,4 +136,7 @@ class ImageEncoderViT(nn.Module):
         x = self.patch_embed(x) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        return self.neck(x.permute(0, 3, 1, 2))
+        conv1, ln1, conv2, ln2 = self.neck
+        # the 1x1 conv on the channels-last tokens (or the int8 linear that core.speed puts in its place)
+        y = ln1.forward_channels_last(pointwise(conv1, x))  # (B, H, W, 256)
+        return ln2(conv2(y.permute(0, 3, 1, 2)))  # (B, 256, H, W)
