@@ -58,6 +58,9 @@ def register(sub: Any) -> None:
     add_overwrite_arg(t)
     add_model_args(t)
     add_image_args(t)
+    from .adapters import add_train_args
+
+    add_train_args(t)  # --adapter medsa|lora [--sd-trans] [--hyp] [--rank R]: cli/adapters.py
     t.set_defaults(func=run_train)
 
 
@@ -95,6 +98,10 @@ def _read_labels(path: str, image: Any) -> Any:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if getattr(args, "adapter", None):
+        from .adapters import run_train as run_adapter_train
+
+        return run_adapter_train(args)
     from ..core.errors import MedSamError
     from ..core.finetune import TrainParams, collect_training_data, fine_tune, save_head
     from ..io import read_image

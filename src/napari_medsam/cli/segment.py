@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output label file: .nii.gz (keeps a NIfTI input's geometry), .tif, .npy or .zarr")
     add_overwrite_arg(p)
     add_model_args(p)
+    from .adapters import add_file_arg
+
+    add_file_arg(p)  # --adapter FILE
     add_image_args(p)
     p.set_defaults(func=run)
 
@@ -98,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(args, [args.output], [args.image, args.weights])
     volume = read_image(args.image)
     loaded = load_from_args(args)
+    from .adapters import apply_from_args
+
+    loaded = apply_from_args(args, loaded)
     enc = encoder_from_args(args, loaded, volume)
     objects = build_objects(args.box, args.point)
     if loaded.spec.box_preferred and any(p.box is None for _, p in objects):
