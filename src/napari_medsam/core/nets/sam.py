@@ -327,6 +327,8 @@ class MaskDecoder(nn.Module):
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        # optional hook: a nets.adapters.HypAdapter on the output tokens, conditioned on the prompt tokens
+        self.token_adapter = None
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
                 dense_prompt_embeddings: torch.Tensor, multimask_output: bool, *,
@@ -363,10 +365,14 @@ class MaskDecoder(nn.Module):
         if fast:  # only the IoU token and the mask tokens asked for leave the transformer
             idx = list(range(self.num_mask_tokens)[outputs if outputs is not None else slice(None)])
             hs, src = self.transformer(src, pos, tokens, outputs=[0] + [1 + i for i in idx], fast=True)
+            if self.token_adapter is not None:
+                hs = self.token_adapter(hs, sparse)
             hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + j, :]) for j, i in enumerate(idx)], dim=1)
             iou = self.iou_prediction_head(hs[:, 0, :])
             return self._masks_channels_last(src, hyper, h, w), iou
         hs, src = self.transformer(src, pos, tokens, fast=False)
+        if self.token_adapter is not None:
+            hs = self.token_adapter(hs, sparse)
         iou_out = hs[:, 0, :]
         mask_out = hs[:, 1:1 + self.num_mask_tokens, :]
         hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
