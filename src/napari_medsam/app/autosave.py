@@ -3,7 +3,7 @@
 A session folder per image, named by the image's content hash
 (:func:`~napari_medsam.core.embeddings.hash_volume`): ``.napari-medsam/<hash>/`` beside the image
 when that folder is writable, else ``<user data dir>/napari-medsam/sessions/<hash>/``
-(platformdirs). Each save is a numbered *snapshot*::
+(platformdirs; also for images inside the Python installation, such as sample data). Each save is a numbered *snapshot*::
 
     snap-00000012/labels.npy, proposals.npy, pending.npz, state.json
     heads/round-0003-<sha256[:16]>.head.pt      (one per round, written once, the safe head format)
@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -61,7 +62,8 @@ def session_folder(content_hash: str, image_path: str | os.PathLike | None = Non
         return Path(root) / content_hash
     if image_path is not None:
         parent = Path(image_path).expanduser().resolve().parent
-        if parent.is_dir() and os.access(parent, os.W_OK):
+        installed = any(parent.is_relative_to(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix})
+        if parent.is_dir() and os.access(parent, os.W_OK) and not installed:  # never into site-packages
             return parent / ".napari-medsam" / content_hash
     import platformdirs
 
@@ -117,6 +119,16 @@ class Snapshot:
     pending: dict[int, np.ndarray]
     head_files: list[Path | None]
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def fits(self, loop: Any) -> bool:
+        """Can this snapshot restore into ``loop`` (same labels shape, same slice axis)?"""
+        return self.labels.shape == loop.labels.shape and int(self.state.get("axis", -1)) == loop.axis
+
+    def describe(self) -> str:
+        """One line for the user: how much was reviewed, how many rounds, when."""
+        n = len(self.state.get("reviewed", {}).get(str(self.state.get("axis", 0)), []))
+        return (f"An autosaved session ({n} reviewed slices, {len(self.state.get('rounds', []))} rounds, "
+                f"saved {self.created[:19].replace('T', ' ')} UTC)")
 
     def heads(self, loaded: Any = None) -> list[Any]:
         """The rounds' heads (:func:`~napari_medsam.core.finetune.load_head`; None for a missing one)."""
@@ -334,6 +346,15 @@ class Autosaver:
         loop.round_finished.connect(self._on_round)
         self._thread = threading.Thread(target=self._run, name="napari-medsam-autosave", daemon=True)
         self._thread.start()
+
+    def rebind(self, loop: Any) -> None:
+        """Save ``loop`` from now on (e.g. one restored from a snapshot) instead of the current one."""
+        for sig, slot in ((self.loop.changed, self.touch), (self.loop.round_finished, self._on_round)):
+            sig.disconnect(slot)
+        self.loop = loop
+        loop.changed.connect(self.touch)
+        loop.round_finished.connect(self._on_round)
+        self.touch()
 
     def touch(self) -> None:
         """Something changed: save after the quiet delay."""

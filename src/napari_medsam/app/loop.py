@@ -443,10 +443,25 @@ class ReviewLoop:
                        for r, h in zip(rounds, heads, strict=False)]
         return loop
 
+    def metrics_table(self) -> str:
+        """The rounds' metrics as a fixed-width text table ('' before the first round)."""
+        if not self.rounds:
+            return ""
+        rows = [f"{'round':>5} {'reviewed':>8} {'proposal Dice':>13} {'changed':>8} {'CV Dice':>7}"]
+        for r in self.rounds:
+            m = r.metrics
+            rows.append(f"{r.index:>5} {m.get('n_reviewed', 0):>8} {_fmt(m.get('proposal_dice')):>13} "
+                        f"{m.get('voxels_changed', 0):>8} {_fmt(m.get('cv_dice')):>7}")
+        return "\n".join(rows)
+
     def pending(self) -> dict[int, np.ndarray]:
         """The proposals of slices reviewed since the last round (for the next round's metrics)."""
         with self._lock:
             return {s: a.copy() for s, a in self._pending.items()}
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{float(v):.3f}"
 
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
