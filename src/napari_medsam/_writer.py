@@ -38,3 +38,32 @@ def write_labels_ome_zarr(path: str, data: Any, attributes: dict[str, Any]) -> l
 def write_labels_tiff(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """Save a Labels layer as an ImageJ TIFF (spacing, origin and affine in its metadata)."""
     return _write(path, data, attributes)
+
+
+def write_ome_zarr_image_labels(path: str, layer_data: list[tuple[Any, dict[str, Any], str]]) -> list[str]:
+    """Save one Image layer with its Labels layers as one OME-Zarr store (NGFF pyramids).
+
+    The image goes to the root, each Labels layer to ``labels/<layer name>`` with its colours and
+    class names (``image-label`` metadata), scale and translation from the image's geometry (see
+    :mod:`napari_medsam.io.ome_zarr`).
+    """
+    import re
+
+    from . import _layers
+    from .core.errors import MedSamError
+    from .io import ImageVolume
+    from .io.ome_zarr import write_ome_zarr
+
+    images = [(d, a) for d, a, kind in layer_data if kind == "image"]
+    labels = [(d, a) for d, a, kind in layer_data if kind == "labels"]
+    if len(images) != 1:
+        raise MedSamError(f"select one Image layer (and its Labels layers) to save as OME-Zarr; got {len(images)}")
+    data, attrs = images[0]
+    data = data[0] if isinstance(data, (list, tuple)) else data  # a multiscale layer: its full resolution
+    ref = _layers.layer_reference(attrs, tuple(np.shape(data)))
+    image = ImageVolume(data=np.asarray(data), spacing=ref.spacing, origin=ref.origin, affine=ref.affine)
+    arrays: dict[str, Any] = {}
+    for lab, lab_attrs in labels:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(lab_attrs.get("name") or "labels")).strip("._") or "labels"
+        arrays[name if name not in arrays else f"{name}_{len(arrays)}"] = np.asarray(lab)
+    return [os.fspath(write_ome_zarr(path, image, arrays))]
