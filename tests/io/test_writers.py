@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 
 import nibabel as nib
@@ -272,3 +273,89 @@ def test_failed_write_keeps_old_file_and_cleans_up(tmp_path, monkeypatch, ext, w
         write_labels(path, _labels(n=7))
     np.testing.assert_array_equal(np.asarray(read_image(path).data[...]), first)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+# ---- output checks before any work ----------------------------------------------------------
+
+
+def test_check_output_refuses_what_would_destroy_data(tmp_path):
+    from napari_medsam.core.errors import OutputError
+    from napari_medsam.io.writers import check_output
+
+    src = tmp_path / "scan.nii.gz"
+    src.write_bytes(b"scan")
+    with pytest.raises(OutputError, match="is the input"):
+        check_output(src, inputs=[src])
+    link = tmp_path / "alias.nii.gz"
+    link.symlink_to(src)
+    with pytest.raises(OutputError, match="is the input"):
+        check_output(link, inputs=[str(src)], overwrite=True)
+    existing = tmp_path / "old.npy"
+    existing.write_bytes(b"x")
+    with pytest.raises(OutputError, match="already exists — pass --overwrite"):
+        check_output(existing)
+    assert check_output(existing, overwrite=True) == existing
+    existing.chmod(0o444)
+    with pytest.raises(OutputError, match="read-only"):
+        check_output(existing, overwrite=True)
+    (tmp_path / "x.zarr").write_bytes(b"a file, not a store")
+    with pytest.raises(OutputError, match="is a file, not a zarr folder"):
+        check_output(tmp_path / "x.zarr", overwrite=True)
+    (tmp_path / "notastore.zarr").mkdir()
+    (tmp_path / "notastore.zarr" / "mine.txt").write_text("user data")
+    with pytest.raises(OutputError, match="not a zarr store"):
+        check_output(tmp_path / "notastore.zarr", overwrite=True)
+    (tmp_path / "dir.nii.gz").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output(tmp_path / "dir.nii.gz", overwrite=True)
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_output(src / "inside.npy")
+    with pytest.raises(OutputError, match="too long"):
+        check_output(tmp_path / ("a" * 300 + ".npy"))
+    with pytest.raises(OutputError, match="unsupported extension"):
+        check_output(tmp_path / "labels.png")
+    assert check_output(tmp_path / "new" / "deeper" / "labels.nii.gz") == tmp_path / "new" / "deeper" / "labels.nii.gz"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    assert check_output(tmp_path / "brain.head.pt", kind="file") == tmp_path / "brain.head.pt"
+
+
+def test_writers_never_replace_a_read_only_file_or_a_zarr_named_file(tmp_path):
+    from napari_medsam.core.errors import OutputError
+
+    ro = tmp_path / "ro.npy"
+    ro.write_bytes(b"keep me")
+    ro.chmod(0o444)
+    with pytest.raises(OutputError, match="read-only"):
+        write_labels(ro, _labels())
+    assert ro.read_bytes() == b"keep me"
+    named = tmp_path / "x.zarr"
+    named.write_bytes(b"keep me too")
+    with pytest.raises(OutputError):
+        write_labels(named, _labels())
+    assert named.read_bytes() == b"keep me too"
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from napari_medsam.io.writers import remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    target = tmp_path / "labels.nii.gz"
+    stale = tmp_path / f".labels.tmp-{pid}-0badc0de.nii.gz"  # a writer killed mid-write
+    mine = tmp_path / f".labels.tmp-{os.getpid()}-12345678.nii.gz"  # a write of this process in progress
+    old = tmp_path / ".labels.tmp-abcdef12.nii.gz"  # the old naming, no PID
+    other = tmp_path / ".labels.nii.gz.swp"  # not ours
+    for p in (stale, mine, old, other):
+        p.write_bytes(b"partial")
+    hour_ago = time.time() - 2 * 3600
+    os.utime(old, (hour_ago, hour_ago))
+    removed = set(remove_stale_temps(target))
+    assert removed == {stale, old}
+    assert mine.exists() and other.exists()
+    write_labels(target, _labels())  # a write cleans up too
+    assert target.is_file()

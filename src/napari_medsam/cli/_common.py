@@ -191,6 +191,18 @@ def run_with_progress(gen: Generator[Any, None, T], desc: str, *, unit: str = "s
         gen.close()
 
 
+def slices_arg(text: str) -> str:
+    """argparse type of ``--slices``: checked when parsed (before any work), kept as text for
+    :func:`parse_int_list`."""
+    from ..app.params import parse_slices
+
+    try:
+        parse_slices(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}; give indices like 3,17,40 or ranges like 10-20") from None
+    return text
+
+
 def parse_int_list(text: str | None) -> list[int] | None:
     """``"3,17,40"`` -> ``[3, 17, 40]``; ranges ``"10-20"`` too: the widgets' parser
     (:func:`napari_medsam.app.params.parse_slices`: sorted, each once), with a CLI error message."""

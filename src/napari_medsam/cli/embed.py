@@ -13,6 +13,7 @@ from ._common import (
     parse_int_list,
     positive_int,
     run_with_progress,
+    slices_arg,
 )
 
 
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="the image or volume file")
     add_model_args(p)
     add_image_args(p)
-    p.add_argument("--slices", default=None, help="only these slice indices, e.g. 3,17,40 or 10-20")
+    p.add_argument("--slices", type=slices_arg, default=None, help="only these slice indices, e.g. 3,17,40 or 10-20")
     p.add_argument("--batch-size", type=positive_int, default=4, help="slices per encoder call (default 4)")
     p.set_defaults(func=run)
 

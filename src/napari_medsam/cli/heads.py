@@ -21,6 +21,7 @@ from ._common import (
     positive_float,
     positive_int,
     run_with_progress,
+    slices_arg,
 )
 
 HEAD_KINDS = tuple(HEADS)  # the head registry's families
@@ -40,7 +41,7 @@ def register(sub: Any) -> None:
                    help="continue training this head file (warm start): its family, slice axis, intensity mapping "
                         "and classes are kept; classes new in LABELS are added")
     t.add_argument("-o", "--output", required=True, metavar="HEAD", help="head file to write (e.g. brain.head.pt)")
-    t.add_argument("--slices", default=None,
+    t.add_argument("--slices", type=slices_arg, default=None,
                    help="training slices along --axis, e.g. 3,17,40 or 10-20 (default: every slice with a label)")
     t.add_argument("--epochs", type=positive_int, default=None,
                    help="most passes over the labelled slices (default: as many as fit in 150 steps)")
