@@ -27,9 +27,11 @@ def small_mni(mni):
     return t1, truth
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_lite, small_mni):
-    return VolumeEncoder(tiny_lite, small_mni[0], axis=AXIS)
+@pytest.fixture(scope="module", params=["auto", "fp32"])  # auto: bf16 on a CPU with native bf16
+def encoder(request, small_mni):
+    from napari_medsam.core.build import load_model
+
+    return VolumeEncoder(load_model("test_tiny_lite", device="cpu", precision=request.param), small_mni[0], axis=AXIS)
 
 
 def sl(i):
