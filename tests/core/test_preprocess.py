@@ -130,3 +130,66 @@ def test_bad_slices_raise():
 
 def test_intensity_key_names_the_choice():
     assert Intensity("ct", -160, 240).key() != Intensity("ct", -1350, 150).key()
+
+
+# ---- degenerate images (issue 17) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,values", [(np.int16, (0, 100)), (bool, (False, True)), (np.float32, (0.0, 1.0)),
+                                          (np.uint16, (0, 7, 900)), (np.uint8, (0, 1))])
+def test_few_valued_images_keep_their_contrast_under_auto(dtype, values):
+    rng = np.random.default_rng(0)
+    img = np.asarray(values, dtype=dtype)[rng.integers(0, len(values), (4, 20, 20))]
+    it = compute_intensity(img)
+    assert it.mode == "minmax"
+    mapped = it.apply(img)
+    assert mapped.min() == 0 and mapped.max() == pytest.approx(255)
+    assert len(np.unique(mapped)) == len(values)  # every value keeps its own grey
+
+
+def test_mr_percentiles_that_collapse_fall_back_to_minmax():
+    img = np.zeros((4, 50, 50), np.float32)
+    img[:, 10:40, 10:40] = 5.0  # 3600 voxels of one value ...
+    img[0, 0, :10] = np.linspace(1, 4, 10)  # ... and 10 below and 10 above it (< 0.5 % of the non-zero
+    img[0, 1, :10] = np.linspace(6, 39, 10)  # voxels each): both percentiles are 5
+    it = compute_intensity(img, "mr")
+    assert it.mode == "minmax" and (it.lo, it.hi) == (0.0, 39.0)
+    assert compute_intensity(img).mode == "minmax"
+
+
+@pytest.mark.parametrize("volume,phrase", [(np.full((3, 8, 8), 7, np.int16), "single value 7"),
+                                           (np.full((3, 8, 8), np.nan, np.float32), "no finite value")])
+def test_nothing_to_segment_is_logged(caplog, volume, phrase):
+    with caplog.at_level("WARNING", logger="napari_medsam.core.preprocess"):
+        compute_intensity(volume)
+    assert phrase in caplog.text and "nothing to segment" in caplog.text
+
+
+def test_a_normal_image_logs_nothing(caplog):
+    img = np.random.default_rng(1).gamma(2.0, 100.0, (4, 16, 16)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="napari_medsam.core.preprocess"):
+        assert compute_intensity(img).mode == "mr"
+    assert caplog.text == ""
+
+
+def test_axis_out_of_range_is_a_typed_error():
+    from napari_medsam.core.errors import InvalidImageError
+
+    vol = np.zeros((3, 8, 8), np.float32)
+    for axis in (3, 7, -4):
+        with pytest.raises(InvalidImageError, match=f"slice axis {axis} does not exist"):
+            compute_intensity(vol, "mr", axis=axis)
+
+
+def test_elongated_slice_keeps_a_row_and_zero_sizes_are_refused():
+    from napari_medsam.core.errors import InvalidImageError
+    from napari_medsam.core.preprocess import SliceTransform, _area_matrix
+    from napari_medsam.core.registry import get_spec
+
+    spec = get_spec("litemedsam")
+    tf = SliceTransform.for_model((1, 4000), spec)
+    assert tf.resized == (1, 256)
+    x, _ = to_model_input(np.random.default_rng(0).uniform(0, 255, (1, 4000)).astype(np.float32), spec)
+    assert np.isfinite(x).all()
+    with pytest.raises(InvalidImageError):
+        _area_matrix(10, 0)
