@@ -539,9 +539,11 @@ def _model_boxes(tf: Any, boxes_rc: np.ndarray) -> np.ndarray:
 
 
 def estimate_seconds(loaded: LoadedModel, config: AdapterConfig = AdapterConfig(),
-                     params: AdaptParams = AdaptParams(), *, n_slices: int = 1, objects: int = 1) -> dict[str, float]:
-    """Time one training step on a synthetic batch (same sizes, after one warm-up step) on this
-    machine now; returns ``{"step_s", "steps", "prepare_s", "total_s"}``. ``loaded`` is not changed."""
+                     params: AdaptParams = AdaptParams(), *, n_slices: int = 1, objects: int = 1,
+                     repeats: int = 1) -> dict[str, float]:
+    """Time a training step on a synthetic batch of the same sizes on this machine now (the last of
+    ``repeats``; the first includes one-time costs, so one step errs on the long side) and multiply;
+    returns ``{"step_s", "steps", "prepare_s", "total_s"}``. ``loaded`` is not changed."""
     import torch
 
     adapted = inject_adapters(loaded, config, seed=params.seed)
@@ -565,7 +567,7 @@ def estimate_seconds(loaded: LoadedModel, config: AdapterConfig = AdapterConfig(
         sample = _Sample(slice=0, prefix=prefix, boxes=[], targets=tgt, valid=torch.ones(side, side, device=loaded.device))
         box = np.tile(np.array([[s / 4, s / 4, 3 * s / 4, 3 * s / 4]], np.float32), (objects, 1))
         times = []
-        for i in range(2):
+        for i in range(max(1, int(repeats))):
             t0 = time.perf_counter()
             tr.step([sample] * bs, [box] * bs, i)
             times.append(time.perf_counter() - t0)
