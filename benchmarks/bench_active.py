@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,7 @@ def run_strategy(enc, truth, pool, axis, head, strategy, rounds, max_steps, seed
         out.append({"k": k, "slice": pick, "voxels_changed": changed, "dice_gm": d[0], "dice_wm": d[1],
                     "dice": float(np.mean(d)), "dice_pool": d_all, "round_s": round(secs, 2), "train_s": rec.metrics["train_seconds"]})
         print(f"  {PLANES[axis]} {head} {strategy} seed {seed} k={k} slice {pick}: dice {out[-1]['dice']:.3f} "
-              f"changed {changed} ({secs:.1f} s)", file=sys.stderr, flush=True)
+              f"changed {changed} ({secs:.1f} s) pool {d_all:.3f}", file=sys.stderr, flush=True)
         if k == rounds or not rest:
             break
         if strategy in SCORE_STRATEGIES:
@@ -92,6 +93,57 @@ def run_strategy(enc, truth, pool, axis, head, strategy, rounds, max_steps, seed
         else:
             pick = int(rng.choice(rest))
     return out
+
+
+LOG_LINE = re.compile(r"^\s+(\w+) (\w+) (\w+) seed (\d+) k=(\d+) slice (\d+): dice ([\d.]+) changed (\d+) "
+                      r"\(([\d.]+) s\)(?: pool ([\d.]+))?")
+
+
+def results_from_log(path: Path) -> list[dict]:
+    """The per-round lines an earlier (perhaps interrupted) run printed, as results."""
+    axis_of = {v: k for k, v in PLANES.items()}
+    runs: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        m = LOG_LINE.match(line)
+        if not m:
+            continue
+        plane, head, strategy, seed, k, sl, dice, changed, secs, pool = m.groups()
+        key = (plane, head, strategy, int(seed))
+        run = runs.setdefault(key, {"axis": axis_of[plane], "plane": plane, "head": head, "strategy": strategy,
+                                    "seed": int(seed), "pool": None, "max_steps": None, "curve": []})
+        run["curve"].append({"k": int(k), "slice": int(sl), "dice": float(dice), "voxels_changed": int(changed),
+                             "round_s": float(secs), "dice_pool": float(pool) if pool else None})
+    return list(runs.values())
+
+
+def tables(results: list[dict], heads: list[str], rounds: int, header: str) -> str:
+    md = [header, ""]
+    ks = list(range(1, rounds + 1))
+    for axis in sorted({r["axis"] for r in results}):
+        for head in heads:
+            rows = [r for r in results if r["axis"] == axis and r["head"] == head]
+            if not rows:
+                continue
+            pool = f"{rows[0]['pool']} pool slices, " if rows[0]["pool"] else ""
+            steps = f"{rows[0]['max_steps']} steps per round" if rows[0]["max_steps"] else "see the command"
+            title = (f"**{PLANES[axis]} (axis {axis}), {head} head** ({pool}{steps}): mean Dice on the unreviewed "
+                     "pool slices after k reviewed slices; mean over the k run; the same for the whole pool "
+                     "(reviewed slices as corrected, proposals elsewhere); voxels changed: the annotator's "
+                     "corrections per slice, mean over the rounds")
+            md += [title, "", "| strategy | " + " | ".join(f"k={k}" for k in ks)
+                   + " | mean | mean, whole pool | voxels changed |", "|---" * (len(ks) + 4) + "|"]
+            for r in rows:
+                d = {c["k"]: c["dice"] for c in r["curve"]}
+                name = r["strategy"] + (f" (seed {r['seed']})" if r["strategy"] == "random" else "")
+                vals = [d.get(k) for k in ks]
+                mean = float(np.mean([v for v in vals if v is not None]))
+                vc = float(np.mean([c["voxels_changed"] for c in r["curve"]]))
+                pools = [c.get("dice_pool") for c in r["curve"] if c.get("dice_pool") is not None]
+                pool_mean = f"{float(np.mean(pools)):.3f}" if pools else "-"
+                md.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
+                          + f" | {mean:.3f} | {pool_mean} | {vc:.0f} |")
+            md.append("")
+    return "\n".join(md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="minutes, not hours: pool every 6th slice, 6 rounds, cnn at 60 steps with "
                          "entropy, even and random only")
+    ap.add_argument("--from-log", type=Path, nargs="+", default=None,
+                    help="only print the tables of the per-round lines earlier runs printed (stderr logs)")
     args = ap.parse_args(argv)
+    if args.from_log:
+        results = [r for p in args.from_log for r in results_from_log(p)]
+        heads = list(dict.fromkeys(r["head"] for r in results))
+        rounds = max((c["k"] for r in results for c in r["curve"]), default=0)
+        print(tables(results, heads, rounds, "From the per-round lines of: " + ", ".join(map(str, args.from_log))))
+        return 0
     if args.quick:
         args.pool_every, args.rounds = 6, 6
         args.max_steps = "linear=150,cnn=60"
@@ -160,31 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"MNI152 2009 (nilearn) GM/WM; LiteMedSAM fp32 on CPU, torch {torch.__version__}, {args.threads} "
               f"thread(s) on {platform.machine()}; pool: every {args.pool_every}-th brain slice; one slice "
               f"reviewed per round, corrected to the truth; {total / 60:.0f} min in all")
-    md = [header, ""]
-    ks = list(range(1, args.rounds + 1))
-    for axis in sorted({r["axis"] for r in results}):
-        for head in heads:
-            rows = [r for r in results if r["axis"] == axis and r["head"] == head]
-            if not rows:
-                continue
-            title = (f"**{PLANES[axis]} (axis {axis}), {head} head** ({rows[0]['pool']} pool slices, "
-                     f"{rows[0]['max_steps']} steps per round): mean Dice on the unreviewed pool slices after k "
-                     "reviewed slices; mean over k; the same for the whole pool (reviewed slices as corrected, "
-                     "proposals elsewhere); voxels changed: the annotator's corrections per slice, mean over the rounds")
-            md += [title, "",
-                   "| strategy | " + " | ".join(f"k={k}" for k in ks) + " | mean | mean, whole pool | voxels changed |",
-                   "|---" * (len(ks) + 4) + "|"]
-            for r in rows:
-                d = {c["k"]: c["dice"] for c in r["curve"]}
-                name = r["strategy"] + (f" (seed {r['seed']})" if r["strategy"] == "random" else "")
-                vals = [d.get(k) for k in ks]
-                mean = float(np.mean([v for v in vals if v is not None]))
-                vc = float(np.mean([c["voxels_changed"] for c in r["curve"]]))
-                pool_mean = float(np.mean([c["dice_pool"] for c in r["curve"]]))
-                md.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
-                          + f" | {mean:.3f} | {pool_mean:.3f} | {vc:.0f} |")
-            md.append("")
-    text = "\n".join(md)
+    text = tables(results, heads, args.rounds, header)
     print(text)
     if args.md is not None:
         args.md.write_text(text + "\n")
