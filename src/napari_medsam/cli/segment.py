@@ -59,6 +59,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--box", type=box_arg, action="append", default=[], metavar="Z,R0,C0,R1,C1")
     p.add_argument("--point", type=point_arg, action="append", default=[], metavar="Z,R,C,LABEL")
     p.add_argument("--propagate", action="store_true", help="carry each object through the volume (3D)")
+    p.add_argument("--auto", type=int, action="append", default=[], metavar="Z",
+                   help="segment everything on slice Z from a grid of points, each object its own label "
+                        "(models trained with point prompts: SAM, MobileSAM); repeatable")
+    from ..core.automatic import AutoParams
+
+    d = AutoParams()
+    p.add_argument("--points-per-side", type=int, default=d.points_per_side, help=argparse.SUPPRESS)
+    p.add_argument("--pred-iou-thresh", type=float, default=d.pred_iou_thresh,
+                   help=f"--auto: least predicted IoU of an object (default {d.pred_iou_thresh})")
+    p.add_argument("--stability-thresh", type=float, default=d.stability_score_thresh,
+                   help=f"--auto: least stability score of an object (default {d.stability_score_thresh})")
     p.add_argument("-o", "--output", required=True,
                    help="output label file: .nii.gz (keeps a NIfTI input's geometry), .tif, .npy or .zarr")
     add_overwrite_arg(p)
@@ -105,11 +116,20 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = apply_from_args(args, loaded)
     enc = encoder_from_args(args, loaded, volume)
-    objects = build_objects(args.box, args.point)
+    auto = list(getattr(args, "auto", []) or [])
+    if auto:
+        from ..core.automatic import check_can_segment_everything
+        from ..core.errors import PromptError
+
+        check_can_segment_everything(loaded.spec)
+        bad = [z for z in auto if not 0 <= z < enc.n_slices]
+        if bad:
+            raise PromptError(f"--auto slice {bad[0]} is outside 0..{enc.n_slices - 1}")
+    objects = build_objects(args.box, args.point) if (args.box or args.point or not auto) else []
     if loaded.spec.box_preferred and any(p.box is None for _, p in objects):
         print(f"note: {loaded.name} was trained with box prompts; points work, but a box is the reliable prompt")
     spatial = volume.shape[:-1] if volume.rgb else volume.shape
-    dtype = np.uint8 if len(objects) < 256 else np.uint16
+    dtype = np.uint8 if len(objects) < 256 and not auto else np.uint16
     labels = np.zeros(spatial, dtype=dtype)
 
     def put(z: int, mask: np.ndarray, label: int) -> None:
@@ -133,6 +153,20 @@ def run(args: argparse.Namespace) -> int:
             b = box_of(res.mask)
             print(f"object {label}: slice {z}, {int(res.mask.sum())} pixels, predicted IoU {res.iou:.3f}, "
                   f"bounding box {tuple(round(v) for v in b) if b else None}")
+    if auto:
+        from ..core.automatic import AutoParams, segment_everything_slice
+
+        params = AutoParams(points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+                            stability_score_thresh=args.stability_thresh)
+        first = len(objects) + 1
+        for z in auto:
+            lab = run_with_progress(segment_everything_slice(enc, z, params=params), f"slice {z}: everything",
+                                    unit="batch")
+            for k in range(1, int(lab.max()) + 1):
+                put(z, lab == k, first + k - 1)
+            print(f"slice {z}: {int(lab.max())} objects (labels {first}..{first + int(lab.max()) - 1}), "
+                  "segment everything")
+            first += int(lab.max())
     out = write_labels(args.output, labels, reference=volume)
     print(f"wrote {out} ({labels.shape}, labels 0..{int(labels.max())}) in {time.perf_counter() - t0:.1f} s")
     return 0
