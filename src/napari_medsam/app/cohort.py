@@ -64,6 +64,7 @@ OUTPUT_FORMATS = ("auto", ".nii.gz", ".nii", ".ome.zarr", ".zarr", ".tif", ".npy
 SUMMARY_FIELDS = ("input", "output", "status", "attempts", "seconds", "voxels_per_class", "error")
 _GLOB_CHARS = set("*?[")
 _LABEL_NAME = "prediction"  # the label image of an .ome.zarr output: labels/prediction
+_DASK_LOG_ENV = "DASK_LOGGING__DISTRIBUTED"
 
 
 @dataclass(frozen=True)
@@ -601,11 +602,25 @@ def _run_distributed(run: _Run, todo: list[int], params: CohortParams, head_sha:
     """Submit one task per volume; yield the dashboard link (or None) after each finished volume."""
     from distributed import Client, LocalCluster, as_completed
 
+    quiet = logging.getLogger("distributed")  # its INFO lines would reach the root handler of a CLI
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     cluster = None
     if scheduler is None:
         threads = cluster_threads(int(workers or 1))
-        cluster = LocalCluster(n_workers=int(workers or 1), threads_per_worker=1, processes=processes,
-                               memory_limit=memory_limit, dashboard_address=":0", silence_logs=logging.CRITICAL)
+        # worker processes configure their logging on import, from the environment they inherit:
+        # keep their per-task tracebacks out of the terminal (each failure is in the summary)
+        saved = os.environ.get(_DASK_LOG_ENV)
+        os.environ[_DASK_LOG_ENV] = "critical"
+        try:
+            cluster = LocalCluster(n_workers=int(workers or 1), threads_per_worker=1, processes=processes,
+                                   memory_limit=memory_limit, dashboard_address=":0",
+                                   silence_logs=logging.CRITICAL)
+        finally:
+            if saved is None:
+                os.environ.pop(_DASK_LOG_ENV, None)
+            else:
+                os.environ[_DASK_LOG_ENV] = saved
         params = replace(params, torch_threads=params.torch_threads or threads)
         client = Client(cluster)
     else:
@@ -648,6 +663,7 @@ def _run_distributed(run: _Run, todo: list[int], params: CohortParams, head_sha:
         client.close()
         if cluster is not None:
             cluster.close()
+        quiet.setLevel(level)
 
 
 def _dashboard(client: Any) -> str | None:
