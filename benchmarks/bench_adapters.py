@@ -72,7 +72,9 @@ def main() -> int:
     ap.add_argument("--structure", default="wm", choices=("wm", "brain"))
     ap.add_argument("--axes", default="1,2")
     ap.add_argument("--ks", default="1,3")
-    ap.add_argument("--kinds", default="medsa,lora", help="adapter kinds: medsa, lora, medsa+sd, medsa+hyp")
+    ap.add_argument("--kinds", default="medsa,lora",
+                    help="adapter kinds: medsa, lora, medsa+sd, medsa+hyp, decoder (the ablation: Med-SA adapters "
+                         "left at zero, only the mask decoder trained)")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--n-eval", type=int, default=8)
     ap.add_argument("--min-area", type=int, default=300, help="least structure pixels for a slice to count")
@@ -111,7 +113,8 @@ def main() -> int:
 
     flush()
     configs = {"medsa": AdapterConfig(), "lora": AdapterConfig(kind="lora", rank=4),
-               "medsa+sd": AdapterConfig(sd_trans=True), "medsa+hyp": AdapterConfig(hyp=True)}
+               "medsa+sd": AdapterConfig(sd_trans=True), "medsa+hyp": AdapterConfig(hyp=True),
+               "decoder": AdapterConfig()}
     for axis in (int(a) for a in args.axes.split(",")):
         plane = {0: "sagittal", 1: "coronal", 2: "axial"}[axis]
         enc = VolumeEncoder(base, image, axis=axis)
@@ -128,15 +131,19 @@ def main() -> int:
         for k in ks:
             for kind in args.kinds.split(","):
                 cfg = configs[kind]
-                params = AdaptParams(steps=args.steps, batch_size=1, threads=args.threads)
+                params = AdaptParams(steps=args.steps, batch_size=1, threads=args.threads,
+                                     lr=0.0 if kind == "decoder" else AdaptParams.lr)
                 t0 = time.perf_counter()
                 trained = drain(train_adapters(enc, labels, train_sets[k], config=cfg, params=params))
                 secs = time.perf_counter() - t0
                 c = parameter_counts(trained.loaded)
                 d, m = box_dice(adapted_encoder(enc, trained.loaded), labels, evals)
                 h = trained.meta.history
-                lines.append(f"| {plane} | {k} | {cfg.tag} | {c['trainable']:,} ({100 * c['share']:.1f} %; adapters "
-                             f"{c['adapter']:,}) | {d:.3f} | {m:.3f} | {secs:.0f} | {h['seconds_per_slice_step']:.2f} |")
+                tag = "decoder only" if kind == "decoder" else cfg.tag
+                n_ad = 0 if kind == "decoder" else c["adapter"]
+                trainable = c["decoder"] + n_ad
+                lines.append(f"| {plane} | {k} | {tag} | {trainable:,} ({100 * trainable / c['total']:.1f} %; adapters "
+                             f"{n_ad:,}) | {d:.3f} | {m:.3f} | {secs:.0f} | {h['seconds_per_slice_step']:.2f} |")
                 flush()
     lines.append("")
     lines.append(f"load average at the end {os.getloadavg()[0]:.1f}; command: python {' '.join(sys.argv)}")
