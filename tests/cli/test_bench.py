@@ -114,3 +114,24 @@ def test_bench_runs_over_every_registered_model(model, tmp_path, monkeypatch):
     assert any(r.get("peak_dtype") == "bf16" for r in enc["rows"]) == any("bf16" in r["variant"] for r in enc["rows"])
     (dec,) = report["decoder"]
     assert dec["iou_min"] > 0.99 and all(r["n"] > 0 for r in dec["rows"])
+
+
+def test_gpu_check_script_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh on the CPU with the tiny models (what a GPU session runs, minus the GPU)."""
+    import json as _json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = _json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["dry_run"] and report["device"] == "cpu"
+    assert [r["model"] for r in report["encoder"]] == ["test_tiny_lite", "test_tiny_vit"]
+    assert all(r["ms_per_slice"] > 0 for r in report["encoder"])
+    assert all(r["iou_min"] > 0.9 for r in report["iou"])  # bf16 vs fp32 masks of the same weights
+    assert len(report["decoder"]) == 2
