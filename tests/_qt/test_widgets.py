@@ -123,26 +123,36 @@ def test_scan_to_exported_labels(viewer, widgets, qtbot, tmp_path):
     assert labels.data[[0, 1, 2, 3, 4, 6, 7, 8, 9]].sum() == 0
     assert len(pts.data) == 0 and len(shp.data) == 0  # prompts of the slice are cleared
 
-    # propagation runs in the background and writes into the same layer, never over slice 5
+    # propagation runs in the background and writes into the same layer, never over slice 5. The
+    # masks are fixed here (the tiny random model's are noise; the real propagation: the slow test
+    # below and tests/app/test_session_workflow.py): a square on slices 4-6, seeded by the commit
     committed = labels.data[5].copy()
+    square = np.zeros(committed.shape, bool)
+    square[2:30, 3:25] = True
+    seeds_seen = {}
+
+    def fixed_propagation(req, seeds, params=None, *, cancel=None):
+        seeds_seen.update(seeds)
+        yield from ()
+        return dict.fromkeys((4, 5, 6), square)
+
+    annot.session.propagate_steps = fixed_propagation
     annot.propagate()
     assert annot.propagate_job is not None
     _wait(qtbot, annot.propagate_job)
+    del annot.session.propagate_steps
+    assert list(seeds_seen) == [5]  # the committed slice seeds it
     np.testing.assert_array_equal(labels.data[5], committed)
-    assert set(np.unique(labels.data)) <= {0, 1}
+    np.testing.assert_array_equal(labels.data[4] == 1, square)
+    np.testing.assert_array_equal(labels.data[6] == 1, square)
+    assert len(annot.edits) == 2 and annot.edits.last.slices == (4, 6)
 
-    # undo takes the last edit back (the propagation if it wrote anything, else the commit); a voxel
-    # the user painted by hand meanwhile stays
-    labels.data[0, 0, 0] = 4
-    propagated = len(annot.edits) == 2
+    # undo takes the propagation back; a voxel the user painted by hand meanwhile stays
+    labels.data[4, 2, 3] = 4
     annot.undo()
-    assert labels.data[0, 0, 0] == 4
-    if propagated:
-        np.testing.assert_array_equal(labels.data[5], committed)
-        assert (labels.data == 1).sum() == (committed == 1).sum()
-    else:
-        assert (labels.data == 1).sum() == 0
-    labels.data[0, 0, 0] = 0
+    assert labels.data[4, 2, 3] == 4 and not (labels.data[[4, 6]] == 1).any()
+    np.testing.assert_array_equal(labels.data[5], committed)
+    labels.data[4, 2, 3] = 0
 
     # export through the manifest's writers and read back: same data, same geometry
     labels.data[7, 10:20, 10:20] = 2
@@ -254,7 +264,7 @@ def test_box_preferred_models_tell_the_user(viewer, widgets, qtbot):
     finally:
         qtbot.waitUntil(lambda: annot._preview_job is None or annot._preview_job.done, timeout=60_000)
         annot.session.loaded = loaded
-    assert len(annot.latencies) >= n
+    assert len(annot.latencies) > n  # the point still got its preview, with the hint beside it
 
 
 def test_shortcuts_are_bound_and_listed(viewer, widgets):
@@ -559,6 +569,7 @@ def test_litemedsam_segments_the_mni_brain(viewer, qtbot, mni):
     res = _preview(qtbot, annot, n_lat)
     seed = 2 * (res.mask & gt[:, z, :]).sum() / (res.mask.sum() + gt[:, z, :].sum())
     assert seed > 0.55, seed
+    prompt = _layers.slice_prompt(*annot.prompt_layers(create=False), image, view)
     annot.commit()
     annot.propagate()
     _wait(qtbot, annot.propagate_job, 900_000)
@@ -567,6 +578,21 @@ def test_litemedsam_segments_the_mni_brain(viewer, qtbot, mni):
     assert len(filled) >= 15 and z in filled
     dice3d = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
     assert dice3d > 0.6, dice3d
+
+    # the same steps on the session alone (tests/app/test_session_workflow.py) write the same labels
+    from napari_medsam.app import AnnotationSession
+    from napari_medsam.core.segment import Prompt2D
+    from tests.app.test_session_workflow import AXIS, CROP_LO, CROP_N, SLICE, mni_crop
+
+    assert (lo, n, z, view.axis) == (CROP_LO, CROP_N, SLICE, AXIS)
+    crop, _brain, box, _affine = mni_crop()
+    np.testing.assert_allclose(prompt.box, box)  # the box the widget sent is the workflow test's
+    alone = AnnotationSession(disk_cache=False)
+    alone.set_model(annot.session.loaded)
+    alone.open_image(crop, axis=AXIS)
+    alone.commit(SLICE, alone.preview(SLICE, Prompt2D.from_box(box)), 1)
+    alone.propagate(1, index=SLICE)
+    np.testing.assert_array_equal(alone.labels.data, np.asarray(annot.labels_layer.data))
 
 
 def test_training_after_the_canvas_exists_does_not_crash(tmp_path):
@@ -655,4 +681,8 @@ def test_finetune_offers_the_cnn_head_first(viewer, widgets):
     """The default head is the one docs/benchmarks.md found most accurate with few slices."""
     _, fw = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
     assert fw.head_combo.currentData() == "cnn"
-    assert [fw.head_combo.itemData(i) for i in range(fw.head_combo.count())] == ["cnn", "autosam", "linear"]
+    from napari_medsam.core.heads import HEADS
+
+    offered = [fw.head_combo.itemData(i) for i in range(fw.head_combo.count())]
+    assert offered[0] == "cnn" and sorted(offered) == sorted(HEADS)  # every family of the registry
+    assert fw.epochs_spin.value() == 0 and fw.params().epochs is None  # the benchmarked schedule, not a guess

@@ -13,73 +13,21 @@ import time
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QPointF, Qt
-from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
-    QButtonGroup,
-    QComboBox,
     QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QRadioButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
 )
 
 from .. import _layers
-from ..app.params import head_kinds, parse_slices
+from ..app.params import parse_slices
 from ..app.session import AnnotationSession
 from ..core.progress import Progress, ProgressGen
 from . import _workers
 from ._dock import DockWidget
-from ._layer_combo import LayerCombo
-from ._shared import encoder_request, is_image
+from ._finetune_controls import build_controls
+from ._shared import encoder_request
 from .session import session_for
 
 PLOT_INTERVAL = 0.2  # seconds between two repaints of the loss curve and label
-
-class LossPlot(QWidget):
-    """A minimal live curve of the training loss (no plotting library)."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.values: list[float] = []
-        self.setMinimumHeight(70)
-
-    def clear(self) -> None:
-        self.values = []
-        self.update()
-
-    def add(self, value: float) -> None:
-        self.values.append(float(value))
-        self.update()
-
-    def paintEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        w, h = self.width(), self.height()
-        painter.setPen(QPen(QColor(128, 128, 128), 1))
-        painter.drawRect(0, 0, w - 1, h - 1)
-        vals = [v for v in self.values if np.isfinite(v)]
-        if len(vals) < 2:
-            painter.drawText(6, h // 2, "loss")
-            return
-        lo, hi = min(vals), max(vals)
-        span = max(hi - lo, 1e-9)
-        n = len(vals)
-        poly = QPolygonF([QPointF(3 + (w - 6) * i / (n - 1), 3 + (h - 6) * (1 - (v - lo) / span))
-                          for i, v in enumerate(vals)])
-        painter.setPen(QPen(QColor(255, 165, 0), 2))
-        painter.drawPolyline(poly)
-        painter.setPen(QPen(QColor(200, 200, 200), 1))
-        painter.drawText(6, 14, f"loss {vals[-1]:.3f}  (min {lo:.3f})")
-
 
 def _load_head_steps(path: str, loaded: Any) -> ProgressGen[Any]:
     from ..core.finetune import load_head
@@ -108,78 +56,7 @@ class FinetuneWidget(DockWidget):
         self.prediction_layer: Any = None
         self._plot_time = 0.0
 
-        self.image_combo = LayerCombo(napari_viewer, is_image)
-        self.labels_combo = LayerCombo(napari_viewer, self._accept_labels)
-        self.all_slices = QRadioButton("every slice holding labels")
-        self.some_slices = QRadioButton("these slices:")
-        self.all_slices.setChecked(True)
-        group = QButtonGroup(self)
-        group.addButton(self.all_slices)
-        group.addButton(self.some_slices)
-        self.slices_edit = QLineEdit()
-        self.slices_edit.setPlaceholderText("e.g. 40, 52, 60-64")
-        self.head_combo = QComboBox()
-        for kind, text in head_kinds().items():
-            self.head_combo.addItem(kind, kind)
-            self.head_combo.setItemData(self.head_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
-        from ..core.finetune import TrainParams
-
-        defaults = TrainParams()
-        self.epochs_spin = QSpinBox()  # 0 = "auto": the benchmarked schedule (as many as fit in max_steps)
-        self.epochs_spin.setRange(0, 10000)
-        self.epochs_spin.setSpecialValueText(f"auto (up to {defaults.max_steps} steps)")
-        self.epochs_spin.setValue(defaults.epochs or 0)
-        self.epochs_spin.setToolTip("most passes over the labelled slices; auto trains the schedule "
-                                    "docs/benchmarks.md measured")
-        self.seed_spin = QSpinBox()
-        self.seed_spin.setRange(0, 2**31 - 1)
-        self.seed_spin.setValue(defaults.seed)
-        self.train_button = QPushButton("Train")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setVisible(False)
-        self.loss_label = QLabel("")
-        self.loss_plot = LossPlot()
-        self.head_label = QLabel("No head trained or loaded.")
-        self.head_label.setWordWrap(True)
-        self.save_button = QPushButton("Save head…")
-        self.load_button = QPushButton("Load head…")
-        self.segment_button = QPushButton("Segment volume")
-
-        slices_row = QHBoxLayout()
-        slices_row.addWidget(self.some_slices)
-        slices_row.addWidget(self.slices_edit)
-        form = QFormLayout()
-        form.addRow("Image", self.image_combo)
-        form.addRow("Labels", self.labels_combo)
-        form.addRow("Train on", self.all_slices)
-        form.addRow("", slices_row)
-        form.addRow("Head", self.head_combo)
-        form.addRow("Epochs (max)", self.epochs_spin)
-        form.addRow("Seed", self.seed_spin)
-        train_box = QGroupBox("Train a head")
-        tb = QVBoxLayout(train_box)
-        tb.addLayout(form)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.train_button)
-        buttons.addWidget(self.cancel_button)
-        tb.addLayout(buttons)
-        tb.addWidget(self.progress_bar)
-        tb.addWidget(self.loss_label)
-        tb.addWidget(self.loss_plot)
-        head_box = QGroupBox("Head")
-        hb = QVBoxLayout(head_box)
-        hb.addWidget(self.head_label)
-        io_row = QHBoxLayout()
-        io_row.addWidget(self.save_button)
-        io_row.addWidget(self.load_button)
-        hb.addLayout(io_row)
-        hb.addWidget(self.segment_button)
-        layout = QVBoxLayout(self)
-        layout.addWidget(train_box)
-        layout.addWidget(head_box)
-        layout.addStretch(1)
+        build_controls(self)
 
         self.train_button.clicked.connect(self.train)
         self.cancel_button.clicked.connect(self._on_cancel)

@@ -13,34 +13,18 @@ from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
     QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QSizePolicy,
-    QToolButton,
-    QVBoxLayout,
-    QWidget,
 )
 
 from .. import _layers
-from ..app.params import IntensityChoice, ModelChoice, availability, intensity_presets
+from ..app.params import ModelChoice, availability
 from ..app.session import AnnotationSession, EncoderRequest
-from ..core.device import DEVICES, PRECISIONS
-from ..core.registry import DEFAULT_MODEL, MODELS, get_spec, list_models
+from ..core.registry import get_spec
 from . import _workers
 from ._dock import DockWidget, fit_dock_height
-from ._layer_combo import LayerCombo
-from ._shared import encoder_request, is_image, load_model_job
+from ._model_controls import INTENSITIES, build_controls
+from ._shared import encoder_request, load_model_job
 from .session import session_for
-
-INTENSITIES: dict[str, IntensityChoice] = intensity_presets()  # from core.preprocess's presets
 
 
 class ModelWidget(DockWidget):
@@ -59,99 +43,7 @@ class ModelWidget(DockWidget):
         self._after_load: Any = None
 
         # -- model group
-        self.model_combo = QComboBox()
-        for name in list_models(include_test=True):
-            ok, _ = availability(name)
-            tag = " (test)" if "test" in MODELS[name].tags else ""
-            self.model_combo.addItem(f"{'✓' if ok else '✗'} {name}{tag}", name)
-        self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(DEFAULT_MODEL)))
-        self.model_info = QLabel()
-        self.model_info.setWordWrap(True)
-        self.model_info.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
-        self.model_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.weights_edit = QLineEdit()
-        self.weights_edit.setPlaceholderText("registered weights (or choose a .pth file)")
-        self.weights_button = QPushButton("Choose…")
-        weights_row = QHBoxLayout()
-        weights_row.addWidget(self.weights_edit)
-        weights_row.addWidget(self.weights_button)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(list(DEVICES))
-        self.precision_combo = QComboBox()
-        self.precision_combo.addItems(list(PRECISIONS))
-        self.load_button = QPushButton("Load")
-        self.load_status = QLabel("No model loaded.")
-        self.load_status.setWordWrap(True)
-        self.load_bar = QProgressBar()
-        self.load_bar.setVisible(False)
-
-        run_row = QHBoxLayout()
-        run_row.addWidget(self.device_combo)
-        run_row.addWidget(QLabel("Precision"))
-        run_row.addWidget(self.precision_combo)
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, 1)
-        model_row.addWidget(self.load_button)
-        # What describes the model and how it runs folds away once a model is loaded.
-        self.details_button = QToolButton()
-        self.details_button.setCheckable(True)
-        self.details_button.setChecked(True)
-        self.details_button.setArrowType(Qt.ArrowType.DownArrow)
-        self.details_button.setToolTip("show or hide the model's description, weights file, device and precision")
-        self.details = QWidget()
-        details_form = QFormLayout(self.details)
-        details_form.setContentsMargins(0, 0, 0, 0)
-        details_form.addRow(self.model_info)
-        details_form.addRow("Weights", weights_row)
-        details_form.addRow("Device", run_row)
-        form = QFormLayout()
-        form.addRow("Model", model_row)
-        status_row = QHBoxLayout()
-        status_row.addWidget(self.details_button)
-        status_row.addWidget(self.load_status, 1)
-        model_box = QGroupBox("Model")
-        mb = QVBoxLayout(model_box)
-        mb.addLayout(form)
-        mb.addWidget(self.details)
-        mb.addWidget(self.load_bar)
-        mb.addLayout(status_row)
-
-        # -- embeddings group
-        self.image_combo = LayerCombo(napari_viewer, is_image)
-        self.intensity_combo = QComboBox()
-        self.intensity_combo.addItems(list(INTENSITIES))
-        self.intensity_combo.setToolTip("how raw intensities map to the model's input; auto: a CT soft-tissue "
-                                        "window for Hounsfield data, else MR percentile clipping (uint8 and RGB "
-                                        "data pass through)")
-        self.cache_label = QLabel("")
-        self.cache_label.setWordWrap(True)
-        self.embed_button = QPushButton("Embed image")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.embed_bar = QProgressBar()
-        self.embed_bar.setVisible(False)
-        self.embed_bar.setFormat("%v / %m slices embedded")
-        self.napari_bar_check = QCheckBox("also show progress in napari's activity panel")
-        self.napari_bar_check.setToolTip("napari's animated activity indicator slows the window down with "
-                                         "software OpenGL (remote desktops, VMs); off by default")
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.embed_button)
-        buttons.addWidget(self.cancel_button)
-        eform = QFormLayout()
-        eform.addRow("Image", self.image_combo)
-        eform.addRow("Intensity", self.intensity_combo)
-        emb_box = QGroupBox("Embeddings")
-        eb = QVBoxLayout(emb_box)
-        eb.addLayout(eform)
-        eb.addLayout(buttons)
-        eb.addWidget(self.embed_bar)
-        eb.addWidget(self.cache_label)
-        eb.addWidget(self.napari_bar_check)
-
-        layout = QVBoxLayout(self)
-        layout.addWidget(model_box)
-        layout.addWidget(emb_box)
-        layout.addStretch(1)
+        build_controls(self)
 
         # -- wiring
         self.model_combo.currentIndexChanged.connect(self._on_model_selected)

@@ -1,0 +1,109 @@
+"""The Annotate dock's controls and their layout (no behaviour: the widget wires them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFormLayout,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+)
+
+from ._class_table import ClassTable
+from ._layer_combo import LayerCombo
+from ._shared import is_image
+
+SHORTCUTS = (
+    ("Click", "positive point (Points layer in add mode, key P)"),
+    ("Shift+click", "negative point"),
+    ("N", "toggle negative clicks"),
+    ("R", "draw a box (Shapes layer in rectangle mode)"),
+    ("C", "commit the preview into the labels"),
+    ("G", "propagate the current class through the volume"),
+    ("Q", "clear the prompts on this slice"),
+    ("Shift+Q", "clear all prompts"),
+    ("U", "undo the last commit or propagation"),
+)
+SHORT_NAMES = {"Click": "positive point", "Shift+click": "negative point", "N": "negative clicks",
+               "R": "box", "C": "commit", "G": "propagate", "Q": "clear slice", "Shift+Q": "clear all",
+               "U": "undo"}
+_TRANSIENT = ("adding", "changing", "removing")
+
+
+def _action(event: Any) -> str:
+    return str(getattr(event, "action", "") or "")
+
+
+def build_controls(w: Any) -> None:
+    """Make the Annotate dock ``w``'s controls as its attributes and lay them out."""
+    # -- layers
+    w.image_combo = LayerCombo(w.viewer, is_image)
+    w.labels_combo = LayerCombo(w.viewer, w._accept_labels, extra="new labels layer")
+    lform = QFormLayout()
+    lform.addRow("Image", w.image_combo)
+    lform.addRow("Labels", w.labels_combo)
+
+    # -- classes
+    w.class_box = ClassTable()
+    w.class_table = w.class_box.table
+
+    # -- prompts and actions
+    w.points_button = QPushButton("Points (P)")
+    w.box_button = QPushButton("Box (R)")
+    w.negative_button = QPushButton("Negative clicks (N)")
+    w.negative_button.setCheckable(True)
+    w.commit_button = QPushButton("Commit (C)")
+    w.propagate_button = QPushButton("Propagate (G)")
+    w.clear_button = QPushButton("Clear (Q)")
+    w.undo_button = QPushButton("Undo (U)")
+    w.cancel_button = QPushButton("Cancel")
+    w.cancel_button.setEnabled(False)
+    grid = QGridLayout()
+    grid.addWidget(w.points_button, 0, 0)
+    grid.addWidget(w.box_button, 0, 1)
+    grid.addWidget(w.negative_button, 0, 2)
+    grid.addWidget(w.commit_button, 1, 0)
+    grid.addWidget(w.propagate_button, 1, 1)
+    grid.addWidget(w.cancel_button, 1, 2)
+    grid.addWidget(w.clear_button, 2, 0)
+    grid.addWidget(w.undo_button, 2, 1)
+    w.progress_bar = QProgressBar()
+    w.progress_bar.setVisible(False)
+    w.prefetch_check = QCheckBox("Prefetch neighbouring slices")
+    w.prefetch_check.setChecked(w.prefetch.enabled)
+    w.prefetch_check.setToolTip("embed the slices around the one under view in the background (at low "
+                                   "priority, paused while propagating), so moving to them is instant")
+    w.prefetch_label = QLabel("")
+    prefetch_row = QHBoxLayout()
+    prefetch_row.addWidget(w.prefetch_check)
+    prefetch_row.addStretch(1)
+    prefetch_row.addWidget(w.prefetch_label)
+    w.hint_label = QLabel("")
+    w.hint_label.setWordWrap(True)
+    w.hint_label.setVisible(False)  # shown only while it says something: the dock is tight
+    w.status_label = QLabel("")
+    w.status_label.setWordWrap(True)
+    w.shortcuts_label = QLabel(
+        "<b>Keys</b> (prompt layers selected): "
+        + " · ".join(f"<b>{k}</b> {SHORT_NAMES.get(k, v)}" for k, v in SHORTCUTS))
+    w.shortcuts_label.setWordWrap(True)
+    w.shortcuts_label.setTextFormat(Qt.TextFormat.RichText)
+    w.shortcuts_label.setToolTip("\n".join(f"{k}: {v}" for k, v in SHORTCUTS))
+
+    layout = QVBoxLayout(w)
+    layout.addLayout(lform)
+    layout.addWidget(w.class_box)
+    layout.addLayout(grid)
+    layout.addLayout(prefetch_row)
+    layout.addWidget(w.progress_bar)
+    layout.addWidget(w.hint_label)
+    layout.addWidget(w.status_label)
+    layout.addWidget(w.shortcuts_label)
+    layout.addStretch(1)

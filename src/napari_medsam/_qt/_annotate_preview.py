@@ -1,0 +1,217 @@
+"""The Annotate dock's live preview and background prefetching: every prompt change on the slice
+under view re-runs the model in a thread worker; the latest prompt wins (a preview that comes back
+for an older prompt or another slice is dropped)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from .. import _layers
+from ..app.bookkeeping import prompt_signature
+from ..app.params import ModelChoice
+from ..core.registry import DEFAULT_MODEL
+from . import _workers
+from ._shared import encoder_request, load_model_job
+
+_TRANSIENT = ("adding", "changing", "removing")
+
+
+def _action(event: Any) -> str:
+    return str(getattr(event, "action", "") or "")
+
+
+class PreviewMixin:
+    """Preview, default-model loading and prefetch of the Annotate dock."""
+
+    def _ensure_preview(self) -> Any:
+        image = self.image_layer
+        shape = _layers.spatial_shape(image)
+        prev = self._preview
+        if prev is not None and prev in self.viewer.layers and _layers.is_preview(prev, of=image) and \
+                tuple(prev.data.shape) == shape and np.allclose(prev.scale, image.scale) and \
+                np.allclose(prev.translate, image.translate):
+            return prev
+        if prev is not None and prev in self.viewer.layers:
+            self.viewer.layers.remove(prev)
+        prev = self.viewer.add_labels(**_layers.preview_kwargs(image, self.current_class))
+        prev.editable = False
+        self._bind_keys(prev)
+        self._preview = prev
+        self._preview_view = None
+        self.labels_combo.refresh()
+        self._reselect_prompt_layer()
+        return prev
+
+    # ---- preview ------------------------------------------------------------------------------------
+    def _on_prompts_changed(self, event: Any = None) -> None:
+        if _action(event) in _TRANSIENT:
+            return
+        if self._prompt_time is None:
+            self._prompt_time = time.perf_counter()
+        self._schedule_preview()
+
+    def _on_view_changed(self, event: Any = None) -> None:
+        self._follow_prefetch()
+        self._schedule_preview()
+
+    def _schedule_preview(self) -> None:
+        self._preview_timer.start()
+
+    def _snapshot(self) -> tuple[Any, _layers.SliceView, Any, Any, tuple] | None:
+        image = self.image_layer
+        if image is None:
+            return None
+        view = _layers.current_slice(self.viewer.dims, image)
+        if view is None:
+            return None
+        pts, shp = self.prompt_layers(create=False)
+        prompt = _layers.slice_prompt(pts, shp, image, view)
+        req = encoder_request(image, self.viewer, self.session)
+        tag = (id(image), id(_layers._plain_data(image)), view.axis, view.index, prompt_signature(prompt))
+        return image, view, prompt, req, tag
+
+    def _run_preview(self) -> None:
+        if self._preview_job is not None and self._preview_job.running:
+            self._preview_dirty = True
+            return
+        snap = self._snapshot()
+        if snap is None:
+            self._clear_preview()
+            return
+        image, view, prompt, req, tag = snap
+        if prompt is None:
+            self._clear_preview()
+            self._prompt_time = None
+            return
+        if self._last is not None and self._last[0] == tag:
+            return  # already on screen
+        if self.session.loaded is None:
+            self._load_default_model(then=self._schedule_preview)
+            return
+        if prompt.n_points and self.session.loaded.spec.box_preferred:
+            self._hint(f"{self.session.loaded.name} was trained with boxes: draw a box (R) "
+                       "around the structure for a reliable mask; points are experimental.")
+        else:
+            self._hint("")
+        self._preview_dirty = False
+        if not self.preview_in_worker:  # benchmarks only: the same work, blocking the main thread
+            from ..core.progress import drain
+
+            self._preview_job = None
+            self._on_preview_result(tag, view, drain(self.session.preview_steps(req, view.index, prompt)))
+            return
+        self.prefetch.hold()  # the decoder gets the cores; released in _on_preview_finished
+        self._preview_job = _workers.start(
+            lambda cancel: self.session.preview_steps(req, view.index, prompt), desc="MedSAM preview",
+            cancelable=False, on_returned=lambda res: self._on_preview_result(tag, view, res),
+            on_finished=self._on_preview_finished)
+
+    def _on_preview_result(self, tag: tuple, view: _layers.SliceView, res: Any) -> None:
+        snap = self._snapshot()
+        if snap is None or snap[4] != tag:
+            self._preview_dirty = True  # the prompt or the slice changed meanwhile: run again
+            return
+        if self.image_layer is None:
+            return
+        self._draw_preview(res.mask, view)  # may replace the preview layer (which resets _last)
+        self._last = (tag, res)
+        if self._prompt_time is not None:
+            self.latencies.append(time.perf_counter() - self._prompt_time)
+            job = self._preview_job
+            self.compute_times.append(float(job.last.info.get("seconds", float("nan")))
+                                      if job is not None and job.last is not None else float("nan"))
+            self._prompt_time = None
+        self._update_status(iou=res.iou)
+        if self._job_embedded(self._preview_job):
+            self.session.embeddings_changed.emit(tag[0])
+        if self._commit_pending:
+            self._commit_pending = False
+            self.commit()
+
+    @staticmethod
+    def _job_embedded(job: _workers.Job | None) -> bool:
+        return bool(job is not None and job.last is not None and job.last.info.get("embedded_now"))
+
+    def _on_preview_finished(self, job: _workers.Job) -> None:
+        self.prefetch.release()
+        if self._preview_dirty:  # prompts changed while it ran: run the latest (a pending commit waits)
+            self._preview_dirty = False
+            self._schedule_preview()
+        else:  # done, or failed (the error was shown): a pending commit has nothing to wait for
+            self._commit_pending = False
+
+    def _draw_preview(self, mask: np.ndarray | None, view: _layers.SliceView | None = None) -> None:
+        if self.image_layer is None:
+            return
+        view = view or self._preview_view
+        if view is None:
+            return
+        prev = self._ensure_preview()
+        _layers.show_preview(prev, view, mask, 1, self._preview_view)
+        self._preview_view = view
+
+    def _clear_preview(self) -> None:
+        self._last = None
+        if self._preview is not None and self._preview in self.viewer.layers and self._preview_view is not None:
+            _layers.show_preview(self._preview, self._preview_view, None, 0, self._preview_view)
+        self._preview_view = None
+
+    def _cancel_preview(self) -> None:
+        self._preview_timer.stop()
+        self._commit_pending = False
+        self._prompt_time = None
+
+    # ---- model --------------------------------------------------------------------------------------
+    def _load_default_model(self, then: Any = None) -> None:
+        if self.load_job is not None and self.load_job.running:
+            return
+        choice = ModelChoice(DEFAULT_MODEL)
+        self.status_label.setText(f"Loading {choice.name} (first prompt)…")
+
+        def done(job: _workers.Job) -> None:
+            if self.session.loaded is not None and then is not None:
+                then()
+
+        self.load_job = load_model_job(self.session, choice, on_done=done)
+
+    def _on_model_changed(self, loaded: Any) -> None:
+        self._last = None
+        self._follow_prefetch()
+        self._schedule_preview()
+        self._update_status()
+
+    # ---- prefetch -----------------------------------------------------------------------------------
+    def _follow_prefetch(self) -> None:
+        """Tell the prefetcher which slice is under view (cheap: every dims event comes here)."""
+        image = self.image_layer
+        view = _layers.current_slice(self.viewer.dims, image) if image is not None else None
+        self.prefetch.follow(image, view, lambda: encoder_request(image, self.viewer, self.session))
+        if self.prefetch.prefetcher is not None or self.prefetch.status():
+            if not self._prefetch_timer.isActive():
+                self._prefetch_timer.start()
+        else:
+            self._show_prefetch_status()
+
+    def _on_embeddings_changed(self, image_id: Any) -> None:
+        """Another dock embedded slices or changed how they are computed (the intensity): follow it."""
+        image = self.image_layer
+        if image is not None and image_id == id(image):
+            self._follow_prefetch()
+
+    def _on_prefetch_toggled(self, checked: bool) -> None:
+        self.prefetch.set_enabled(checked)
+        self._follow_prefetch()
+
+    def _show_prefetch_status(self) -> None:
+        text = self.prefetch.status()
+        if text != self.prefetch_label.text():  # a new text re-lays out the dock: only on change
+            self.prefetch_label.setText(text)
+            self.prefetch_label.setToolTip(self.prefetch.error_text())
+            image = self.image_layer
+            if image is not None and self.prefetch.prefetcher is not None:
+                self.session.embeddings_changed.emit(id(image))  # e.g. the Model dock's "n slices cached"
+        if not text:
+            self._prefetch_timer.stop()
