@@ -34,7 +34,11 @@ def _blob(shape=SHAPE):
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):
     """The bad files of the issue, small."""
-    root = tmp_path_factory.mktemp("bad_inputs")
+    return make_bad_files(tmp_path_factory.mktemp("bad_inputs"))
+
+
+def make_bad_files(root: Path) -> dict:
+    """Write the issue's bad files into ``root``; ``{name: path}`` (also used by benchmarks/probe_bad_inputs.py)."""
     rng = np.random.default_rng(0)
     vol = rng.normal(300, 40, SHAPE).astype(np.float32)
     vol[_blob()] += 400
