@@ -89,8 +89,9 @@ def test_bench_fails_when_a_head_fails(tmp_path, monkeypatch, capsys):
 
 def _bench_models() -> list:
     """Every registered model; the real-size ones (a ViT-B forward is tens of seconds on 2 cores, ViT-H
-    minutes, and the encoder section runs a dozen) are marked slow; the tiny ones cover both layouts."""
-    return [m if m.startswith("test_") else pytest.param(m, marks=pytest.mark.slow)
+    minutes, and the encoder section runs a dozen) are marked heavy (out of the default run: ``-m heavy``
+    runs them, as on a GPU machine); the tiny ones cover both layouts."""
+    return [m if m.startswith("test_") else pytest.param(m, marks=[pytest.mark.slow, pytest.mark.heavy])
             for m in list_models(include_test=True)]
 
 

@@ -103,8 +103,9 @@ def run_train(args: argparse.Namespace) -> int:
         from .adapters import run_train as run_adapter_train
 
         return run_adapter_train(args)
+    from ..app.training import train_head_steps
     from ..core.errors import MedSamError
-    from ..core.finetune import TrainParams, collect_training_data, fine_tune, save_head
+    from ..core.finetune import TrainParams, save_head
     from ..io import read_image
     from ._common import encoder_from_args, load_from_args
 
@@ -125,14 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         encoder = encoder_from_args(args, loaded, image)
     slices = parse_int_list(args.slices)
-    data = run_with_progress(collect_training_data(encoder, labels, slices), "embedding")
-    names = None
-    n_classes = len(data.class_ids) if init is None else len(set(init.class_ids) | set(data.class_ids))
-    if args.class_names:
-        names = [n.strip() for n in args.class_names.split(",")]
-        if len(names) != n_classes:
-            raise MedSamError(f"--class-names gives {len(names)} names but the labels hold "
-                              f"{len(data.class_ids)} classes ({list(data.class_ids)})")
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     kw: dict[str, Any] = {}
     for name in ("epochs", "lr", "batch_size", "patience", "threads"):
         value = getattr(args, name)
@@ -141,12 +135,14 @@ def run_train(args: argparse.Namespace) -> int:
     config = {"image_skip": False} if args.no_image_skip and args.head == "cnn" else {}
     params = TrainParams(head=args.head or init.kind, head_config=config, seed=args.seed,
                          augment=not args.no_augment, **kw)
-    head = run_with_progress(fine_tune(data, params, loaded=loaded, class_names=names, init=init), "training",
-                             unit="step")
+    # the one training pipeline the Fine-tune widget runs too (app.training)
+    head = run_with_progress(train_head_steps(encoder, labels, slices, params, class_names=names, init=init),
+                             "training", unit="step")
     out = save_head(args.output, head)
-    h = head.meta.history
-    print(f"{'continued' if init is not None else 'trained'} a {head.kind} head on {len(data.slices)} slice(s) along axis {data.axis} "
-          f"({', '.join(str(s) for s in data.slices[:12])}{', ...' if len(data.slices) > 12 else ''}), "
-          f"classes {list(data.class_ids)}: {h['steps']} steps in {h['seconds']:.1f} s, "
+    h, m = head.meta.history, head.meta
+    trained = m.training_slices
+    print(f"{'continued' if init is not None else 'trained'} a {head.kind} head on {len(trained)} slice(s) along axis {m.axis} "
+          f"({', '.join(str(s) for s in trained[:12])}{', ...' if len(trained) > 12 else ''}), "
+          f"classes {list(m.class_ids)}: {h['steps']} steps in {h['seconds']:.1f} s, "
           f"final loss {h['final_loss']:.4f}; wrote {out}")
     return 0
