@@ -7,6 +7,7 @@ affine and both qform and sform set. Geometry round trips compare affines to 1e-
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,37 @@ def test_labels_layer_data_loads_lazy_volumes(tmp_path):
     vol = read_image(tmp_path / "l.npy")
     data, kwargs, kind = _layers.labels_layer_data(vol)
     assert kind == "labels" and isinstance(data, np.ndarray) and data.shape == (2, 3, 4)
+
+
+@pytest.fixture()
+def fresh_napari_settings(monkeypatch):
+    """napari settings that are never saved (the user's own stay untouched)."""
+    import napari.settings as ns
+    from napari.settings._napari_settings import NapariSettings
+
+    settings = NapariSettings(config_path=None)
+    monkeypatch.setattr(ns, "_SETTINGS", settings)
+    return settings
+
+
+def test_napari_opens_nifti_without_asking_once_we_are_preferred(fresh_napari_settings):
+    """napari's builtin reader also claims *.nii.gz, so napari asks (MultipleReaderError, which the
+    File > Open path turns into the reader dialog) until a preference names us; a preference the
+    user set stays. ``plugin=None`` is what File > Open and drag-and-drop pass."""
+    from napari.components import ViewerModel
+    from napari.errors import MultipleReaderError
+    from napari.plugins import _initialize_plugins
+
+    _initialize_plugins()
+    fresh_napari_settings.plugins.extension2reader = {"*.mha": "napari"}
+    viewer = ViewerModel()
+    with pytest.raises(MultipleReaderError):
+        viewer.open(str(MNI_T1), plugin=None)
+    added = _reader.prefer_our_reader()
+    assert {"*.nii", "*.nii.gz", "*.nrrd", "*.dcm"} <= set(added)
+    assert "*.mha" not in added and "*.tif" not in added and "*/" not in added
+    assert fresh_napari_settings.plugins.extension2reader["*.mha"] == "napari"
+    layers = viewer.open(str(MNI_T1), plugin=None)
+    assert len(layers) == 1 and "affine" in layers[0].metadata
+    assert _reader.prefer_our_reader() == {}  # idempotent
+    assert set(_reader.prefer_our_reader(directories=True)) == {"*" + os.sep}

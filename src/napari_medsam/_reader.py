@@ -72,3 +72,43 @@ def _is_labels(volume: Any) -> bool:
         return True
     ours = meta.get("napari_medsam")
     return isinstance(ours, dict) and ours.get("kind") == "labels"
+
+
+PLUGIN_NAME = "napari-medsam"
+GENERIC_PATTERNS = ("*.tif", "*.tiff", "*.npy", "*.zarr")  # not medical: other plugins' users open these too
+
+
+def reader_patterns() -> tuple[str, ...]:
+    """The filename patterns our reader contribution claims (from the installed manifest)."""
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution(PLUGIN_NAME)
+    return tuple(p for r in manifest.contributions.readers or () for p in r.filename_patterns)
+
+
+def prefer_our_reader(settings: Any = None, *, patterns: Sequence[str] | None = None,
+                      directories: bool = False) -> dict[str, str]:
+    """Make napari open our formats with this plugin without asking which reader to use.
+
+    napari shows its reader dialog whenever more than one reader claims a path and the user has no
+    preference for it (``settings.plugins.extension2reader``, what the dialog's "remember" box
+    writes); napari's own builtin reader claims ``*.nii``, ``*.nii.gz``, ``*.nrrd``, ``*.mha``,
+    ``*.dcm``, ``*.tif``, ``*.npy`` and ``*.zarr`` too, so every scan asks. This fills in a
+    preference for each of our ``patterns`` (default: the manifest's medical formats, not
+    :data:`GENERIC_PATTERNS`) that the user has not set; a choice the user made is never replaced. ``directories``: also claim folders (``*/``: DICOM
+    series), which takes folders from every other reader, so only on request.
+    Returns the preferences added. napari saves its settings itself.
+    """
+    if settings is None:
+        from napari.settings import get_settings
+
+        settings = get_settings()
+    wanted = list(patterns if patterns is not None else
+                  (p for p in reader_patterns() if p not in GENERIC_PATTERNS))
+    if directories:
+        wanted.append("*" + os.sep)
+    current = dict(settings.plugins.extension2reader)
+    added = {p: PLUGIN_NAME for p in wanted if p not in current}
+    if added:
+        settings.plugins.extension2reader = {**current, **added}
+    return added
