@@ -1,15 +1,35 @@
-"""Propagation time per slice and 3D Dice on the MNI152 template (nilearn's copy).
+"""Propagation on real MNI152 structures in all three planes: where it stops, 3D Dice, speed.
 
-One box around the brain on a coronal slice, propagated +-N slices, twice: with a cold embedding
-cache (encoder + decoder per slice) and warm (decoder only). Prints seconds per slice for both and
-the 3D Dice against the grey+white matter mask, both measured in this run.
+Structures (nilearn's MNI152 2009 template and its tissue maps, probabilities 0..255):
 
-    python benchmarks/bench_propagation.py [--model litemedsam] [--slice 93] [--reach 10]
+* ``brain``: grey + white matter probability > 0.5;
+* ``ventricle``: the left lateral ventricle: T1 darker than 100 (CSF is ~55 on the template's
+  0..255 scale, grey matter ~160), more than 8 mm inside the brain, the connected component left of
+  the midline;
+* ``deep_gm``: the left basal ganglia: grey matter > 0.5 more than 12 mm inside the brain, the
+  largest connected component on the left;
+* ``cereb_wm``: the left cerebellar white matter: white matter > 0.5 eroded twice, the connected
+  component of the left cerebellum.
+
+For each structure and plane (sagittal = array axis 0, coronal = 1, axial = 2) one box is drawn
+around the structure on the slice where it is largest, as a user would, and propagated through the
+whole volume with the earlier rule (area and predicted IoU only, ``PropagationParams.legacy()``) and
+the current default. Printed per case: the structure's true slice extent, the extent labelled,
+slices labelled beyond the true extent, slices missed inside it, the distance of each end from the
+true end, and the 3D Dice over the whole volume.
+
+``--cache DIR`` keeps the embeddings on disk between runs (the first run embeds ~500 slices);
+``--tune`` also prints, from one permissive run per case (a stricter rule only truncates a run, so
+it is simulated exactly on the permissive run's slices), the same figures for a grid of settings.
+
+    python benchmarks/bench_propagation.py [--model litemedsam] [--cache DIR] [--planes 0,1,2]
+    python benchmarks/bench_propagation.py --speed [--slice 93] [--reach 10]   # s/slice cold and warm
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import tempfile
 import time
@@ -22,27 +42,174 @@ from napari_medsam.core.build import load_model
 from napari_medsam.core.embeddings import EmbeddingCache
 from napari_medsam.core.encoder import VolumeEncoder
 from napari_medsam.core.progress import drain
-from napari_medsam.core.segment import Prompt2D, PropagationParams, box_of, propagate
+from napari_medsam.core.propagation import Propagation, PropagationParams, propagate
+from napari_medsam.core.segment import Prompt2D, box_of
+
+PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="litemedsam")
-    ap.add_argument("--slice", type=int, default=93)
-    ap.add_argument("--reach", type=int, default=10)
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+def load_mni() -> dict[str, np.ndarray]:
     data = Path(importlib.util.find_spec("nilearn").submodule_search_locations[0]) / "datasets" / "data"
-    t1 = np.asanyarray(nib.load(data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz").dataobj)
-    gm = np.asanyarray(nib.load(data / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").dataobj)
-    wm = np.asanyarray(nib.load(data / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").dataobj)
-    brain = (gm.astype(np.float32) + wm) > 0.5
+    read = lambda name: np.asanyarray(nib.load(data / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz").dataobj)  # noqa: E731
+    return {"t1": read("t1"), "gm": read("gm").astype(np.float32) / 255, "wm": read("wm").astype(np.float32) / 255}
+
+
+def structures(mni: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference masks (see the module docstring), each one 3D connected component."""
+    from scipy import ndimage as ndi
+
+    t1, gm, wm = mni["t1"].astype(np.float32), mni["gm"], mni["wm"]
+    brain = gm + wm > 0.5
+    depth = ndi.distance_transform_edt(ndi.binary_fill_holes(brain))
+    mid = brain.shape[0] // 2
+
+    def component(mask: np.ndarray, pick) -> np.ndarray:
+        lab, n = ndi.label(mask)
+        sizes = ndi.sum(mask, lab, range(1, n + 1))
+        coms = ndi.center_of_mass(mask, lab, range(1, n + 1))
+        ok = [i for i in np.argsort(sizes)[::-1] if pick(coms[i])]
+        return lab == ok[0] + 1
+
+    left = lambda com: com[0] < mid  # noqa: E731  (RAS affine: array axis 0 grows to the patient's right)
+    return {
+        "brain": component(brain, lambda com: True),
+        "ventricle": component((t1 < 100) & (depth > 8), left),
+        "deep_gm": component((gm > 0.5) & (depth > 12), left),
+        "cereb_wm": component(ndi.binary_erosion(wm > 0.5, iterations=2), lambda com: com[0] < mid and com[2] < 50),
+    }
+
+
+def seed_box(gt: np.ndarray, axis: int) -> tuple[int, tuple[float, float, float, float]]:
+    """The slice where the structure is largest and a box around its largest piece there (one
+    box, one blob, as a user draws it)."""
+    from scipy import ndimage as ndi
+
+    other = tuple(a for a in range(3) if a != axis)
+    z = int(np.argmax(gt.sum(axis=other)))
+    lab, n = ndi.label(np.take(gt, z, axis=axis))
+    sizes = ndi.sum(lab > 0, lab, range(1, n + 1))
+    box = box_of(lab == int(np.argmax(sizes)) + 1)
+    assert box is not None
+    return z, box
+
+
+def evaluate(masks: dict[int, np.ndarray], gt: np.ndarray, axis: int) -> dict[str, float]:
+    other = tuple(a for a in range(3) if a != axis)
+    true = np.flatnonzero(gt.any(axis=other))
+    t0, t1 = int(true[0]), int(true[-1])
+    labelled = sorted(masks)
+    inter = sum(int((m & np.take(gt, z, axis=axis)).sum()) for z, m in masks.items())
+    pred = sum(int(m.sum()) for m in masks.values())
+    p0, p1 = (labelled[0], labelled[-1]) if labelled else (t0, t0 - 1)
+    beyond = sum(1 for z in labelled if not t0 <= z <= t1)
+    missed = sum(1 for z in range(t0, t1 + 1) if z not in masks)
+    return {"true": (t0, t1), "got": (p0, p1), "beyond": beyond, "missed": missed,
+            "end_lo": p0 - t0, "end_hi": t1 - p1,  # > 0: stopped short; < 0: ran past
+            "dice": 2 * inter / max(pred + int(gt.sum()), 1)}
+
+
+def simulate(run: Propagation, params: PropagationParams) -> dict[int, np.ndarray]:
+    """The slices a run with ``params`` keeps, from a permissive run of the same single seed."""
+    (z0,) = run.seeds
+    seed_area = run.scores[z0].area
+    keep = {z0: run.masks[z0]}
+    for step in (-1, 1):
+        z = z0 + step
+        while z in run.masks and params.stop_reason(run.scores[z], seed_area) is None:
+            keep[z] = run.masks[z]
+            z += step
+    return keep
+
+
+def fmt(name: str, plane: str, r: dict) -> str:
+    ok = "yes" if abs(r["end_lo"]) <= 2 and abs(r["end_hi"]) <= 2 else "no"
+    return (f"| {name} | {plane} | {r['true'][0]}-{r['true'][1]} | {r['got'][0]}-{r['got'][1]} | {r['beyond']} | "
+            f"{r['missed']} | {r['end_lo']:+d} / {r['end_hi']:+d} | {ok} | {r['dice']:.3f} |")
+
+
+def summary(rows: list[dict]) -> str:
+    ok = sum(abs(r["end_lo"]) <= 2 and abs(r["end_hi"]) <= 2 for r in rows)
+    ends = sum((abs(r["end_lo"]) <= 2) + (abs(r["end_hi"]) <= 2) for r in rows)
+    return (f"both ends within 2 slices: {ok}/{len(rows)} cases, {ends}/{2 * len(rows)} ends; slices beyond "
+            f"{sum(r['beyond'] for r in rows)}, missed {sum(r['missed'] for r in rows)}; mean 3D Dice "
+            f"{np.mean([r['dice'] for r in rows]):.3f}")
+
+
+def bench_stops(args: argparse.Namespace) -> None:
+    mni = load_mni()
+    structs = structures(mni)
+    if args.structures:
+        structs = {k: v for k, v in structs.items() if k in args.structures.split(",")}
+    loaded = load_model(args.model, device=args.device)
+    cache = EmbeddingCache(args.cache) if args.cache else EmbeddingCache(disk=False)
+    planes = [int(p) for p in args.planes.split(",")]
+    rules = {"before (area, IoU)": PropagationParams.legacy(), "after (default)": PropagationParams()}
+    results: dict[str, list] = {k: [] for k in rules}
+    permissive: list[tuple[str, int, Propagation]] = []
+    t_all = time.perf_counter()
+    for axis in planes:
+        enc = VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache)
+        for name, gt in structs.items():
+            z, box = seed_box(gt, axis)
+            for label, params in rules.items():
+                out = drain(propagate(enc, {z: Prompt2D.from_box(box)}, params=params))
+                results[label].append((name, PLANES[axis], evaluate(out.masks, gt, axis), out))
+            if args.tune:
+                permissive.append((name, axis, drain(propagate(enc, {z: Prompt2D.from_box(box)},
+                                                               params=PropagationParams.permissive()))))
+    print(f"model {loaded.name} on {loaded.device.type} ({loaded.dtype}); {time.perf_counter() - t_all:.0f} s in all")
+    for label, rows in results.items():
+        print(f"\n{label}\n| structure | plane | true slices | labelled | beyond | missed | ends (lo / hi) "
+              f"| within 2 | 3D Dice |\n|---|---|---|---|---|---|---|---|---|")
+        for name, plane, r, _ in rows:
+            print(fmt(name, plane, r))
+        print(summary([r for _, _, r, _ in rows]))
+        if label.startswith("after"):
+            for name, plane, _, out in rows:
+                print(f"  {name}/{plane} stops: " + "; ".join(
+                    f"{'-' if s.direction < 0 else '+'} at {s.at} ({s.reason})" for s in out.stops))
+    if args.tune:
+        tune(permissive, structs)
+
+
+def tune(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.ndarray]) -> None:
+    """One criterion at a time over a grid around the default (the others at their defaults), then
+    each criterion left out: how each contributes."""
+    base = PropagationParams()
+    grid = {"min_iou": (None, 0.35, 0.5, 0.6), "min_area_ratio": (None, 0.15, 0.25, 0.4),
+            "max_area_ratio": (None, 2.0, 3.0), "min_inside": (None, 0.5, 0.6, 0.75, 0.9),
+            "max_intensity_z": (None, 1.0, 1.5, 2.0, 3.0), "min_feature": (None, 0.5, 0.6, 0.7, 0.8, 0.9)}
+    print("\ntuning (simulated on permissive runs)")
+    for key, values in grid.items():
+        for v in values:
+            p = dataclasses.replace(base, **{key: v})
+            rows = [evaluate(simulate(run, p), structs[name], axis) for name, axis, run in permissive]
+            print(f"{key}={v}: {summary(rows)}")
+    print("\nper-slice scores of the permissive runs just past the true end (first 4 slices beyond):")
+    for name, axis, run in permissive:
+        gt = structs[name]
+        other = tuple(a for a in range(3) if a != axis)
+        true = np.flatnonzero(gt.any(axis=other))
+        for step, edge in ((-1, int(true[0])), (1, int(true[-1]))):
+            zs = [edge + step * k for k in range(-2, 4)]
+            cells = []
+            for z in zs:
+                s = run.scores.get(z)
+                cells.append("-" if s is None else f"{z}:iou{s.iou:.2f} a{s.area_ratio:.2f} in{s.inside:.2f} "
+                             f"z{s.intensity_z:.1f} f{s.feature:.2f}")
+            print(f"  {name}/{PLANES[axis]} {'+' if step > 0 else '-'} end {edge}: " + " | ".join(cells))
+
+
+def bench_speed(args: argparse.Namespace) -> None:
+    """One box around the brain on a coronal slice, +-reach slices, cold cache then warm."""
+    mni = load_mni()
+    brain = structures(mni)["brain"]
     loaded = load_model(args.model, device=args.device)
     z = args.slice
     seed = Prompt2D.from_box(box_of(brain[:, z, :]))
     params = PropagationParams(max_slices=args.reach)
     with tempfile.TemporaryDirectory() as tmp:
-        enc = VolumeEncoder(loaded, t1, axis=1, cache=EmbeddingCache(tmp))
+        enc = VolumeEncoder(loaded, mni["t1"], axis=1, cache=EmbeddingCache(tmp))
         t0 = time.perf_counter()
         out = drain(propagate(enc, {z: seed}, params=params))
         cold = time.perf_counter() - t0
@@ -50,15 +217,28 @@ def main() -> None:
         t0 = time.perf_counter()
         out = drain(propagate(enc, {z: seed}, params=params))
         warm = time.perf_counter() - t0
-    zs = range(z - args.reach, z + args.reach + 1)
-    pred = np.stack([out.get(k, np.zeros(brain.shape[::2], bool)) for k in zs])
-    ref = np.stack([brain[:, k, :] for k in zs])
-    dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
     print(f"model {loaded.name} on {loaded.device.type}; seed coronal slice {z}, reach +-{args.reach}")
     print(f"slices visited {visited}, with a mask {len(out)}")
     print(f"cold cache: {cold / visited:.3f} s/slice (encoder + decoder); warm: {warm / visited * 1e3:.1f} ms/slice "
-          f"(decoder only); ratio {cold / warm:.1f}x")
-    print(f"3D Dice vs grey+white matter over +-{args.reach} slices: {dice:.3f}")
+          f"(decoder + scores); ratio {cold / warm:.1f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="litemedsam")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--cache", default=None, help="embedding cache folder kept between runs")
+    ap.add_argument("--planes", default="0,1,2")
+    ap.add_argument("--structures", default="", help="comma-separated subset of brain,ventricle,deep_gm,cereb_wm")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--slice", type=int, default=93)
+    ap.add_argument("--reach", type=int, default=10)
+    args = ap.parse_args()
+    if args.speed:
+        bench_speed(args)
+    else:
+        bench_stops(args)
 
 
 if __name__ == "__main__":

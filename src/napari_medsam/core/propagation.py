@@ -1,0 +1,402 @@
+"""3D propagation: one object carried slice by slice from seed prompts, stopping where it ends.
+
+From each seed slice the mask is carried in both directions: the next slice's prompt is the
+previous mask's box grown by a margin (plus its low-res logits for models trained with mask
+prompts). Every slice gets a :class:`SliceScore` from what a reader would check: the decoder's
+predicted IoU, how the area and the shape changed from the previous slice, and whether the mask
+still covers the seed's tissue (intensity statistics in the mask against the seed's, and the image
+embedding pooled in the mask against the seed's). The run stops at the first slice whose score
+fails :meth:`PropagationParams.stop_reason`; that slice is not written.
+
+The result, :class:`Propagation`, is a read-only mapping ``{slice: (H, W) bool mask}`` (what older
+callers used) that also says which slices are seeds and which are *proposals* (propagated, not
+reviewed), each proposal's score, and where and why each run stopped. A caller that keeps a set
+of reviewed slices (the annotation loop) uses :func:`plan_update` to replace the proposals of an
+earlier propagation with a new one's and never touch a reviewed slice.
+
+Every criterion is a ratio or a z-score relative to the seed or the previous slice, so none
+depends on the scan's units, size or orientation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import Cancelled, PromptError
+from .preprocess import SliceTransform
+from .progress import Progress, ProgressGen
+from .segment import MaskResult, Prompt2D, box_of, decode
+
+__all__ = ["Propagation", "PropagationParams", "SliceScore", "StopInfo", "parse_range", "plan_update", "propagate"]
+
+
+@dataclass(frozen=True)
+class PropagationParams:
+    """When and how a mask is carried to the next slice, and when it stops.
+
+    Carrying: ``margin``: least box growth in *model-frame* pixels (LiteMedSAM's own 3D inference
+    grows by 3 at 256 px); ``margin_frac``: ... or this fraction of the box's longer side, whichever
+    is larger, so that growing objects are not clipped by their previous box; ``use_logits``: feed
+    the previous low-res logits as a mask prompt (None: for models trained with mask prompts);
+    ``max_slices``: the farthest distance from a seed (None: no limit).
+
+    Stopping (a slice that fails one is not written, and its run ends):
+    ``min_area_frac`` / ``min_area_px``: the mask vanished (below this fraction of the seed's area
+    or this many pixels); ``min_iou``: the decoder's predicted IoU; ``min_area_ratio``: the area
+    collapsed to below this fraction of the previous slice's in one step; ``max_area_ratio``: ... or
+    grew by more than this factor (a leak into a neighbour); ``min_inside``: less than this fraction
+    of the mask lies inside the previous slice's mask grown by the step margin (it jumped to
+    something else); ``max_intensity_z``: the mean intensity in the mask moved more than this many
+    seed standard deviations from the seed's mean (or the previous slice's, whichever is closer,
+    so a slow drift along the structure is followed, a jump is not); ``min_feature``: the cosine
+    similarity of the image embedding averaged over the mask with the seed's fell below this.
+    Set a criterion to None to switch it off; :meth:`legacy` is the propagation before these
+    existed (area and IoU only), kept for benchmarks.
+    """
+
+    margin: float = 3.0
+    margin_frac: float = 0.05
+    min_area_frac: float = 0.02
+    min_area_px: int = 4
+    min_iou: float | None = 0.35
+    use_logits: bool | None = None
+    max_slices: int | None = None
+    min_area_ratio: float | None = 0.25
+    max_area_ratio: float | None = 3.0
+    min_inside: float | None = 0.6
+    max_intensity_z: float | None = 2.0
+    min_feature: float | None = 0.6
+
+    @classmethod
+    def legacy(cls, **kw: Any) -> PropagationParams:
+        """The earlier rule: stop on vanishing area or low predicted IoU only."""
+        return cls(**{"min_area_ratio": None, "max_area_ratio": None, "min_inside": None,
+                      "max_intensity_z": None, "min_feature": None, **kw})
+
+    @classmethod
+    def permissive(cls, **kw: Any) -> PropagationParams:
+        """Stops only where the mask vanishes: every slice scored, for tuning (see benchmarks)."""
+        return cls.legacy(**{"min_iou": None, "min_area_frac": 0.0, "min_area_px": 1, **kw})
+
+    def stop_reason(self, s: SliceScore, seed_area: int) -> str | None:
+        """Why slice score ``s`` ends its run (None: keep going)."""
+        if s.area < max(self.min_area_px, self.min_area_frac * seed_area):
+            return "vanished"
+        checks = (
+            (self.min_iou, s.iou, False, "predicted IoU"),
+            (self.min_area_ratio, s.area_ratio, False, "area collapsed"),
+            (self.max_area_ratio, s.area_ratio, True, "area grew"),
+            (self.min_inside, s.inside, False, "jumped"),
+            (self.max_intensity_z, s.intensity_z, True, "intensity"),
+            (self.min_feature, s.feature, False, "features"),
+        )
+        for limit, value, upper, reason in checks:
+            if limit is not None and np.isfinite(value) and (value > limit if upper else value < limit):
+                return reason
+        return None
+
+
+@dataclass(frozen=True)
+class SliceScore:
+    """What one propagated slice looked like, from its run's seed.
+
+    ``seed``: the seed slice of the run; ``distance``: slices from it; ``area``: mask pixels;
+    ``iou``: the decoder's predicted IoU; ``area_ratio``: area / the previous slice's area;
+    ``overlap``: IoU with the previous slice's mask; ``inside``: fraction of the mask inside the
+    previous mask grown by the step margin; ``intensity_z``: distance of the mask's mean intensity
+    from the seed's (or the previous slice's, the closer) in seed standard deviations;
+    ``feature``: cosine similarity of the embedding pooled in the mask with the seed's;
+    ``confidence``: one number in [0, 1] from all of them (1 for a seed), for display and ranking.
+    """
+
+    seed: int
+    distance: int
+    area: int
+    iou: float
+    area_ratio: float = 1.0
+    overlap: float = 1.0
+    inside: float = 1.0
+    intensity_z: float = 0.0
+    feature: float = 1.0
+    confidence: float = 1.0
+
+
+@dataclass(frozen=True)
+class StopInfo:
+    """Where one run (a seed, a direction) ended: ``last`` is the last slice written (the seed
+    itself when none), ``at`` the slice that failed (None when the run reached its bound)."""
+
+    seed: int
+    direction: int
+    last: int
+    at: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Propagation(Mapping[int, np.ndarray]):
+    """The result of :func:`propagate`: a mapping ``{slice: (H, W) bool mask}`` of non-empty slices.
+
+    ``seeds``: slices prompted by the user (their masks come from the prompts); ``scores``: a
+    :class:`SliceScore` for every written slice; ``stops``: one :class:`StopInfo` per run;
+    ``span``: ``(start, stop)``, the half-open range of slices propagation was allowed to write.
+    """
+
+    masks: dict[int, np.ndarray]
+    scores: dict[int, SliceScore]
+    seeds: tuple[int, ...]
+    stops: tuple[StopInfo, ...] = ()
+    span: tuple[int, int] = (0, 0)
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return self.masks[z]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.masks)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @property
+    def proposals(self) -> tuple[int, ...]:
+        """Written slices that are not seeds: proposals until someone reviews them."""
+        return tuple(z for z in self.masks if z not in self.seeds)
+
+    def confidence(self, z: int) -> float:
+        return self.scores[z].confidence
+
+
+def plan_update(new: Mapping[int, np.ndarray], *, proposals: Iterable[int] = (),
+                reviewed: Iterable[int] = ()) -> tuple[dict[int, np.ndarray], set[int]]:
+    """What to change in a label volume after a new propagation of one object.
+
+    ``proposals``: slices an earlier propagation of this object wrote and nobody reviewed since;
+    ``reviewed``: slices the user accepted, committed or edited (never changed here).
+    Returns ``(write, clear)``: the new masks for slices not reviewed, and the earlier proposal
+    slices to erase first (all of them that are not reviewed: a new propagation replaces the old
+    proposals, also where it now stops short of them).
+    """
+    done = {int(z) for z in reviewed}
+    write = {int(z): m for z, m in new.items() if int(z) not in done}
+    clear = {int(z) for z in proposals} - done
+    return write, clear
+
+
+def parse_range(text: str, n: int) -> tuple[int, int]:
+    """``"A:B"`` (either side may be empty) -> ``(start, stop)``, a half-open slice range as in Python.
+
+    Negative values count from the end, as in Python. Raises :class:`PromptError` on bad input.
+    """
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise PromptError(f"a slice range is START:STOP (either may be empty), got {text!r}")
+    try:
+        s = slice(*(int(p) if p.strip() else None for p in parts))
+    except ValueError:
+        raise PromptError(f"a slice range is START:STOP with whole numbers, got {text!r}") from None
+    start, stop, _ = s.indices(n)
+    if stop <= start:
+        raise PromptError(f"slice range {text!r} holds no slice of 0..{n - 1}")
+    return start, stop
+
+
+def _step_prompt(prev: MaskResult, tf: SliceTransform, params: PropagationParams,
+                 use_logits: bool) -> tuple[Prompt2D, float] | None:
+    tight = box_of(prev.mask)
+    if tight is None:
+        return None
+    side = max(tight[2] - tight[0], tight[3] - tight[1])  # original pixels
+    margin_px = max(params.margin / min(tf.scale_rc), params.margin_frac * side)
+    box = box_of(prev.mask, margin_px)
+    if box is None:
+        return None
+    return Prompt2D(box=box, mask_logits=prev.logits if use_logits else None), margin_px
+
+
+def _grow(mask: np.ndarray, px: float) -> np.ndarray:
+    """``mask`` dilated by ``px`` pixels (a square: a running window sum along each axis)."""
+    r = max(1, int(np.ceil(px)))
+    out = np.asarray(mask, bool)
+    for axis in (0, 1):
+        n = out.shape[axis]
+        pad = [(r + 1, r) if a == axis else (0, 0) for a in (0, 1)]
+        cs = np.cumsum(np.pad(out, pad).astype(np.int32), axis=axis)
+        hi = np.take(cs, np.arange(2 * r + 1, 2 * r + 1 + n), axis=axis)
+        lo = np.take(cs, np.arange(0, n), axis=axis)
+        out = hi > lo
+    return out
+
+
+def _pooled_feature(embedding: Any, logits: np.ndarray) -> np.ndarray | None:
+    """The ``(C,)`` embedding averaged over the mask (model frame), unit length; None if empty."""
+    import torch
+
+    g = int(embedding.shape[-1])
+    side = logits.shape[-1]
+    f = side // g
+    w = (logits > 0).astype(np.float32)
+    if f > 1:
+        w = w[: g * f, : g * f].reshape(g, f, g, f).mean(axis=(1, 3))
+    total = float(w.sum())
+    if total <= 0:
+        return None
+    wt = torch.from_numpy(w).to(embedding.device, embedding.dtype)
+    v = torch.einsum("chw,hw->c", embedding[0].float(), wt.float()) / total
+    v = v.double().cpu().numpy()
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 0 else None
+
+
+@dataclass
+class _Seed:
+    """What a run compares its slices with: the seed's area, intensity statistics and feature."""
+
+    area: int
+    mean: float
+    std: float
+    feature: np.ndarray | None
+    result: MaskResult = field(repr=False)
+
+
+def _confidence(s: SliceScore, p: PropagationParams) -> float:
+    """One number in [0, 1]: the weakest of the criteria, each scaled to 1 (clearly fine) .. 0 (at its limit)."""
+    def up(v: float, lo: float | None, good: float) -> float:
+        if lo is None or not np.isfinite(v):
+            return 1.0
+        return float(np.clip((v - lo) / max(good - lo, 1e-6), 0.0, 1.0))
+
+    def down(v: float, hi: float | None, good: float) -> float:
+        if hi is None or not np.isfinite(v):
+            return 1.0
+        return float(np.clip((hi - v) / max(hi - good, 1e-6), 0.0, 1.0))
+
+    parts = (up(s.iou, p.min_iou, 0.9), up(s.inside, p.min_inside, 0.95),
+             up(s.area_ratio, p.min_area_ratio, 0.8), down(s.area_ratio, p.max_area_ratio, 1.25),
+             down(s.intensity_z, p.max_intensity_z, 0.5), up(s.feature, p.min_feature, 0.95))
+    return float(min(parts))
+
+
+def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationParams = PropagationParams(),
+              start: int | None = None, stop: int | None = None,
+              cancel: threading.Event | None = None) -> ProgressGen[Propagation]:
+    """Segment one object through a volume from prompts on one or several slices.
+
+    ``encoder``: a :class:`~napari_medsam.core.encoder.VolumeEncoder`; ``seeds``: ``{slice:
+    Prompt2D}``; ``start``/``stop``: the half-open range of slices it may write (default: all; every
+    seed must lie inside). From each seed the mask is carried slice by slice in both directions
+    and each run stops at the first slice that fails :meth:`PropagationParams.stop_reason`, at the
+    range's end, or at the next seed. Between two seeds both contribute: their probabilities are
+    blended by inverse distance. Only the slices visited are embedded.
+    Yields :class:`Progress`; returns a :class:`Propagation`.
+    """
+    if not seeds:
+        raise PromptError("propagation needs a prompt on at least one slice")
+    n = encoder.n_slices
+    lo = 0 if start is None else int(start)
+    hi = n if stop is None else int(stop)
+    if not (0 <= lo < hi <= n):
+        raise PromptError(f"slice range {lo}:{hi} must lie within 0:{n} and hold at least one slice")
+    for z in seeds:
+        if not lo <= z < hi:
+            raise PromptError(f"seed slice {z} is outside the range {lo}..{hi - 1}")
+    tf = encoder.transform()
+    spec = encoder.loaded.spec
+    use_logits = params.use_logits if params.use_logits is not None else "mask" in spec.prompts
+    order = sorted(seeds)
+    limit = params.max_slices if params.max_slices is not None else n
+    # Each run: (start seed, direction, last slice it may reach).
+    runs: list[tuple[int, int, int]] = []
+    for k, z in enumerate(order):
+        lo_bound = order[k - 1] if k > 0 else lo - 1
+        hi_bound = order[k + 1] if k + 1 < len(order) else hi
+        runs.append((z, -1, max(lo_bound + (0 if k > 0 else 1), z - limit)))
+        runs.append((z, +1, min(hi_bound - (0 if k + 1 < len(order) else 1), z + limit)))
+    total = len(order) + sum(abs(end - z) for z, _, end in runs)
+    done = 0
+
+    def stats(z: int, mask: np.ndarray) -> tuple[float, float]:
+        if not mask.any():
+            return float("nan"), float("nan")
+        vals = encoder.intensity.apply(encoder.raw_slice(z))[mask]
+        return float(vals.mean()), float(vals.std())
+
+    contributions: dict[int, list[tuple[int, np.ndarray, SliceScore]]] = {}
+    seed_info: dict[int, _Seed] = {}
+    for z in order:
+        emb = encoder.get(z)
+        res = decode(encoder.loaded, emb, tf, [seeds[z]], return_prob=True)[0]
+        mean, std = stats(z, res.mask)
+        feat = _pooled_feature(emb, res.logits)
+        seed_info[z] = _Seed(area=max(int(res.mask.sum()), 1), mean=mean, std=std, feature=feat, result=res)
+        done += 1
+        yield Progress(done, total, "propagating", {"slice": z})
+    stops: list[StopInfo] = []
+    for z0, step, end in runs:
+        seed = seed_info[z0]
+        prev = seed.result
+        prev_mean = seed.mean
+        z = z0
+        reason, failed = "range end", None
+        while z != end:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("propagation stopped; nothing was written")
+            nxt = _step_prompt(prev, tf, params, use_logits)
+            if nxt is None:
+                reason, failed = "vanished", z + step
+                break
+            prompt, margin_px = nxt
+            z += step
+            emb = encoder.get(z)
+            res = decode(encoder.loaded, emb, tf, [prompt], return_prob=True)[0]
+            done += 1
+            yield Progress(done, total, "propagating", {"slice": z})
+            area = int(res.mask.sum())
+            prev_area = max(int(prev.mask.sum()), 1)
+            inter = int((res.mask & prev.mask).sum())
+            union = area + prev_area - inter
+            inside = float((res.mask & _grow(prev.mask, margin_px)).sum() / area) if area else 0.0
+            mean, _ = stats(z, res.mask)
+            sd = max(seed.std, 1.0)  # intensities are on 0..255: below one grey level is noise
+            iz = min(abs(mean - seed.mean), abs(mean - prev_mean)) / sd if np.isfinite(mean) else float("nan")
+            feat = float("nan")
+            if seed.feature is not None and area:
+                v = _pooled_feature(emb, res.logits)
+                feat = float(v @ seed.feature) if v is not None else float("nan")
+            score = SliceScore(seed=z0, distance=abs(z - z0), area=area, iou=float(res.iou),
+                               area_ratio=area / prev_area, overlap=inter / max(union, 1), inside=inside,
+                               intensity_z=float(iz), feature=feat)
+            why = params.stop_reason(score, seed.area)
+            if why is not None:
+                reason, failed = why, z
+                z -= step
+                break
+            score = SliceScore(**{**score.__dict__, "confidence": _confidence(score, params)})
+            assert res.prob is not None
+            contributions.setdefault(z, []).append((z0, res.prob, score))
+            prev, prev_mean = res, mean
+        stops.append(StopInfo(seed=z0, direction=step, last=z, at=failed, reason=reason))
+    masks: dict[int, np.ndarray] = {z: s.result.mask for z, s in seed_info.items()}
+    scores: dict[int, SliceScore] = {z: SliceScore(seed=z, distance=0, area=int(s.result.mask.sum()),
+                                                   iou=float(s.result.iou)) for z, s in seed_info.items()}
+    for z, parts in contributions.items():
+        if z in seeds:
+            continue
+        if len(parts) == 1:
+            prob = parts[0][1]
+        else:  # between two seeds: closer seed weighs more
+            weights = np.array([1.0 / max(abs(z - s), 1) for s, _, _ in parts])
+            weights /= weights.sum()
+            prob = sum(w * p for w, (_, p, _) in zip(weights, parts, strict=True))
+        m = prob > 0.5
+        if m.any():
+            masks[z] = m
+            scores[z] = min((sc for _, _, sc in parts), key=lambda sc: sc.confidence)
+    yield Progress(total, total, "propagating", {"slices": len(masks)})  # early stops: the rest is done
+    keys = sorted(masks)
+    return Propagation(masks={z: masks[z] for z in keys}, scores={z: scores[z] for z in keys},
+                       seeds=tuple(order), stops=tuple(stops), span=(lo, hi))
