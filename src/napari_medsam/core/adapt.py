@@ -45,6 +45,7 @@ from .. import __version__
 from .errors import Cancelled, CheckpointError, HeadMismatchError, InvalidImageError, MedSamError
 from .loaded import LoadedModel
 from .progress import Progress, ProgressGen
+from .tensorfile import JsonMeta
 
 ADAPTER_FORMAT = "napari-medsam-adapter/1"
 ADAPTER_KINDS = ("medsa", "lora")
@@ -333,7 +334,7 @@ class AdaptParams:
 
 
 @dataclass(frozen=True)
-class AdapterMeta:
+class AdapterMeta(JsonMeta):
     """Everything an adapter file says besides its weights (stored as JSON)."""
 
     config: dict[str, Any]
@@ -353,20 +354,7 @@ class AdapterMeta:
     version: str = __version__
     created: str = ""
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> AdapterMeta:
-        raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError("adapter metadata is not a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in raw.items() if k in names}
-        for k in ("class_ids", "training_slices"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+    _TUPLES = ("class_ids", "training_slices")
 
     @property
     def adapter(self) -> AdapterConfig:
@@ -731,42 +719,25 @@ def adapted_encoder(encoder: Any, adapted: LoadedModel) -> Any:
 
 def save_adapter(path: str | os.PathLike, trained: TrainedAdapter) -> Path:
     """Write the adapter (its weights, the decoder's and the metadata) to one file, atomically."""
-    import torch
+    from .tensorfile import save_tensor_file
 
-    path = Path(os.fspath(path)).expanduser()
     payload = {"format": ADAPTER_FORMAT, "meta": trained.meta.to_json(), "state": adapter_state(trained.loaded)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_tensor_file(path, payload)
 
 
-def _read(path: str | os.PathLike) -> tuple[AdapterMeta, dict[str, Any]]:
-    import pickle
-
-    import torch
-
-    p = Path(os.fspath(path)).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"adapter file not found: {p}")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {p} as a napari-medsam adapter file ({type(e).__name__}: {e}); "
-                              "it may be corrupt, or not written by `napari-medsam train --adapter`") from e
-    fmt = payload.get("format") if isinstance(payload, dict) else None
+def _check_adapter_format(p: Path, fmt: Any) -> None:
     if isinstance(fmt, str) and fmt.startswith("napari-medsam-head/"):
         raise CheckpointError(f"{p} is a prompt-free head file, not an adapter: use it with `predict --head`")
     if fmt != ADAPTER_FORMAT:
         raise CheckpointError(f"{p} is not a napari-medsam adapter file (format {fmt!r}, expected "
                               f"{ADAPTER_FORMAT!r}); write one with `napari-medsam train --adapter medsa|lora`")
-    state = payload.get("state")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{p}: the adapter file's weights are malformed")
+
+
+def _read(path: str | os.PathLike) -> tuple[AdapterMeta, dict[str, Any]]:
+    from .tensorfile import read_tensor_file
+
+    p, payload, state = read_tensor_file(path, what="adapter", written_by="written by `napari-medsam train --adapter`",
+                                         check_format=_check_adapter_format)
     try:
         meta = AdapterMeta.from_json(payload.get("meta", ""))
         meta.adapter  # noqa: B018 - validates the configuration

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import threading
@@ -37,6 +36,7 @@ from .. import __version__
 from .errors import Cancelled, CheckpointError, HeadMismatchError, InvalidImageError, MedSamError
 from .preprocess import Intensity, SliceTransform
 from .progress import Progress, ProgressGen
+from .tensorfile import JsonMeta
 
 HEAD_FORMAT = "napari-medsam-head/1"
 
@@ -134,7 +134,7 @@ class TrainingData:
 
 
 @dataclass(frozen=True)
-class HeadMeta:
+class HeadMeta(JsonMeta):
     """Everything a head file says besides its weights (stored as JSON)."""
 
     kind: str
@@ -157,20 +157,7 @@ class HeadMeta:
     version: str = __version__
     created: str = ""
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> HeadMeta:
-        raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError("head metadata is not a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in raw.items() if k in names}
-        for k in ("class_ids", "class_names", "embedding_shape", "training_slices"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+    _TUPLES = ("class_ids", "class_names", "embedding_shape", "training_slices")
 
     def intensity_mapping(self) -> Intensity:
         return Intensity(**self.intensity)
@@ -685,46 +672,26 @@ def _check_head_backbone(meta: HeadMeta, loaded: Any) -> None:
 
 def save_head(path: str | os.PathLike, head: TrainedHead) -> Path:
     """Write ``head`` to one file (weights + JSON metadata), atomically; returns the path."""
-    import torch
+    from .tensorfile import save_tensor_file
 
-    path = Path(os.fspath(path)).expanduser()
     state = {k: v.detach().cpu().contiguous().clone() for k, v in head.module.state_dict().items()}
-    payload = {"format": HEAD_FORMAT, "meta": head.meta.to_json(), "state": state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_tensor_file(path, {"format": HEAD_FORMAT, "meta": head.meta.to_json(), "state": state})
 
 
-def _read_payload(path: str | os.PathLike) -> tuple[HeadMeta, dict[str, Any]]:
-    import pickle
-
-    import torch
-
-    p = Path(os.fspath(path)).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"head file not found: {p}")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError,
-            TypeError, AttributeError, UnicodeDecodeError) as e:  # torch's unpickler on arbitrary bytes
-        raise CheckpointError(
-            f"cannot read {p} as a napari-medsam head file ({type(e).__name__}: {e}); "
-            "it may be corrupt, or not a head saved by `napari-medsam train` / save_head"
-        ) from e
-    fmt = payload.get("format") if isinstance(payload, dict) else None
+def _check_head_format(p: Path, fmt: Any) -> None:
     if not isinstance(fmt, str) or not fmt.startswith("napari-medsam-head/"):
         raise CheckpointError(f"{p} is not a napari-medsam head file (no {HEAD_FORMAT!r} format marker)")
     if fmt != HEAD_FORMAT:
         raise CheckpointError(f"{p} is a head file of format {fmt!r}; this version reads {HEAD_FORMAT!r}: "
                               "upgrade napari-medsam")
-    state = payload.get("state")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{p}: the head file's weights are malformed")
+
+
+def _read_payload(path: str | os.PathLike) -> tuple[HeadMeta, dict[str, Any]]:
+    from .tensorfile import read_tensor_file
+
+    p, payload, state = read_tensor_file(
+        path, what="head", written_by="a head saved by `napari-medsam train` / save_head",
+        check_format=_check_head_format)
     try:
         meta = HeadMeta.from_json(payload.get("meta", ""))
     except (TypeError, ValueError) as e:
