@@ -169,7 +169,11 @@ def test_ome_zarr_metadata(tmp_path):
     assert translation["translation"] == list(ref.origin)
     assert attrs["image-label"]["version"] == "0.4"
     assert attrs["napari_medsam"]["kind"] == "labels"
-    assert group["0"].chunks == (1, 41, 25)
+    assert [c["label-value"] for c in attrs["image-label"]["colors"]] == [int(v) for v in np.unique(labels) if v]
+    levels = [group[d["path"]] for d in ms["datasets"]]
+    assert len(levels) > 1  # a pyramid, as NGFF viewers expect
+    assert levels[0].chunks == (1, 41, 25)
+    np.testing.assert_array_equal(levels[1][...], labels[:, ::2, ::2])  # labels subsample, never blend
     vol = read_image(path)
     assert vol.format == "ome-zarr"
     np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-6)

@@ -28,7 +28,7 @@ import numpy as np
 from napari_medsam.core.errors import InvalidImageError
 from napari_medsam.io.volume import ImageVolume
 
-__all__ = ["label_colors", "pyramid_factors", "write_ome_zarr"]
+__all__ = ["image_label_metadata", "label_colors", "pyramid_factors", "write_ome_zarr", "write_pyramid"]
 
 _MIN_SIDE = 8  # a level is added while its shorter in-plane side stays at least this long
 _MAX_LEVELS = 5
@@ -98,6 +98,55 @@ def _ours(volume: ImageVolume | None, spacing: Sequence[float], origin: Sequence
             "affine": affine}
 
 
+def image_label_metadata(labels: np.ndarray, class_names: Mapping[int, str] | None = None,
+                         colors: Mapping[int, Sequence[int]] | None = None) -> dict[str, Any]:
+    """The NGFF ``image-label`` colours and class names of the values present in ``labels``.
+
+    Missing colours come from :func:`label_colors`; missing names read ``class <value>``.
+    """
+    values = [int(v) for v in np.unique(labels) if v]
+    palette = label_colors(values)
+    return {
+        "version": "0.4",
+        "colors": [{"label-value": v, "rgba": [int(c) for c in (colors or {}).get(v, palette[v])]}
+                   for v in values],
+        "properties": [{"label-value": v, "class": str((class_names or {}).get(v, f"class {v}"))}
+                       for v in values],
+    }
+
+
+def write_pyramid(where: Any, data: np.ndarray, *, spacing: Sequence[float], origin: Sequence[float],
+                  meta: Mapping[str, Any], name: str, levels: int | None = None,
+                  labels: Mapping[str, Any] | None = None) -> Any:
+    """Write ``data`` as one NGFF 0.4 multiscale (zarr format 2) with ome-zarr-py; returns its group.
+
+    ``where`` is a new folder (the store's root is the multiscale: an image, or with ``labels``
+    the ``image-label`` metadata a labels-only store carries) or an open group, under whose
+    ``labels/<name>`` the label pyramid goes, as NGFF lays out labels beside their image. Label
+    levels are subsampled (nearest neighbour), image levels block-averaged; ``meta`` is written
+    as the ``napari_medsam`` attribute (geometry with the full affine).
+    """
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_multiscale, write_multiscale_labels
+
+    factors = pyramid_factors(data.shape, levels)
+    pyramid = [_downsample(data, f, labels=labels is not None) for f in factors]
+    common = {"fmt": FormatV04(), "axes": [{"name": n, "type": "space"} for n in ("z", "y", "x")[-data.ndim:]],
+              "coordinate_transformations": _transforms(spacing, origin, factors),
+              "storage_options": [_storage(p.shape) for p in pyramid]}
+    if isinstance(where, zarr.Group):
+        write_multiscale_labels(pyramid, where, name, label_metadata=dict(labels or {}), **common)
+        group = where["labels"][name]
+    else:
+        group = zarr.open_group(os.fspath(where), mode="w-", zarr_format=2)
+        write_multiscale(pyramid, group, name=name, **common)
+        if labels is not None:
+            group.attrs["image-label"] = dict(labels)
+    group.attrs["napari_medsam"] = dict(meta)
+    return group
+
+
 def write_ome_zarr(
     path: str | os.PathLike,
     image: ImageVolume,
@@ -129,9 +178,6 @@ def write_ome_zarr(
         An RGB image, labels of another shape or not integers, or a label name that is not a
         plain folder name.
     """
-    from ome_zarr.format import FormatV04
-    from ome_zarr.writer import write_multiscale, write_multiscale_labels
-
     from napari_medsam.io.writers import _atomic_dir
 
     if not isinstance(image, ImageVolume):
@@ -154,37 +200,16 @@ def write_ome_zarr(
         if arr.size and int(arr.min()) < 0:
             raise InvalidImageError(f"labels {label_name!r} must be >= 0 (0 = background)")
         checked[label_name] = arr
-    factors = pyramid_factors(shape, levels)
-    transforms = _transforms(image.spacing, image.origin, factors)
-    axes = [{"name": n, "type": "space"} for n in ("z", "y", "x")[-len(shape):]]
-    fmt = FormatV04()
     data = np.asarray(image.data[...])
     if data.dtype == np.float16 or data.dtype == bool:
         data = data.astype(np.float32 if data.dtype == np.float16 else np.uint8)
     out = pathlib.Path(os.fspath(path)).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    import zarr
-
     with _atomic_dir(out) as tmp:
-        root = zarr.open_group(str(tmp), mode="w-", zarr_format=2)
-        pyramid = [_downsample(data, f, labels=False) for f in factors]
-        write_multiscale(pyramid, root, fmt=fmt, axes=axes, coordinate_transformations=transforms,
-                         storage_options=[_storage(p.shape) for p in pyramid], name=name)
-        root.attrs["napari_medsam"] = _ours(image, image.spacing, image.origin, "image")
+        root = write_pyramid(tmp, data, spacing=image.spacing, origin=image.origin, levels=levels, name=name,
+                             meta=_ours(image, image.spacing, image.origin, "image"))
         for label_name, arr in checked.items():
-            values = [int(v) for v in np.unique(arr) if v]
-            palette = label_colors(values)
-            meta = {
-                "colors": [{"label-value": v, "rgba": [int(c) for c in (colors or {}).get(v, palette[v])]}
-                           for v in values],
-                "properties": [{"label-value": v, "class": str((class_names or {}).get(v, f"class {v}"))}
-                               for v in values],
-            }
-            lab_pyramid = [_downsample(arr, f, labels=True) for f in factors]
-            write_multiscale_labels(lab_pyramid, root, label_name, fmt=fmt, axes=axes,
-                                    coordinate_transformations=transforms,
-                                    storage_options=[_storage(p.shape) for p in lab_pyramid],
-                                    label_metadata=meta)
-            group = root["labels"][label_name]
-            group.attrs["napari_medsam"] = _ours(image, image.spacing, image.origin, "labels")
+            write_pyramid(root, arr, spacing=image.spacing, origin=image.origin, levels=levels,
+                          name=label_name, meta=_ours(image, image.spacing, image.origin, "labels"),
+                          labels=image_label_metadata(arr, class_names, colors))
     return out

@@ -38,7 +38,6 @@ WRITABLE_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz", ".tif", ".tiff", ".np
 
 # dtypes ImageJ hyperstacks hold natively; others are written as plain (shaped) TIFF
 _IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
-_MAX_CHUNK = 4096  # longest chunk side of a zarr slice; larger 2D planes are tiled
 
 
 @dataclass(frozen=True)
@@ -449,41 +448,11 @@ def _write_npy(tmp: pathlib.Path, array: np.ndarray, geometry: _Geometry, *, kin
 def _write_ome_zarr(
     tmp: pathlib.Path, array: np.ndarray, geometry: _Geometry, *, kind: str, name: str
 ) -> None:
-    """An OME-NGFF 0.4 image group (zarr format 2) with one resolution level, array ``"0"``."""
-    import zarr
+    """An OME-NGFF 0.4 multiscale (zarr format 2, ome-zarr-py) at the store's root: the first
+    level (``multiscales[0].datasets[0].path``) is ``array`` as given, coarser levels halve the in-plane size (:mod:`napari_medsam.io.ome_zarr`);
+    labels carry ``image-label`` metadata (a colour and a class name per value)."""
+    from napari_medsam.io.ome_zarr import image_label_metadata, write_pyramid
 
-    plane = tuple(min(s, _MAX_CHUNK) for s in array.shape[-2:])
-    chunks = (1, *plane) if array.ndim == 3 else plane
-    group = zarr.open_group(str(tmp), mode="w-", zarr_format=2)
-    dataset = group.create_array(
-        "0",
-        shape=array.shape,
-        dtype=array.dtype,
-        chunks=chunks,
-        fill_value=0,
-        chunk_key_encoding={"name": "v2", "separator": "/"},
-    )
-    dataset[...] = array
-    names = ("z", "y", "x")[-array.ndim :]
-    attrs: dict[str, Any] = {
-        "multiscales": [
-            {
-                "version": "0.4",
-                "name": name,
-                "axes": [{"name": n, "type": "space"} for n in names],
-                "datasets": [
-                    {
-                        "path": "0",
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": [float(s) for s in geometry.spacing]},
-                            {"type": "translation", "translation": [float(o) for o in geometry.origin]},
-                        ],
-                    }
-                ],
-            }
-        ],
-        "napari_medsam": _medsam_meta(geometry, kind),
-    }
-    if kind == "labels":
-        attrs["image-label"] = {"version": "0.4"}
-    group.attrs.update(attrs)
+    write_pyramid(tmp, array, spacing=geometry.spacing, origin=geometry.origin, name=name,
+                  meta=_medsam_meta(geometry, kind),
+                  labels=image_label_metadata(array) if kind == "labels" else None)
