@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
 
 from napari_medsam.core.encoder import VolumeEncoder
-from napari_medsam.core.errors import PromptError
+from napari_medsam.core.errors import Cancelled, PromptError
 from napari_medsam.core.progress import drain
 from napari_medsam.core.propagation import (
     Propagation,
@@ -19,7 +20,8 @@ from napari_medsam.core.propagation import (
     plan_update,
     propagate,
 )
-from napari_medsam.core.segment import Prompt2D
+from napari_medsam.core.segment import Prompt2D, box_of
+from tests.conftest import dice
 
 OPEN = PropagationParams.permissive()
 
@@ -102,6 +104,13 @@ def test_parse_range():
     for bad in ("5", "a:b", "20:10", "1:2:3"):
         with pytest.raises(PromptError):
             parse_range(bad, 50)
+    assert parse_range("10:20", 50, inclusive=True) == (10, 21)
+    assert parse_range("10:10", 50, inclusive=True) == (10, 11)
+    assert parse_range("-1:-1", 50, inclusive=True) == (49, 50)
+    assert parse_range("5:-2", 50, inclusive=True) == (5, 49)
+    assert parse_range(":", 50, inclusive=True) == (0, 50)
+    with pytest.raises(PromptError, match="holds no slice"):
+        parse_range("60:70", 50, inclusive=True)
 
 
 def test_grow():
@@ -109,3 +118,47 @@ def test_grow():
     m[3, 3] = True
     g = _grow(m, 1.5)
     assert g.sum() == 25 and g[1:6, 1:6].all()
+
+
+def test_propagation_visits_only_needed_slices_and_cancels(enc):
+    seeds = {4: Prompt2D.from_box((5, 4, 30, 20))}
+    params = dataclasses.replace(OPEN, max_slices=2)
+    out = drain(propagate(enc, seeds, params=params))
+    assert set(out) <= {2, 3, 4, 5, 6} and 4 in out
+    assert enc.cached_indices() <= {2, 3, 4, 5, 6}
+    stop = threading.Event()
+    gen = propagate(enc, seeds, params=params, cancel=stop)
+    next(gen)
+    stop.set()
+    with pytest.raises(Cancelled):
+        while True:
+            next(gen)
+
+
+def test_propagation_between_two_seeds_covers_the_gap(enc):
+    out = drain(propagate(enc, {1: Prompt2D.from_box((5, 4, 40, 28)), 6: Prompt2D.from_box((5, 4, 40, 28))},
+                          params=OPEN))
+    gap = range(2, 6)  # the slices between the seeds: the seeds themselves are always in the output
+    assert set(gap) <= set(out) and all(out[z].any() for z in gap)
+    assert out.seeds == (1, 6) and set(out.proposals) >= set(gap)
+
+
+def test_propagation_needs_a_seed(enc):
+    with pytest.raises(PromptError):
+        drain(propagate(enc, {}))
+    with pytest.raises(PromptError):
+        drain(propagate(enc, {20: Prompt2D.from_box((1, 1, 5, 5))}))
+
+
+@pytest.mark.slow
+def test_real_propagation_on_mni_brain(litemedsam, mni):
+    """One box on coronal slice 93, propagated +-10 slices with the default stop rule."""
+    enc = VolumeEncoder(litemedsam, mni["t1"], axis=1)
+    z = 93
+    gt = mni["brain"][:, z, :]
+    out = drain(propagate(enc, {z: Prompt2D.from_box(box_of(gt))}, params=PropagationParams(max_slices=10)))
+    zs = range(z - 10, z + 11)
+    pred = np.stack([out.get(k, np.zeros_like(gt)) for k in zs])
+    ref = np.stack([mni["brain"][:, k, :] for k in zs])
+    assert set(out) <= set(zs)
+    assert dice(pred, ref) > 0.65

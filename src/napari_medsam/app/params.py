@@ -10,7 +10,7 @@
 * :func:`parse_slices`: the one slice-list parser (``"3, 10-12"``).
 * :func:`add_dataclass_arguments` / :func:`dataclass_kwargs`: argparse options made from a
   parameter dataclass (:class:`~napari_medsam.core.finetune.TrainParams`,
-  :class:`~napari_medsam.core.segment.PropagationParams`) with the dataclass's own defaults, so the
+  :class:`~napari_medsam.core.propagation.PropagationParams`) with the dataclass's own defaults, so the
   command line and the widgets cannot drift from what the benchmarks ran.
 
 Nothing here imports torch, Qt or napari.

@@ -351,16 +351,21 @@ class AnnotationSession:
         return drain(self.preview_steps(req if req is not None else self.request(), index, prompt))
 
     def propagate_steps(self, req: EncoderRequest | None, seeds: Mapping[int, Any], params: Any = None, *,
-                        cancel: threading.Event | None = None) -> ProgressGen[dict]:
-        """Propagate one object from ``seeds`` ({slice: Prompt2D}) through the volume; returns
-        ``{slice: mask}`` (nothing is written: see :meth:`write_masks`)."""
-        from ..core.segment import PropagationParams, propagate
+                        cancel: threading.Event | None = None, span: tuple[int, int] | None = None,
+                        ) -> ProgressGen[Any]:
+        """Propagate one object from ``seeds`` ({slice: Prompt2D}) through the volume, within the
+        half-open slice range ``span`` (None: all); returns a
+        :class:`~napari_medsam.core.propagation.Propagation` (``{slice: mask}`` naming seeds and
+        proposals; nothing is written: see :meth:`write_propagation`)."""
+        from ..core.propagation import PropagationParams, propagate
 
         req = req if req is not None else self.request()
+        lo, hi = span if span is not None else (None, None)
         yield Progress(0, 0, "preparing")
         with worker_threads():
             enc = self.encoder(req)
-            masks = yield from propagate(enc, dict(seeds), params=params or PropagationParams(), cancel=cancel)
+            masks = yield from propagate(enc, dict(seeds), params=params or PropagationParams(), start=lo, stop=hi,
+                                         cancel=cancel)
         return masks
 
     def train_head_steps(self, req: EncoderRequest | None, labels: np.ndarray, slices: Sequence[int] | None = None,

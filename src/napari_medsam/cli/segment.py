@@ -58,7 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="the image or volume file")
     p.add_argument("--box", type=box_arg, action="append", default=[], metavar="Z,R0,C0,R1,C1")
     p.add_argument("--point", type=point_arg, action="append", default=[], metavar="Z,R,C,LABEL")
-    p.add_argument("--propagate", action="store_true", help="carry each object through the volume (3D)")
+    p.add_argument("--propagate", action="store_true",
+                   help="carry each object through the volume (3D); each stops where its structure ends")
+    p.add_argument("--range", default=None, metavar="A:B",
+                   help="--propagate: write only slices A to B along --axis (both included; either may be "
+                        "empty, negative counts from the end; default: the whole volume)")
     p.add_argument("--auto", type=int, action="append", default=[], metavar="Z",
                    help="segment everything on slice Z from a grid of points, each object its own label "
                         "(models trained with point prompts: SAM, MobileSAM); repeatable")
@@ -105,7 +109,8 @@ def build_objects(boxes: list, points: list) -> list[tuple[int, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.segment import box_of, propagate, segment_slice
+    from ..core.propagation import parse_range, propagate
+    from ..core.segment import box_of, segment_slice
     from ..io import read_image, write_labels
 
     t0 = time.perf_counter()
@@ -126,6 +131,13 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             raise PromptError(f"--auto slice {bad[0]} is outside 0..{enc.n_slices - 1}")
     objects = build_objects(args.box, args.point) if (args.box or args.point or not auto) else []
+    span = (0, enc.n_slices)
+    if args.range is not None:
+        from ..core.errors import PromptError
+
+        if not (args.propagate and enc.is_3d):
+            raise PromptError("--range A:B bounds --propagate on a 3D volume: add --propagate or drop --range")
+        span = parse_range(args.range, enc.n_slices, inclusive=True)
     if loaded.spec.box_preferred and any(p.box is None for _, p in objects):
         print(f"note: {loaded.name} was trained with box prompts; points work, but a box is the reliable prompt")
     spatial = volume.shape[:-1] if volume.rgb else volume.shape
@@ -143,10 +155,12 @@ def run(args: argparse.Namespace) -> int:
 
     for label, (z, prompt) in enumerate(objects, start=1):
         if args.propagate and enc.is_3d:
-            masks = run_with_progress(propagate(enc, {z: prompt}), f"object {label}: propagating")
+            masks = run_with_progress(propagate(enc, {z: prompt}, start=span[0], stop=span[1]),
+                                      f"object {label}: propagating")
             for zz, m in masks.items():
                 put(zz, m, label)
-            print(f"object {label}: {len(masks)} slices, {int(sum(m.sum() for m in masks.values()))} voxels")
+            ends = "; ".join(f"{'down' if s.direction < 0 else 'up'} to {s.last} ({s.reason})" for s in masks.stops)
+            print(f"object {label}: {len(masks)} slices, {int(sum(m.sum() for m in masks.values()))} voxels; {ends}")
         else:
             res = segment_slice(enc, z, [prompt])[0]
             put(z, res.mask, label)

@@ -187,19 +187,23 @@ def plan_update(new: Mapping[int, np.ndarray], *, proposals: Iterable[int] = (),
     return write, clear
 
 
-def parse_range(text: str, n: int) -> tuple[int, int]:
+def parse_range(text: str, n: int, *, inclusive: bool = False) -> tuple[int, int]:
     """``"A:B"`` (either side may be empty) -> ``(start, stop)``, a half-open slice range as in Python.
 
-    Negative values count from the end, as in Python. Raises :class:`PromptError` on bad input.
+    ``inclusive``: B is the last slice wanted (as a user reads slice numbers: ``10:20`` is 11
+    slices), not one past it. Negative values count from the end, as in Python (``-1`` is the last
+    slice). Raises :class:`PromptError` on bad input.
     """
     parts = text.split(":")
     if len(parts) != 2:
         raise PromptError(f"a slice range is START:STOP (either may be empty), got {text!r}")
     try:
-        s = slice(*(int(p) if p.strip() else None for p in parts))
+        a, b = (int(p) if p.strip() else None for p in parts)
     except ValueError:
         raise PromptError(f"a slice range is START:STOP with whole numbers, got {text!r}") from None
-    start, stop, _ = s.indices(n)
+    if inclusive and b is not None:
+        b = None if b == -1 else b + 1
+    start, stop, _ = slice(a, b).indices(n)
     if stop <= start:
         raise PromptError(f"slice range {text!r} holds no slice of 0..{n - 1}")
     return start, stop

@@ -1,4 +1,4 @@
-"""Prompts to masks on 2D slices, and 3D propagation through a volume.
+"""Prompts to masks on 2D slices (3D propagation builds on these: :mod:`napari_medsam.core.propagation`).
 
 Public functions take prompts in napari's data convention: points ``(row, col)`` and boxes
 ``(r0, c0, r1, c1)`` in pixels of the slice. :func:`_rc_to_xy` is the one place they become SAM's
@@ -7,16 +7,14 @@ Public functions take prompts in napari's data convention: points ``(row, col)``
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import Cancelled, PromptError
+from .errors import PromptError
 from .preprocess import SliceTransform
-from .progress import Progress, ProgressGen
 
 
 @dataclass(frozen=True)
@@ -181,114 +179,3 @@ def box_of(mask: np.ndarray, margin: float = 0.0) -> tuple[float, float, float, 
     h, w = mask.shape
     return (max(0.0, rows[0] - margin), max(0.0, cols[0] - margin),
             min(float(h), rows[-1] + 1 + margin), min(float(w), cols[-1] + 1 + margin))
-
-
-@dataclass(frozen=True)
-class PropagationParams:
-    """When and how a mask is carried to the next slice.
-
-    ``margin``: least box growth in *model-frame* pixels (LiteMedSAM's own 3D inference grows by 3 at 256 px);
-    ``margin_frac``: ... or this fraction of the box's longer side, whichever is larger, so that growing
-    objects are not clipped by their previous box (measured on MNI152 coronal brain propagation,
-    +-10 slices from one seed: 3D Dice 0.715 with a fixed 3 px margin, 0.762 with about 5 %);
-    ``min_area_frac``: stop when the mask shrinks below this fraction of the seed's area;
-    ``min_area_px``: ... or below this many pixels; ``min_iou``: ... or when the predicted IoU drops below;
-    ``use_logits``: feed the previous low-res logits as a mask prompt (only for models trained with masks);
-    ``max_slices``: the farthest distance from a seed (None: the whole volume).
-    """
-
-    margin: float = 3.0
-    margin_frac: float = 0.05
-    min_area_frac: float = 0.02
-    min_area_px: int = 4
-    min_iou: float = 0.35
-    use_logits: bool | None = None
-    max_slices: int | None = None
-
-
-def _step_prompt(prev: MaskResult, tf: SliceTransform, params: PropagationParams, use_logits: bool) -> Prompt2D | None:
-    tight = box_of(prev.mask)
-    if tight is None:
-        return None
-    side = max(tight[2] - tight[0], tight[3] - tight[1])  # original pixels
-    margin_px = max(params.margin / min(tf.scale_rc), params.margin_frac * side)
-    box = box_of(prev.mask, margin_px)
-    if box is None:
-        return None
-    return Prompt2D(box=box, mask_logits=prev.logits if use_logits else None)
-
-
-def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationParams = PropagationParams(),
-              cancel: threading.Event | None = None) -> ProgressGen[dict[int, np.ndarray]]:
-    """Segment one object through a volume from prompts on one or several slices.
-
-    From each seed the mask is carried slice by slice in both directions; the next prompt is the
-    previous mask's box (plus its logits where the model was trained with mask prompts). It stops
-    where the object vanishes (area or predicted-IoU below the thresholds). Between two seeds both
-    contribute: their logits are blended linearly by distance. Only the slices visited are embedded.
-    Yields :class:`Progress`; returns ``{slice index: (H, W) bool mask}`` for non-empty slices.
-    """
-    if not seeds:
-        raise PromptError("propagation needs a prompt on at least one slice")
-    n = encoder.n_slices
-    for z in seeds:
-        if not 0 <= z < n:
-            raise PromptError(f"seed slice {z} is outside 0..{n - 1}")
-    tf = encoder.transform()
-    spec = encoder.loaded.spec
-    use_logits = params.use_logits if params.use_logits is not None else "mask" in spec.prompts
-    order = sorted(seeds)
-    limit = params.max_slices if params.max_slices is not None else n
-    # Each run: (start seed, direction, last slice it may reach).
-    runs: list[tuple[int, int, int]] = []
-    for k, z in enumerate(order):
-        lo_bound = order[k - 1] if k > 0 else -1
-        hi_bound = order[k + 1] if k + 1 < len(order) else n
-        runs.append((z, -1, max(lo_bound + (0 if k > 0 else 1), z - limit)))
-        runs.append((z, +1, min(hi_bound - (0 if k + 1 < len(order) else 1), z + limit)))
-    total = len(order) + sum(abs(end - z) for z, _, end in runs)
-    done = 0
-    # logits on the original grid for each slice, per run: {z: [(weight_source_seed, logits HxW)]}
-    contributions: dict[int, list[tuple[int, np.ndarray]]] = {}
-    seed_results: dict[int, MaskResult] = {}
-    for z in order:
-        res = decode(encoder.loaded, encoder.get(z), tf, [seeds[z]], return_prob=True)[0]
-        seed_results[z] = res
-        done += 1
-        yield Progress(done, total, "propagating", {"slice": z})
-    for z0, step, end in runs:
-        prev = seed_results[z0]
-        seed_area = max(int(prev.mask.sum()), 1)
-        z = z0
-        while z != end:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("propagation stopped; nothing was written")
-            z += step
-            prompt = _step_prompt(prev, tf, params, use_logits)
-            if prompt is None:
-                break
-            res = decode(encoder.loaded, encoder.get(z), tf, [prompt], return_prob=True)[0]
-            done += 1
-            yield Progress(done, total, "propagating", {"slice": z})
-            area = int(res.mask.sum())
-            if area < max(params.min_area_px, params.min_area_frac * seed_area) or res.iou < params.min_iou:
-                break
-            assert res.prob is not None
-            contributions.setdefault(z, []).append((z0, res.prob))
-            prev = res
-    out: dict[int, np.ndarray] = {z: r.mask for z, r in seed_results.items()}
-    for z, parts in contributions.items():
-        if z in seeds:
-            continue
-        if len(parts) == 1:
-            prob = parts[0][1]
-        else:  # between two seeds: closer seed weighs more
-            weights = np.array([1.0 / max(abs(z - s), 1) for s, _ in parts])
-            weights /= weights.sum()
-            prob = sum(w * p for w, (_, p) in zip(weights, parts, strict=True))
-        m = prob > 0.5
-        if m.any():
-            out[z] = m
-    # report the remaining budget as done (early stops)
-    yield Progress(total, total, "propagating", {"slices": len(out)})
-    return dict(sorted(out.items()))
