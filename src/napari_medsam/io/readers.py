@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -490,7 +491,6 @@ def _read_tiff(path: pathlib.Path, lazy: bool) -> ImageVolume:
     n = len(spatial_axes)
     spacing: list[float] = [1.0] * n
     origin: list[float] = [0.0] * n
-    affine = None
     if n in (2, 3):
         x_res, y_res = (float(r) for r in resolution)
         spacing[-1] = 1.0 / x_res if x_res > 0 else 1.0
@@ -501,23 +501,20 @@ def _read_tiff(path: pathlib.Path, lazy: bool) -> ImageVolume:
         if ours:
             spacing = _floats_or(ours.get("spacing"), n, spacing)
             origin = _floats_or(ours.get("origin"), n, origin)
-            if ours.get("affine") is not None:
-                affine = np.array(ours["affine"], dtype=float)
     meta: dict[str, Any] = {"axes": axes, "photometric": photometric}
     if ij:
         meta["imagej"] = dict(ij)
+    return _volume_with_ours(data, spacing, origin, rgb=rgb, path=path, fmt="tiff", meta=meta, ours=ours)
+
+
+def _volume_with_ours(data: Any, spacing: Sequence[float], origin: Sequence[float], *, rgb: bool,
+                      path: pathlib.Path, fmt: str, meta: dict, ours: dict) -> ImageVolume:
+    """The volume of a TIFF or zarr file: the affine our writers stored in ``ours`` (their
+    ``napari_medsam`` metadata) is its affine, and ``ours`` is kept as ``meta["napari_medsam"]``."""
     if ours:
-        meta["napari_medsam"] = ours
-    return ImageVolume(
-        data=data,
-        spacing=tuple(spacing),
-        origin=tuple(origin),
-        affine=affine,
-        rgb=rgb,
-        source=str(path),
-        format="tiff",
-        meta=meta,
-    )
+        meta = {**meta, "napari_medsam": ours}
+    return ImageVolume(data=data, spacing=tuple(spacing), origin=tuple(origin), affine=ours.get("affine"),
+                       rgb=rgb, source=str(path), format=fmt, meta=meta)
 
 
 def _our_tiff_metadata(imagej: dict, shaped: Any) -> dict:
@@ -701,19 +698,4 @@ def _zarr_volume(
     n = len(keep) - (1 if rgb else 0)
     spacing = [1.0] * n if scale is None else [float(scale[i]) for i in keep][:n]
     origin = [0.0] * n if translation is None else [float(translation[i]) for i in keep][:n]
-    affine = None
-    if ours.get("affine") is not None:
-        affine = np.array(ours["affine"], dtype=float)
-    meta = dict(meta or {})
-    if ours:
-        meta["napari_medsam"] = ours
-    return ImageVolume(
-        data=data,
-        spacing=tuple(spacing),
-        origin=tuple(origin),
-        affine=affine,
-        rgb=rgb,
-        source=str(path),
-        format=fmt,
-        meta=meta,
-    )
+    return _volume_with_ours(data, spacing, origin, rgb=rgb, path=path, fmt=fmt, meta=dict(meta or {}), ours=ours)
