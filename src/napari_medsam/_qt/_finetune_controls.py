@@ -22,25 +22,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..app.params import head_kinds
-from ..core.progress import Progress, ProgressGen
 from ._layer_combo import LayerCombo
 from ._loss_plot import LossPlot
 from ._shared import is_image
-
-PLOT_INTERVAL = 0.2  # seconds between two repaints of the loss curve and label
-
-def _load_head_steps(path: str, loaded: Any) -> ProgressGen[Any]:
-    from ..core.finetune import load_head
-
-    yield Progress(0, 1, "reading head")
-    return load_head(path, loaded=loaded)
-
-
-def _save_head_steps(path: str, head: Any) -> ProgressGen[Any]:
-    from ..core.finetune import save_head
-
-    yield Progress(0, 1, "saving head")
-    return save_head(path, head)
 
 
 def build_controls(w: Any) -> None:

@@ -29,6 +29,7 @@ from .session import session_for
 
 PLOT_INTERVAL = 0.2  # seconds between two repaints of the loss curve and label
 
+
 def _load_head_steps(path: str, loaded: Any) -> ProgressGen[Any]:
     from ..core.finetune import load_head
 
