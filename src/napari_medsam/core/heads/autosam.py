@@ -17,32 +17,16 @@ head is trained.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..nets.sam import PositionEmbeddingRandom
 from ..registry import ModelSpec
-from .base import Head
+from .base import DecoderHead
 
 
-def _decoder_skeleton(spec: ModelSpec) -> tuple[Any, Any]:
-    """The backbone's (mask decoder, prompt encoder) architecture with fresh random weights.
-
-    For rebuilding a head whose weights are about to be loaded from a file. The decoder's
-    hyperparameters live in :func:`~napari_medsam.core.build.build_sam` and depend only on the
-    spec's embedding shape and input size, so the spec is built with the tiny test encoder in
-    place of its own: no large image encoder is allocated.
-    """
-    from ..build import build_sam
-
-    sam = build_sam(dataclasses.replace(spec, encoder="test_tiny_vit"))
-    return sam.mask_decoder, sam.prompt_encoder
-
-
-class AutoSamHead(Head):
+class AutoSamHead(DecoderHead):
     """``(B, C, h, w)`` -> two-way transformer with ``K`` class tokens -> 4x upscaling -> ``(B, K, 4h, 4w)``.
 
     ``backbone`` (a SamModel) gives the initial weights; without one the architecture is rebuilt
@@ -54,28 +38,15 @@ class AutoSamHead(Head):
 
     def __init__(self, *, num_classes: int, spec: ModelSpec, backbone: Any = None) -> None:
         super().__init__(num_classes=num_classes, spec=spec, config={})
-        if backbone is not None:
-            dec, prompt_encoder = backbone.mask_decoder, backbone.prompt_encoder
-        else:
-            dec, prompt_encoder = _decoder_skeleton(spec)
-        c = self.embedding_shape[0]
+        dec, prompt_encoder = self.decoder_parts(spec, backbone)
         n_src = dec.mask_tokens.weight.shape[0]
         pick = [k % n_src for k in range(self.num_classes)]
         self.transformer = copy.deepcopy(dec.transformer)
         self.output_upscaling = copy.deepcopy(dec.output_upscaling)
         self.class_tokens = nn.Parameter(dec.mask_tokens.weight.detach()[pick].clone())  # (K, C)
         self.hypernetworks = nn.ModuleList(copy.deepcopy(dec.output_hypernetworks_mlps[k]) for k in pick)
-        self.no_mask_embed = nn.Parameter(prompt_encoder.no_mask_embed.weight.detach()[0].clone())  # (C,)
-        self.pe_layer = PositionEmbeddingRandom(c // 2)
-        self.pe_layer.positional_encoding_gaussian_matrix.copy_(
-            prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.detach())
-        for p in self.parameters():
-            p.requires_grad_(True)
-        self.to("cpu")
-
-    def dense_pe(self) -> torch.Tensor:
-        """``(1, C, h, w)``: identical to the backbone's ``prompt_encoder.get_dense_pe()``."""
-        return self.pe_layer(self.embedding_shape[1:]).unsqueeze(0)
+        self.copy_prompt_encoding(prompt_encoder)
+        self.make_trainable()
 
     def forward(self, embedding: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = embedding.shape

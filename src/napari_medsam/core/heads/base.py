@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..nets.sam import PositionEmbeddingRandom
 from ..registry import ModelSpec
 
 
@@ -58,6 +60,48 @@ class Head(nn.Module):
         from ..finetune import segmentation_loss
 
         return segmentation_loss(outputs, target, dice_weight=dice_weight)
+
+
+class DecoderHead(Head):
+    """Base of the heads made from a copy of SAM's mask decoder (AutoSAM, H-SAM, self-prompt).
+
+    Their ``__init__`` takes the parts to copy from :meth:`decoder_parts`, the backbone's
+    no-mask embedding and positional encoding with :meth:`copy_prompt_encoding` (SAM's decoder
+    always saw both without a mask prompt), and ends with :meth:`make_trainable`.
+    """
+
+    @staticmethod
+    def decoder_parts(spec: ModelSpec, backbone: Any = None) -> tuple[Any, Any]:
+        """``backbone``'s (mask decoder, prompt encoder); without one, the same architecture with
+        fresh random weights, for rebuilding a head whose weights are about to be loaded from a file.
+
+        The decoder's hyperparameters live in :func:`~napari_medsam.core.build.build_sam` and depend
+        only on the spec's embedding shape and input size, so the spec is built with the tiny test
+        encoder in place of its own: no large image encoder is allocated.
+        """
+        if backbone is not None:
+            return backbone.mask_decoder, backbone.prompt_encoder
+        from ..build import build_sam
+
+        sam = build_sam(dataclasses.replace(spec, encoder="test_tiny_vit"))
+        return sam.mask_decoder, sam.prompt_encoder
+
+    def copy_prompt_encoding(self, prompt_encoder: Any) -> None:
+        """``no_mask_embed`` ``(C,)`` and ``pe_layer``: copies of the prompt encoder's."""
+        self.no_mask_embed = nn.Parameter(prompt_encoder.no_mask_embed.weight.detach()[0].clone())  # (C,)
+        self.pe_layer = PositionEmbeddingRandom(self.embedding_shape[0] // 2)
+        self.pe_layer.positional_encoding_gaussian_matrix.copy_(
+            prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.detach())
+
+    def make_trainable(self) -> None:
+        """Every parameter trained (the copies included), on the CPU until the trainer moves it."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self.to("cpu")
+
+    def dense_pe(self) -> torch.Tensor:
+        """``(1, C, h, w)``: identical to the backbone's ``prompt_encoder.get_dense_pe()``."""
+        return self.pe_layer(self.embedding_shape[1:]).unsqueeze(0)
 
 
 def pe_windows(pe: torch.Tensor, size: tuple[int, int], origin: torch.Tensor | None) -> torch.Tensor:

@@ -52,10 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nets.common import LayerNorm2d
-from ..nets.sam import PositionEmbeddingRandom
 from ..registry import ModelSpec
-from .autosam import _decoder_skeleton
-from .base import Head, pe_windows
+from .base import DecoderHead, pe_windows
 
 LOG_FLOOR = math.log(1e-4)  # the prior's log is clamped here: a certain "no" must not dominate the scores
 
@@ -91,7 +89,7 @@ class _ClassAttention(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class HSamHead(Head):
+class HSamHead(DecoderHead):
     """``(B, C, h, w)`` -> stage 1 (prior) -> [MASA] -> stage 2 with [mask attention] -> [hierarchical] -> logits.
 
     ``backbone`` (a SamModel) gives the initial weights; without one the architecture is rebuilt
@@ -108,10 +106,7 @@ class HSamHead(Head):
         super().__init__(num_classes=num_classes, spec=spec,
                          config={"mask_attention": bool(mask_attention), "masa": bool(masa),
                                  "hierarchical": bool(hierarchical), "masa_grid": int(masa_grid)})
-        if backbone is not None:
-            dec, prompt_encoder = backbone.mask_decoder, backbone.prompt_encoder
-        else:
-            dec, prompt_encoder = _decoder_skeleton(spec)
+        dec, prompt_encoder = self.decoder_parts(spec, backbone)
         c = self.embedding_shape[0]
         k = self.num_classes
         n_src = dec.mask_tokens.weight.shape[0]
@@ -122,10 +117,7 @@ class HSamHead(Head):
         self.upscaling1 = copy.deepcopy(dec.output_upscaling)
         self.tokens1 = nn.Parameter(src_tokens[pick].clone())  # (K, C)
         self.hyper1 = nn.ModuleList(copy.deepcopy(dec.output_hypernetworks_mlps[i]) for i in pick)
-        self.no_mask_embed = nn.Parameter(prompt_encoder.no_mask_embed.weight.detach()[0].clone())  # (C,)
-        self.pe_layer = PositionEmbeddingRandom(c // 2)
-        self.pe_layer.positional_encoding_gaussian_matrix.copy_(
-            prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.detach())
+        self.copy_prompt_encoding(prompt_encoder)
         # stage 2: fresh class tokens (drawn with the spread of SAM's mask tokens)
         self.transformer2 = copy.deepcopy(dec.transformer)
         self.upscaling2 = copy.deepcopy(dec.output_upscaling)
@@ -144,13 +136,7 @@ class HSamHead(Head):
         if hierarchical:
             self.fuse = nn.Sequential(nn.Conv2d(2 * c8, c8, kernel_size=1), LayerNorm2d(c8), nn.GELU(),
                                       nn.Conv2d(c8, c8, kernel_size=3, padding=1, groups=c8), nn.GELU())
-        for p in self.parameters():
-            p.requires_grad_(True)
-        self.to("cpu")
-
-    def dense_pe(self) -> torch.Tensor:
-        """``(1, C, h, w)``: identical to the backbone's ``prompt_encoder.get_dense_pe()``."""
-        return self.pe_layer(self.embedding_shape[1:]).unsqueeze(0)
+        self.make_trainable()
 
     # -------------------------------------------------------------------------------- the stages
 

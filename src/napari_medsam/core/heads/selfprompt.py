@@ -32,10 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nets.common import LayerNorm2d
-from ..nets.sam import PositionEmbeddingRandom
 from ..registry import ModelSpec
-from .autosam import _decoder_skeleton
-from .base import Head, pe_windows
+from .base import DecoderHead, pe_windows
 from .hsam import hypernetwork_product
 
 
@@ -44,7 +42,7 @@ def patch_targets(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_max_pool2d((target[:, 1:] > 0.5).float(), size)
 
 
-class SelfPromptHead(Head):
+class SelfPromptHead(DecoderHead):
     """``(B, C, h, w)`` -> patch map -> dense prompt added -> two-way transformer with ``K`` queries -> logits."""
 
     kind = "selfprompt"
@@ -56,10 +54,7 @@ class SelfPromptHead(Head):
                  patch_weight: float = 1.0) -> None:
         super().__init__(num_classes=num_classes, spec=spec,
                          config={"patch_width": int(patch_width), "patch_weight": float(patch_weight)})
-        if backbone is not None:
-            dec, prompt_encoder = backbone.mask_decoder, backbone.prompt_encoder
-        else:
-            dec, prompt_encoder = _decoder_skeleton(spec)
+        dec, prompt_encoder = self.decoder_parts(spec, backbone)
         c = self.embedding_shape[0]
         fg = self.num_classes - 1
         self.patch_weight = float(patch_weight)
@@ -72,17 +67,8 @@ class SelfPromptHead(Head):
         self.transformer = copy.deepcopy(dec.transformer)
         self.output_upscaling = copy.deepcopy(dec.output_upscaling)
         self.hypernetwork = copy.deepcopy(dec.output_hypernetworks_mlps[0])  # shared by all queries
-        self.no_mask_embed = nn.Parameter(prompt_encoder.no_mask_embed.weight.detach()[0].clone())  # (C,)
-        self.pe_layer = PositionEmbeddingRandom(c // 2)
-        self.pe_layer.positional_encoding_gaussian_matrix.copy_(
-            prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.detach())
-        for p in self.parameters():
-            p.requires_grad_(True)
-        self.to("cpu")
-
-    def dense_pe(self) -> torch.Tensor:
-        """``(1, C, h, w)``: identical to the backbone's ``prompt_encoder.get_dense_pe()``."""
-        return self.pe_layer(self.embedding_shape[1:]).unsqueeze(0)
+        self.copy_prompt_encoding(prompt_encoder)
+        self.make_trainable()
 
     def outputs(self, embedding: torch.Tensor, origin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask logits ``(B, K, 4h, 4w)``, patch logits ``(B, K-1, h/2, w/2)``)."""
