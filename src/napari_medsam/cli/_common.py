@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -165,10 +165,17 @@ class _DownloadBar:
             self._bar.close()
 
 
-def run_with_progress(gen: Generator[Any, None, T], desc: str, *, unit: str = "slice") -> T:
-    """Drain a core progress generator, drawing a tqdm bar on stderr; return its result."""
+def run_with_progress(gen: Generator[Any, None, T], desc: str, *, unit: str = "slice",
+                      announce: Mapping[str, str] | None = None) -> T:
+    """Drain a core progress generator, drawing a tqdm bar on stderr; return its result.
+
+    The numbers and words in each step's ``info`` show after the bar; ``announce``: ``{key: label}``
+    of info values printed once, on their own line (``label: value``), instead.
+    """
     from tqdm import tqdm
 
+    announce = announce or {}
+    shown: set[str] = set()
     bar = None
     try:
         while True:
@@ -176,12 +183,16 @@ def run_with_progress(gen: Generator[Any, None, T], desc: str, *, unit: str = "s
                 prog = next(gen)
             except StopIteration as stop:
                 return stop.value
+            for key, label in announce.items():
+                if prog.info.get(key) and key not in shown:
+                    print(f"{label}: {prog.info[key]}", file=sys.stderr)
+                    shown.add(key)
             if bar is None:
                 bar = tqdm(total=prog.total or None, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
             if prog.total and bar.total != prog.total:
                 bar.total = prog.total
             post = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in prog.info.items()
-                    if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+                    if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in announce}
             if post:
                 bar.set_postfix(post, refresh=False)
             bar.update(prog.step - bar.n)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import add_overwrite_arg, check_outputs, nonneg_int, positive_int
+from ._common import add_overwrite_arg, check_outputs, nonneg_int, positive_int, run_with_progress
 
 
 def register(sub: Any) -> None:
@@ -117,7 +117,7 @@ def run_predict(args: argparse.Namespace) -> int:
     gen = run_cohort(items, params, workers=args.workers, scheduler=args.scheduler,
                      memory_limit=_memory(args.memory_limit), retries=args.retries, summary=summary,
                      resume=not args.no_resume)
-    result = _drain_with_bar(gen, len(items))
+    result = run_with_progress(gen, "predict", unit="volume", announce={"dashboard": "dask dashboard"})
     failed = 0
     for r in result.results:
         if r.status == "done":
@@ -146,29 +146,3 @@ def _memory(text: str) -> Any:
     if text in (None, "", "auto"):
         return "auto"
     return None if text.lower() in ("none", "0") else text
-
-
-def _drain_with_bar(gen: Any, total: int) -> Any:
-    from tqdm import tqdm
-
-    bar = None
-    shown = False
-    try:
-        while True:
-            try:
-                prog = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            link = prog.info.get("dashboard")
-            if link and not shown:
-                print(f"dask dashboard: {link}", file=sys.stderr)
-                shown = True
-            if bar is None:
-                bar = tqdm(total=total, desc="predict", unit="volume", file=sys.stderr, dynamic_ncols=True)
-            bar.set_postfix({"failed": prog.info.get("failed", 0), "skipped": prog.info.get("skipped", 0)},
-                            refresh=False)
-            bar.update(prog.step - bar.n)
-    finally:
-        if bar is not None:
-            bar.close()
-        gen.close()
