@@ -23,7 +23,6 @@ painting is saved too) and right after every round, in a background thread.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import MedSamError
+from ..core.weights import file_sha256
 
 __all__ = ["Autosaver", "FORMAT", "KEEP", "SessionStore", "Snapshot", "session_folder"]
 
@@ -70,14 +70,6 @@ def session_folder(content_hash: str, image_path: str | os.PathLike | None = Non
     return Path(platformdirs.user_data_dir("napari-medsam")) / "sessions" / content_hash
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -99,7 +91,7 @@ def _write_atomic(path: Path, write: Callable[[Any], None]) -> str:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -185,7 +177,7 @@ class SessionStore:
         files: Mapping[str, str] = man["files"]
         for rel, digest in files.items():
             p = self.folder / rel
-            if _sha256(p) != digest:
+            if file_sha256(p) != digest:
                 raise MedSamError(f"{rel} does not match its checksum")
         snap = self.folder / man["snapshot"]
         state = json.loads((snap / "state.json").read_text())
@@ -263,9 +255,9 @@ class SessionStore:
             save_head(tmp, rec.head)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            digest = _sha256(tmp)
+            digest = file_sha256(tmp)
             final = hdir / f"round-{rec.index:04d}-{digest[:16]}.head.pt"
-            if final.is_file() and _sha256(final) == digest:
+            if final.is_file() and file_sha256(final) == digest:
                 tmp.unlink()
             else:
                 os.replace(tmp, final)
@@ -288,7 +280,7 @@ class SessionStore:
         if known is not None and known[0] == stamp:
             return known[1]
         try:
-            good = man.get("format") == FORMAT and all(_sha256(self.folder / r) == d for r, d in files.items())
+            good = man.get("format") == FORMAT and all(file_sha256(self.folder / r) == d for r, d in files.items())
         except OSError:
             good = False
         self._good[seq] = (stamp, good)

@@ -40,6 +40,7 @@ from typing import Any
 
 from napari_medsam.core.errors import Cancelled, MedSamError
 from napari_medsam.core.progress import Progress, ProgressGen
+from napari_medsam.core.weights import file_sha256
 
 __all__ = [
     "CohortItem",
@@ -257,14 +258,6 @@ def plan(inputs: Sequence[str], output: str | os.PathLike, *, fmt: str = "auto",
 
 
 # ---- fingerprints and resuming -------------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def input_fingerprint(entry: str) -> str:

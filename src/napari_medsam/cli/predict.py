@@ -82,9 +82,10 @@ def _is_listing(spec: str) -> bool:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..app.cohort import CohortParams, expand_inputs, file_sha256, plan, previous_outcome, run_cohort
+    from ..app.cohort import CohortParams, expand_inputs, plan, previous_outcome, run_cohort
     from ..core.errors import MedSamError
     from ..core.finetune import read_head_meta
+    from ..core.weights import file_sha256
     from ..io.readers import image_format, split_extension
 
     out = Path(args.output).expanduser()
