@@ -165,14 +165,8 @@ def _read_nifti(path: pathlib.Path, lazy: bool) -> ImageVolume:
     header = img.header
     shape = tuple(int(s) for s in img.shape)
     # Hide trailing length-1 axes beyond the third (a (X, Y, Z, 1) "4D" file is a volume).
-    drop = tuple(i for i in range(3, len(shape)) if shape[i] == 1)
-    kept = tuple(s for i, s in enumerate(shape) if i not in drop)
-    if len(kept) > 3:
-        raise InvalidImageError(
-            f"{path} is a {len(kept)}D NIfTI of shape {shape} (e.g. a time series or several channels); "
-            "only 2D and 3D images can be segmented. Extract one volume first, e.g. with nibabel "
-            "`nib.save(img.slicer[..., 0], 'vol0.nii.gz')` or FSL `fslroi in.nii.gz vol0.nii.gz 0 1`."
-        )
+    drop, kept = _kept_axes(path, shape, "NIfTI", how="with nibabel `nib.save(img.slicer[..., 0], 'vol0.nii.gz')` "
+                            "or FSL `fslroi in.nii.gz vol0.nii.gz 0 1`")
     proxy = img.dataobj
     _check_nifti_size(path, img, shape)
     dtype = _nifti_dtype(proxy, shape)
@@ -300,15 +294,17 @@ def _nifti_dtype(proxy: Any, shape: tuple[int, ...]) -> np.dtype:
 # ---- other volumetric formats: nibabel (MGH/MGZ, MINC 1/2, Analyze, PAR/REC, ECAT), NRRD, MetaImage ----
 
 
-def _kept_axes(path: pathlib.Path, shape: tuple[int, ...], what: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Trailing length-1 axes beyond the third to hide, and the shape kept; refuses real 4D+ data."""
+def _kept_axes(path: pathlib.Path, shape: tuple[int, ...], what: str, *,
+               how: str = "with nibabel `nib.save(nib.Nifti1Image(img.dataobj[..., 0], img.affine), 'vol0.nii.gz')`",
+               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Trailing length-1 axes beyond the third to hide, and the shape kept; refuses real 4D+ data
+    (``how``: the advice on saving one volume of it)."""
     drop = tuple(i for i in range(3, len(shape)) if shape[i] == 1)
     kept = tuple(s for i, s in enumerate(shape) if i not in drop)
     if len(kept) > 3:
         raise InvalidImageError(
             f"{path} is a {len(kept)}D {what} of shape {shape} (a time series, echoes or several channels); "
-            "only 2D and 3D images can be segmented. Save one volume of it first, e.g. with nibabel "
-            "`nib.save(nib.Nifti1Image(img.dataobj[..., 0], img.affine), 'vol0.nii.gz')`."
+            f"only 2D and 3D images can be segmented. Save one volume of it first, e.g. {how}."
         )
     if len(kept) < 2 or min(kept) < 1:
         raise InvalidImageError(f"{path} holds no 2D or 3D image (shape {shape}).")
