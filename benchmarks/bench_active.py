@@ -12,6 +12,15 @@ from the previous round's head) and re-predicts the rest of the pool. Reported: 
 
 ``entropy``, ``margin``, ``disagreement``, ``tta``
     the most uncertain pool slice by that score (:mod:`napari_medsam.core.uncertainty`);
+``coverage``
+    the default strategy (:func:`napari_medsam.core.uncertainty.coverage_ranking`): the middle
+    slice of the largest gap between reviewed slices and the ends of the foreground the head
+    predicts; between gaps of equal length, the one whose middle slice has the higher entropy;
+``coverage-third``
+    the same, but the slice of highest entropy within the middle third of the gap;
+``coverage-area``
+    the same as ``coverage-third`` with gaps measured in predicted foreground pixels instead of
+    slices (the reviewed slices count their labels' pixels);
 ``even``
     evenly spaced, incrementally: the middle of the largest gap between reviewed slices and the
     ends of the pool (middle, quarters, eighths, ...);
@@ -56,13 +65,14 @@ def run_strategy(enc, truth, pool, axis, head, strategy, rounds, max_steps, seed
     from napari_medsam.app.loop import ReviewLoop, RoundParams
     from napari_medsam.core.finetune import TrainParams
     from napari_medsam.core.progress import drain
+    from napari_medsam.core.uncertainty import coverage_ranking
 
     labels = np.zeros_like(truth)
     loop = ReviewLoop(labels, axis=axis, class_names={1: "GM", 2: "WM"})
     rng = np.random.default_rng(seed)
-    score = strategy if strategy in SCORE_STRATEGIES else "entropy"
+    ranking = strategy if strategy in SCORE_STRATEGIES else "entropy"
     params = RoundParams(train=TrainParams(head=head, max_steps=max_steps, seed=seed, threads=0), cv_folds=0,
-                         candidates=tuple(pool), score=score, min_gap=1)
+                         candidates=tuple(pool), strategy=ranking, min_gap=1)
     mv = lambda a: np.moveaxis(a, axis, 0)  # noqa: E731
     pick = pool[len(pool) // 2]
     out = []
@@ -85,8 +95,17 @@ def run_strategy(enc, truth, pool, axis, head, strategy, rounds, max_steps, seed
               f"changed {changed} ({secs:.1f} s) pool {d_all:.3f}", file=sys.stderr, flush=True)
         if k == rounds or not rest:
             break
-        if strategy in SCORE_STRATEGIES:
-            ranked = loop.suggest(1, score=strategy, min_gap=1)
+        if strategy in (*SCORE_STRATEGIES, "coverage"):
+            ranked = loop.suggest(1, strategy=strategy, min_gap=1)
+            pick = ranked[0][0] if ranked else int(rng.choice(rest))
+        elif strategy in ("coverage-third", "coverage-area"):
+            mass = None
+            if strategy == "coverage-area":
+                mass = loop.scores["foreground"].copy()
+                for s in loop.reviewed():
+                    mass[s] = np.count_nonzero(mv(labels)[s])
+            ranked = coverage_ranking(loop.scores["entropy"], 1, extent=loop.foreground_extent(),
+                                      exclude=loop.reviewed(), min_gap=1, window=1 / 3, mass=mass)
             pick = ranked[0][0] if ranked else int(rng.choice(rest))
         elif strategy == "even":
             pick = next_even(pool, set(loop.reviewed()))
@@ -95,7 +114,7 @@ def run_strategy(enc, truth, pool, axis, head, strategy, rounds, max_steps, seed
     return out
 
 
-LOG_LINE = re.compile(r"^\s+(\w+) (\w+) (\w+) seed (\d+) k=(\d+) slice (\d+): dice ([\d.]+) changed (\d+) "
+LOG_LINE = re.compile(r"^\s+(\w+) (\w+) ([\w-]+) seed (\d+) k=(\d+) slice (\d+): dice ([\d.]+) changed (\d+) "
                       r"\(([\d.]+) s\)(?: pool ([\d.]+))?")
 
 
@@ -152,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, default=None, help="write the Markdown tables here")
     ap.add_argument("--axes", default="1,2", help="slice axes of the MNI array (1 coronal, 2 axial)")
     ap.add_argument("--heads", default="linear,cnn", help="head kinds")
-    ap.add_argument("--strategies", default="entropy,margin,disagreement,tta,even,random")
+    ap.add_argument("--strategies", default="coverage,coverage-third,coverage-area,entropy,margin,disagreement,tta,even,random")
     ap.add_argument("--strategies-per-head", default=None,
                     help="e.g. 'cnn=entropy,even,random': fewer strategies for a costly head")
     ap.add_argument("--rounds", type=int, default=10, help="reviewed slices to go up to (default 10)")
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.pool_every, args.rounds = 6, 6
         args.max_steps = "linear=150,cnn=60"
-        args.strategies_per_head = args.strategies_per_head or "cnn=entropy,even,random"
+        args.strategies_per_head = args.strategies_per_head or "cnn=coverage,entropy,even,random"
 
     from napari_medsam.core.build import load_model
     from napari_medsam.core.embeddings import EmbeddingCache

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
 import numpy as np
 import pytest
 
@@ -108,3 +115,131 @@ def test_opening_the_review_dock_does_not_import_torch(tmp_path):
     env = dict(os.environ, NAPARI_MEDSAM_CACHE=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert "TORCH False" in out.stdout, out.stdout + out.stderr
+
+
+KILL_CHILD = textwrap.dedent("""
+    import functools, itertools, sys, time
+    import numpy as np
+    import napari
+    from qtpy.QtWidgets import QApplication
+    import napari_medsam._qt.review_widget as rw
+    root, image, truth, log_path, mode = sys.argv[1:6]
+    t1, truth = np.load(image), np.load(truth)
+    viewer = napari.Viewer(show=False)
+    viewer.add_image(t1, name="mni")
+    labels = viewer.add_labels(np.zeros_like(truth), name="truth")
+    _, w = viewer.window.add_plugin_dock_widget("napari-medsam", "Review")
+    w.autosave_root = root
+    w.session.load_model("test_tiny_lite")
+    app = QApplication.instance()
+    log = open(log_path, "a", buffering=1)
+    def say(*words):
+        log.write(" ".join(map(str, words)) + f" {time.time()}\\n")
+    def pump(seconds, until=lambda: False):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not until():
+            app.processEvents()
+            time.sleep(0.01)
+    def paint(s):  # a stroke over the whole slice, through the layer (paint event, undo history)
+        idx = tuple(a.ravel() for a in np.indices(truth[s].shape))
+        full = (np.full(idx[0].shape, s), *idx)
+        labels.data_setitem(full, truth[full])
+        say("painted", s)
+    w.start()
+    pump(60, lambda: w.setup_job.done and w.saver is not None)
+    say("ready", 0)
+    for s in (12, 25, 38):
+        paint(s)
+        pump(0.2)
+    if mode == "train":  # a round that trains for minutes: no early stop, many steps
+        rw.TrainParams = functools.partial(rw.TrainParams, patience=0)
+        w.head_combo.setCurrentText("cnn")
+        w.steps_spin.setValue(100000)
+        w.run_round()
+        pump(60, lambda: w.status.text().startswith("training"))
+        say("training", 0)
+        paint(30)
+        while True:
+            pump(0.5)
+            say("round", "done" if w.round_job.done else w.status.text().split()[0])
+    for s in itertools.cycle([s for s in range(2, 48, 3) if truth[s].any()]):  # no pause: a stroke every 0.25 s
+        paint(s)
+        pump(0.25)
+""")
+
+
+LOST_S = 7.5  # the most seconds of painting a kill may lose (the dock saves at least every 6 s)
+
+
+def run_and_kill(tmp_path, t1, truth, mode, kill_after):
+    """Run the Review dock in a child napari, SIGKILL it ``kill_after(log lines)`` s after it painted."""
+    np.save(tmp_path / "t1.npy", t1)
+    np.save(tmp_path / "truth.npy", truth)
+    log = tmp_path / f"{mode}.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", NAPARI_MEDSAM_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(tmp_path / "sessions"), str(tmp_path / "t1.npy"),
+                             str(tmp_path / "truth.npy"), str(log), mode], env=env)
+    try:
+        deadline = time.monotonic() + 50
+        while True:
+            assert proc.poll() is None, f"the child ended early: {log.read_text() if log.exists() else ''}"
+            lines = [ln.split() for ln in log.read_text().splitlines()] if log.exists() else []
+            when = kill_after(lines)
+            if when is not None and time.time() >= when:
+                break
+            assert time.monotonic() < deadline, f"the child never got there: {lines[-3:]}"
+            time.sleep(0.05)
+    finally:
+        t_kill = time.time()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    return [ln.split() for ln in log.read_text().splitlines()], t_kill
+
+
+def resume_in_a_fresh_dock(qtbot, w, labels):
+    w.start()
+    wait_job(qtbot, w.setup_job)
+    assert w.snapshot is not None and not w.resume_button.isHidden(), w.status.text()
+    w.resume()
+    return w.loop
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_while_painting_then_a_fresh_dock_resumes_the_edits(setup, qtbot, tmp_path):
+    viewer, w, image, labels, truth = setup
+    t0 = time.monotonic()
+
+    def nine_s_into_painting(lines):
+        painted = [float(ln[-1]) for ln in lines if ln[0] == "painted"]
+        return painted[0] + 9.0 if painted else None
+
+    lines, t_kill = run_and_kill(tmp_path, image.data, truth, "paint", nine_s_into_painting)
+    strokes = [(int(ln[1]), float(ln[2])) for ln in lines if ln[0] == "painted"]
+    assert strokes[-1][1] > t_kill - 1.0  # it was painting when it was killed
+    must = {s for s, t in strokes if t <= t_kill - LOST_S}  # painted more than LOST_S before the kill
+    assert {12, 25, 38} <= must and len(must) >= 5
+    loop = resume_in_a_fresh_dock(qtbot, w, labels)
+    assert must <= set(loop.reviewed()) <= {s for s, _ in strokes}
+    for s in loop.reviewed():  # every saved slice is as painted, the rest is empty
+        assert np.array_equal(labels.data[s], truth[s]), s
+    assert not labels.data[[s for s in range(truth.shape[0]) if s not in loop.reviewed()]].any()
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_while_training_then_a_fresh_dock_resumes_the_edits(setup, qtbot, tmp_path):
+    viewer, w, image, labels, truth = setup
+    t0 = time.monotonic()
+
+    def after_the_painting_during_training_was_saved(lines):
+        painted = [float(ln[-1]) for ln in lines if ln[:2] == ["painted", "30"]]
+        return painted[0] + 6.0 if painted else None  # the dock saves 3 s after the last edit
+
+    lines, t_kill = run_and_kill(tmp_path, image.data, truth, "train", after_the_painting_during_training_was_saved)
+    states = [ln[1] for ln in lines if ln[0] == "round"]
+    assert states and set(states) == {"training"}, states  # killed while the round was still training
+    loop = resume_in_a_fresh_dock(qtbot, w, labels)
+    assert loop.reviewed() == (12, 25, 30, 38) and loop.rounds == []
+    for s in loop.reviewed():
+        assert np.array_equal(labels.data[s], truth[s]), s
+    assert time.monotonic() - t0 < 60

@@ -109,10 +109,22 @@ def test_rounds_train_on_reviewed_slices_only_and_warm_start(small_mni, encoder)
     assert {p.info.get("phase") for p in progress} >= {"train", "predict", "cv"}
     m1 = rec1.metrics
     assert m1["n_reviewed"] == 2 and math.isnan(m1["proposal_dice"]) and 0.0 <= m1["cv_dice"] <= 1.0
-    ranked = loop.suggest(4)
+    ranked = loop.suggest(4, strategy="entropy")
     assert len(ranked) == 4 and all(s not in (20, 35) for s, _ in ranked)
     assert all(abs(a - b) >= 2 for i, (a, _) in enumerate(ranked) for b, _ in ranked[i + 1:])
     assert [v for _, v in ranked] == sorted((v for _, v in ranked), reverse=True)
+    # the default, coverage: inside the predicted foreground, the longest gap split first, no neighbours
+    extent = loop.foreground_extent()
+    fg = [s for s in range(59) if loop.proposals[sl(s)].any() or s in (20, 35)]
+    assert extent is not None and fg[0] <= extent[0] <= 20 and 35 <= extent[1] <= fg[-1]
+    cover = loop.suggest(4)
+    picks = [s for s, _ in cover]
+    assert len(picks) == 4 and all(extent[0] <= s <= extent[1] for s in picks)
+    assert all(abs(a - b) >= 2 for i, a in enumerate(picks) for b in [20, 35, *picks[i + 1:]])
+    gaps = {(extent[0] - 1, 20): 21 - extent[0], (20, 35): 15, (35, extent[1] + 1): extent[1] + 1 - 35}
+    (a, b), _ = max(gaps.items(), key=lambda kv: kv[1])
+    assert a < picks[0] < b and abs(picks[0] - (a + b) / 2) <= 0.5  # its middle slice
+    assert all(v == loop.scores["entropy"][s] for s, v in cover)
 
     # the user corrects two suggested slices to the truth: the next round measures their edits
     s1, s2 = ranked[0][0], ranked[1][0]
@@ -120,7 +132,7 @@ def test_rounds_train_on_reviewed_slices_only_and_warm_start(small_mni, encoder)
     for s in (s1, s2):
         loop.labels[sl(s)] = truth[sl(s)]
     loop.on_user_edit([s1, s2])
-    rec2 = drain(loop.round_steps(encoder, RoundParams(train=FAST, cv_folds=0, score="tta")))
+    rec2 = drain(loop.round_steps(encoder, RoundParams(train=FAST, cv_folds=0, strategy="tta")))
     m2 = rec2.metrics
     pred = np.stack([shown[s] for s in sorted(shown)])
     ref = np.stack([truth[sl(s)] for s in sorted(shown)])
@@ -172,8 +184,10 @@ def test_a_round_needs_reviewed_labelled_slices_and_the_right_encoder(small_mni,
     other.mark_reviewed([3])
     with pytest.raises(MedSamError, match="along the loop's axis"):
         drain(other.round_steps(encoder))
-    with pytest.raises(MedSamError, match="unknown uncertainty score"):
-        drain(make_loop(truth).round_steps(encoder, RoundParams(score="vibes")))
+    with pytest.raises(MedSamError, match="unknown suggestion strategy"):
+        drain(make_loop(truth).round_steps(encoder, RoundParams(strategy="vibes")))
+    with pytest.raises(MedSamError, match="coverage"):
+        make_loop(truth).suggest(3, strategy="vibes")
 
 
 def test_a_new_class_in_a_later_round_grows_the_head(small_mni, encoder):

@@ -10,7 +10,7 @@ from napari_medsam.core.build import load_model
 from napari_medsam.core.finetune import load_head
 from napari_medsam.core.infer import encoder_for_head, predict_slices
 from napari_medsam.core.progress import drain
-from napari_medsam.core.uncertainty import slice_scores
+from napari_medsam.core.uncertainty import coverage_ranking, foreground_extent, slice_scores
 from napari_medsam.io import read_image, write_image, write_labels
 
 
@@ -33,7 +33,7 @@ def files(tmp_path_factory, mni):
 def test_suggest_prints_the_most_uncertain_unreviewed_slices(files, capsys):
     capsys.readouterr()
     rc = main(["suggest", str(files["img"]), "--head", str(files["head"]), "-n", "4", "--reviewed", "15,30",
-               "--cache-dir", str(files["cache"])])
+               "--strategy", "entropy", "--cache-dir", str(files["cache"])])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(out) == 4
     picks = [(int(a), float(b)) for a, b in (line.split() for line in out)]
@@ -49,6 +49,16 @@ def test_suggest_prints_the_most_uncertain_unreviewed_slices(files, capsys):
     scores = {s: slice_scores(res.probs[:, :, s])["entropy"] for s in range(47) if s not in (15, 30)}
     best = max(scores, key=scores.get)
     assert slices[0] == best and picks[0][1] == pytest.approx(scores[best], rel=1e-3)
+    # the default, coverage: the same slices' entropy, in the order that splits the predicted foreground
+    rc = main(["suggest", str(files["img"]), "--head", str(files["head"]), "-n", "4", "--reviewed", "15,30",
+               "--cache-dir", str(files["cache"])])
+    cover = [(int(a), float(b)) for a, b in (line.split() for line in capsys.readouterr().out.strip().splitlines())]
+    fg = [s for s in range(47) if s not in (15, 30) and res.labels[:, s].any()]
+    expect = coverage_ranking(scores, 4, extent=foreground_extent({s: np.count_nonzero(res.labels[:, s])
+                                                                    for s in scores}), exclude=(15, 30))
+    assert rc == 0 and [s for s, _ in cover] == [s for s, _ in expect]
+    assert all(fg[0] <= s <= fg[-1] and abs(s - r) >= 2 for s, _ in cover for r in (15, 30))
+    assert all(v == pytest.approx(scores[s], rel=1e-3) for s, v in cover)
 
 
 def test_suggest_refuses_another_axis_and_a_score_it_cannot_compute(files, capsys):

@@ -13,9 +13,14 @@ from napari_medsam.core.finetune import TrainParams, collect_training_data, fine
 from napari_medsam.core.progress import drain
 from napari_medsam.core.uncertainty import (
     DEFAULT_SCORE,
+    DEFAULT_STRATEGY,
     SCORES,
+    STRATEGIES,
     check_score,
+    check_strategy,
+    coverage_ranking,
     disagreement_score,
+    foreground_extent,
     rank_slices,
     slice_scores,
     tta_scores,
@@ -64,6 +69,47 @@ def test_rank_spreads_picks_and_skips_excluded_and_nan():
     assert DEFAULT_SCORE in SCORES and check_score("tta") == "tta"
     with pytest.raises(MedSamError, match="choose one of"):
         check_score("nope")
+
+
+def test_coverage_splits_the_longest_gap_first_and_picks_the_unsure_slice_near_its_middle():
+    flat = np.zeros(21)
+    assert [s for s, _ in coverage_ranking(flat, 5)] == [10, 4, 15, 7, 18]  # bisection; ties: lower slice
+    # reviewed 10: both halves are 11 long; the one whose middle scores higher goes first (15, not 4);
+    # with a window, the highest score within the middle third (14..17), not the highest overall (20)
+    rising = np.arange(21) / 100
+    assert coverage_ranking(rising, 2, exclude=[10]) == [(15, 0.15), (4, 0.04)]
+    assert coverage_ranking(rising, 2, exclude=[10], window=1 / 3) == [(17, 0.17), (6, 0.06)]
+    # a longer gap wins over a higher score
+    spike = np.zeros(21)
+    spike[18] = 1.0
+    assert coverage_ranking(spike, 1, exclude=[14])[0][0] == 6  # (-1, 14) is longer than (14, 21)
+    # never next to a reviewed slice (or another pick) while anything else is left
+    assert [s for s, _ in coverage_ranking(np.zeros(5), 5, exclude=[2])] == [0, 4, 1, 3]
+    assert [s for s, _ in coverage_ranking(np.zeros(7), 3, exclude=[2, 4], min_gap=2)] == [0, 6, 1]
+    # gaps are counted in candidates: a pool of every 4th slice is split like a volume of every slice
+    pool = {4 * i + 2: 0.0 for i in range(21)}
+    assert [s for s, _ in coverage_ranking(pool, 3, min_gap=1)] == [42, 18, 62]
+    # the extent: candidates outside it only when nothing inside is left; NaN is never picked
+    scores = np.full(30, 0.5)
+    scores[[3, 25]] = 0.9
+    scores[12] = np.nan
+    got = [s for s, _ in coverage_ranking(scores, 30, extent=(10, 20), min_gap=1)]
+    assert got[:10] and all(10 <= s <= 20 for s in got[:10]) and 12 not in got and len(got) == 29
+    assert coverage_ranking(scores, 1, extent=(40, 50))[0][0] == 15  # nothing inside: all (12 is not one)
+    assert coverage_ranking([], 3) == [] and coverage_ranking([math.nan] * 3, 2) == []
+
+
+def test_foreground_extent_ignores_specks_and_keeps_reviewed_slices():
+    fg = [0, 3, 500, 800, 1000, 10, 0, math.nan]
+    assert foreground_extent(fg) == (2, 4)  # 3 and 10 pixels: under 2 % of the largest slice's 1000
+    assert foreground_extent(fg, share=0.0) == (1, 5)
+    assert foreground_extent(fg, also=[6]) == (2, 6)
+    assert foreground_extent({7: 4.0, 9: 0.0}) == (7, 7)
+    assert foreground_extent([0, 0, math.nan]) is None
+    assert DEFAULT_STRATEGY in STRATEGIES and set(SCORES) < set(STRATEGIES)
+    assert check_strategy("coverage") == "coverage"
+    with pytest.raises(MedSamError, match="coverage, entropy"):
+        check_strategy("entropy-ish")
 
 
 def test_tta_variance_is_zero_for_a_shift_invariant_head_and_positive_for_a_trained_one(tiny_lite, mni):

@@ -22,7 +22,7 @@ from ..app.params import head_kinds
 from ..app.session import AnnotationSession
 from ..core.finetune import TrainParams
 from ..core.progress import Progress
-from ..core.uncertainty import DEFAULT_SCORE, SCORES
+from ..core.uncertainty import DEFAULT_STRATEGY, STRATEGIES
 from . import _workers
 from ._dock import DockWidget
 from ._layer_combo import LayerCombo
@@ -31,6 +31,8 @@ from .session import session_for
 
 PROPOSAL_COLOURS = {None: "orange", 0: "transparent", 1: "magenta", 2: "cyan", 3: "yellow", 4: "lime"}
 REFRESH_INTERVAL = 0.3  # seconds between two repaints of the proposals during a round
+AUTOSAVE_DELAY = 3.0  # seconds after the last edit before an autosave
+AUTOSAVE_MAX_DELAY = 6.0  # seconds at most between the first unsaved edit and its save (continuous painting)
 
 
 class ReviewWidget(DockWidget):
@@ -52,8 +54,12 @@ class ReviewWidget(DockWidget):
 
         self.image_combo = LayerCombo(napari_viewer, is_image)
         self.labels_combo = LayerCombo(napari_viewer, self._accept_labels)
-        self.head_combo, self.score_combo = _combo(head_kinds()), _combo(SCORES)
-        self.score_combo.setCurrentIndex(SCORES.index(DEFAULT_SCORE))
+        self.head_combo, self.strategy_combo = _combo(head_kinds()), _combo(STRATEGIES)
+        self.strategy_combo.setCurrentIndex(STRATEGIES.index(DEFAULT_STRATEGY))
+        self.strategy_combo.setToolTip("coverage: split the largest run of unreviewed slices first, the most "
+                                       "uncertain in its middle; or one uncertainty score alone")
+        self.steps_spin = qw.QSpinBox(minimum=1, maximum=100_000, value=TrainParams().max_steps,
+                                      toolTip="training steps per round")
         self.auto_spin = qw.QSpinBox(minimum=0, maximum=100, specialValueText="off",
                                      toolTip="run a round automatically after this many newly reviewed slices")
         self.start_button, self.resume_button = _button("Start reviewing", self.start), _button("Resume", self.resume)
@@ -74,7 +80,8 @@ class ReviewWidget(DockWidget):
 
         form = qw.QFormLayout()
         for name, w in (("Image", self.image_combo), ("Labels", self.labels_combo), ("Head", self.head_combo),
-                        ("Suggest by", self.score_combo), ("Auto round", self.auto_spin)):
+                        ("Steps", self.steps_spin), ("Suggest by", self.strategy_combo),
+                        ("Auto round", self.auto_spin)):
             form.addRow(name, w)
         layout = qw.QVBoxLayout(self)
         layout.addLayout(form)
@@ -89,6 +96,7 @@ class ReviewWidget(DockWidget):
         layout.addStretch(1)
         self.suggest_list.itemDoubleClicked.connect(lambda item: self.go_to(int(item.text().split()[0])))
         self.image_combo.layer_changed.connect(lambda _ly: self.labels_combo.refresh())
+        self.strategy_combo.currentTextChanged.connect(self._update)
         self.session.labels_changed.connect(self._on_session_labels)
         self._update()
 
@@ -110,7 +118,7 @@ class ReviewWidget(DockWidget):
         self.reviewed_label.setText(f"Reviewed along axis {self.loop.axis}: {len(rev)} slice(s)"
                                     + (f": {', '.join(map(str, rev[:40]))}{' …' if len(rev) > 40 else ''}" if rev else ""))
         self.suggest_list.clear()
-        for s, v in self.loop.suggest(8, score=self.score_combo.currentText()):
+        for s, v in self.loop.suggest(8, strategy=self.strategy_combo.currentText()):
             self.suggest_list.addItem(f"{s}  ({v:.4f})")
         self.metrics_label.setText(self.loop.metrics_table())
 
@@ -169,7 +177,7 @@ class ReviewWidget(DockWidget):
             self.snapshot = snap
             self.resume_button.setVisible(True)
             self.status.setText(f"{snap.describe()} can be resumed.")
-        self.saver = Autosaver(self.loop, store)
+        self.saver = Autosaver(self.loop, store, delay=AUTOSAVE_DELAY, max_delay=AUTOSAVE_MAX_DELAY)
 
     def _bind(self, loop: ReviewLoop) -> None:
         self.loop = self.session.loop = loop
@@ -204,7 +212,7 @@ class ReviewWidget(DockWidget):
         return result
 
     def next_suggested(self) -> int | None:
-        picks = self.loop.suggest(1, score=self.score_combo.currentText())
+        picks = self.loop.suggest(1, strategy=self.strategy_combo.currentText())
         if not picks:
             self.status.setText("No suggestion yet: run a round first.")
             return None
@@ -218,8 +226,8 @@ class ReviewWidget(DockWidget):
         if self.session.loaded is None:
             self.status.setText("Load a model in the Model widget first.")
             return None
-        params = RoundParams(train=TrainParams(head=self.head_combo.currentText()),
-                             score=self.score_combo.currentText())
+        params = RoundParams(train=TrainParams(head=self.head_combo.currentText(), max_steps=self.steps_spin.value()),
+                             strategy=self.strategy_combo.currentText())
         loop, req, session = self.loop, self.req, self.session
 
         def steps(cancel: Any) -> Any:

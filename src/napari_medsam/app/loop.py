@@ -38,7 +38,16 @@ from psygnal import Signal
 from ..core.errors import InvalidImageError, MedSamError
 from ..core.finetune import TrainParams
 from ..core.progress import Progress, ProgressGen
-from ..core.uncertainty import DEFAULT_SCORE, check_score, disagreement_score, rank_slices, slice_scores
+from ..core.uncertainty import (
+    DEFAULT_SCORE,
+    DEFAULT_STRATEGY,
+    check_strategy,
+    coverage_ranking,
+    disagreement_score,
+    foreground_extent,
+    rank_slices,
+    slice_scores,
+)
 
 __all__ = ["ReviewLoop", "RoundParams", "RoundRecord", "dice_score"]
 
@@ -48,9 +57,9 @@ class RoundParams:
     """How a round trains, predicts and scores.
 
     ``train``: the head's training (``train.head`` is the family; a previous round's head of the
-    same family and axis is continued when ``warm_start``); ``score``: the uncertainty the
-    suggestions rank by (:data:`~napari_medsam.core.uncertainty.SCORES`; ``tta`` costs four
-    more head passes per slice); ``cv_folds``: folds of the cross-validated Dice (0 or 1: none;
+    same family and axis is continued when ``warm_start``); ``strategy``: how the suggestions
+    rank (:data:`~napari_medsam.core.uncertainty.STRATEGIES`: ``coverage`` or one score; ``tta``
+    costs four more head passes per slice); ``cv_folds``: folds of the cross-validated Dice (0 or 1: none;
     fewer reviewed slices than folds: leave-one-out), each a fresh head trained for
     ``cv_max_steps`` steps; ``batch_size``: slices per prediction batch; ``candidates``: the
     slices to predict (None: every unreviewed slice); ``min_gap``: suggestions at least this many
@@ -59,7 +68,7 @@ class RoundParams:
 
     train: TrainParams = TrainParams()
     warm_start: bool = True
-    score: str = DEFAULT_SCORE
+    strategy: str = DEFAULT_STRATEGY
     cv_folds: int = 3
     cv_max_steps: int = 60
     batch_size: int = 8
@@ -243,19 +252,37 @@ class ReviewLoop:
         a, b = sorted((int(start), int(stop)))
         return tuple(s for s in range(max(0, a), min(self.n_slices - 1, b) + 1) if self.accept(s))
 
-    def suggest(self, n: int = 5, *, score: str | None = None, min_gap: int = 2) -> list[tuple[int, float]]:
-        """The next slices to review: ``(slice, score)``, most uncertain first, reviewed ones excluded.
+    def suggest(self, n: int = 5, *, strategy: str | None = None, min_gap: int = 2) -> list[tuple[int, float]]:
+        """The next slices to review: ``(slice, score)`` in the order to review them, reviewed ones excluded.
 
-        ``disagreement`` needs two rounds' proposals of a slice; until any exists, ``entropy`` ranks.
+        ``strategy`` (default :data:`~napari_medsam.core.uncertainty.DEFAULT_STRATEGY`):
+        ``coverage`` splits the largest gap between reviewed slices inside the predicted foreground
+        first (the score shown is the slice's entropy); a score name ranks by that score alone,
+        most uncertain first. ``disagreement`` needs two rounds' proposals of a slice; until any
+        exists, ``entropy`` ranks.
         """
-        name = check_score(score or DEFAULT_SCORE)
+        name = check_strategy(strategy or DEFAULT_STRATEGY)
         with self._lock:
-            values = self.scores.get(name)
+            values = self.scores.get(DEFAULT_SCORE if name == "coverage" else name)
             if name == "disagreement" and (values is None or not np.isfinite(values).any()):
                 values = self.scores.get("entropy")
             if values is None:
                 return []
-            return rank_slices(values.copy(), n, exclude=self._reviewed[self.axis], min_gap=min_gap)
+            reviewed = set(self._reviewed[self.axis])
+            if name == "coverage":
+                return coverage_ranking(values.copy(), n, extent=self.foreground_extent(), exclude=reviewed,
+                                        min_gap=min_gap)
+            return rank_slices(values.copy(), n, exclude=reviewed, min_gap=min_gap)
+
+    def foreground_extent(self) -> tuple[int, int] | None:
+        """First and last slice (loop's axis) of the foreground: the last round's proposals and the
+        reviewed slices that hold labels (None before any round)."""
+        with self._lock:
+            fg = self.scores.get("foreground")
+            if fg is None:
+                return None
+            also = [s for s in self._reviewed[self.axis] if self.labels[self._sl(s)].any()]
+            return foreground_extent(fg.copy(), also=also)
 
     def set_proposal(self, index: int, labels2d: np.ndarray) -> bool:
         """Write one slice's proposal (skipped, False, when the slice is reviewed)."""
@@ -282,7 +309,7 @@ class ReviewLoop:
         from ..core.finetune import collect_training_data, fine_tune
         from ..core.infer import predict_slices
 
-        check_score(params.score)
+        check_strategy(params.strategy)
         if encoder.axis != self.axis or tuple(encoder.volume.spatial_shape) != tuple(self.labels.shape):
             raise MedSamError(f"the encoder slices a {tuple(encoder.volume.spatial_shape)} image along axis "
                               f"{encoder.axis}; the loop's labels are {tuple(self.labels.shape)} along axis "
@@ -322,7 +349,7 @@ class ReviewLoop:
         n = self.n_slices
         cands = range(n) if params.candidates is None else sorted({int(s) for s in params.candidates if 0 <= s < n})
         todo = [s for s in cands if s not in set(reviewed)]
-        new_scores = {name: np.full(n, np.nan) for name in ("entropy", "margin", "disagreement", "tta")}
+        new_scores = {name: np.full(n, np.nan) for name in ("entropy", "margin", "disagreement", "tta", "foreground")}
         with self._lock:
             self.scores = new_scores  # suggestions follow the new head as slices come in
         done = 0
@@ -335,7 +362,7 @@ class ReviewLoop:
             res = yield from _quiet(predict_slices(encoder, head, slices=batch, batch_size=bs, return_probs=True,
                                                    cancel=cancel))
             tta = {}
-            if params.score == "tta":
+            if params.strategy == "tta":
                 from ..core.uncertainty import tta_scores
 
                 tta = tta_scores(encoder, head, batch, cancel=cancel)
@@ -353,6 +380,7 @@ class ReviewLoop:
                         new_scores[k][s] = v
                     if s in tta:
                         new_scores["tta"][s] = tta[s]
+                    new_scores["foreground"][s] = float(np.count_nonzero(lab))
                     self.proposals[self._sl(s)] = lab
                     self._proposed.add(s)
                 written.append(s)

@@ -2,8 +2,11 @@
 
 ``suggest IMAGE --head HEAD [-n 5] [--reviewed 3,17,40] [--axis N]`` predicts the unreviewed
 slices of IMAGE with the head (the model, slice axis and intensity mapping come from the head
-file), scores each (:mod:`napari_medsam.core.uncertainty`) and prints the ``n`` best, spread out,
-one per line as ``SLICE SCORE``, most worth reviewing first.
+file), scores each (:mod:`napari_medsam.core.uncertainty`) and prints ``n`` slices, spread out,
+one per line as ``SLICE SCORE``, in the order to review them. The default strategy,
+``coverage``, splits the largest run of unreviewed slices inside the predicted foreground first
+(SCORE: the slice's entropy); ``--strategy entropy`` (``margin``, ``tta``) ranks by that score
+alone, most uncertain first.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from ._common import parse_int_list, positive_int, run_with_progress
 
 
 def register(sub: Any) -> None:
-    from ..core.uncertainty import DEFAULT_SCORE, SCORES
+    from ..core.uncertainty import DEFAULT_STRATEGY, STRATEGIES
 
     p = sub.add_parser(
         "suggest", help="print the next slices to review (most uncertain first) for a trained head",
@@ -29,8 +32,10 @@ def register(sub: Any) -> None:
                    help="slices already reviewed (never suggested), e.g. 3,17,40 or 10-20")
     p.add_argument("--axis", type=int, default=None,
                    help="slice axis; must be the head's (default: the head's own axis)")
-    p.add_argument("--score", default=DEFAULT_SCORE, choices=SCORES,
-                   help=f"uncertainty score (default {DEFAULT_SCORE}; see docs/benchmarks.md)")
+    p.add_argument("--strategy", "--score", dest="strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
+                   help=f"how to rank: coverage (split the largest gap between reviewed slices first, the most "
+                        f"uncertain in its middle) or one uncertainty score alone (default {DEFAULT_STRATEGY}; "
+                        "see docs/benchmarks.md)")
     p.add_argument("--min-gap", type=positive_int, default=2,
                    help="suggested slices are at least this many slices apart (default 2: no neighbours)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps or cpu")
@@ -44,18 +49,27 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def suggest_steps(encoder: Any, head: Any, *, n: int, reviewed: Any = (), score: str, min_gap: int,
+def suggest_steps(encoder: Any, head: Any, *, n: int, reviewed: Any = (), strategy: str, min_gap: int,
                   batch_size: int = 8) -> Any:
     """Score every unreviewed slice of ``encoder``'s volume with ``head``; return ``[(slice, score)]``."""
     import numpy as np
 
     from ..core.infer import predict_slices
     from ..core.progress import Progress
-    from ..core.uncertainty import rank_slices, slice_scores, tta_scores
+    from ..core.uncertainty import (
+        DEFAULT_SCORE,
+        coverage_ranking,
+        foreground_extent,
+        rank_slices,
+        slice_scores,
+        tta_scores,
+    )
 
     done = {int(s) for s in reviewed}
     todo = [s for s in range(encoder.n_slices) if s not in done]
+    score = DEFAULT_SCORE if strategy == "coverage" else strategy
     values = np.full(encoder.n_slices, np.nan)
+    foreground = np.full(encoder.n_slices, np.nan)
     bs = max(1, int(batch_size))
     yield Progress(0, len(todo), "scoring")
     for start in range(0, len(todo), bs):
@@ -70,7 +84,10 @@ def suggest_steps(encoder: Any, head: Any, *, n: int, reviewed: Any = (), score:
                 key: list[Any] = [slice(None)] * 4
                 key[encoder.axis + 1] = s
                 values[s] = slice_scores(res.probs[tuple(key)])[score]
+                foreground[s] = float(np.count_nonzero(res.labels[tuple(key[1:])]))
         yield Progress(start + len(batch), len(todo), "scoring")
+    if strategy == "coverage":
+        return coverage_ranking(values, n, extent=foreground_extent(foreground), exclude=done, min_gap=min_gap)
     return rank_slices(values, n, exclude=done, min_gap=min_gap)
 
 
@@ -91,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from ..io import read_image
     from ._common import _DownloadBar, cache_from_args
 
-    if args.score == "disagreement":
-        raise MedSamError("--score disagreement compares two rounds' proposals, which a single head file "
-                          "does not have: use entropy, margin or tta here (the review dock offers all four)")
+    if args.strategy == "disagreement":
+        raise MedSamError("--strategy disagreement compares two rounds' proposals, which a single head file "
+                          "does not have: use coverage, entropy, margin or tta here (the review dock offers all)")
     meta = read_head_meta(args.head)
     if args.axis is not None and args.axis % 3 != meta.axis:
         raise MedSamError(f"the head was trained on slices along axis {meta.axis}, not {args.axis}: "
@@ -111,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [s for s in reviewed if not 0 <= s < encoder.n_slices]
     if bad:
         raise MedSamError(f"--reviewed slices {bad[:8]} are outside 0..{encoder.n_slices - 1} along axis {meta.axis}")
-    ranked = run_with_progress(suggest_steps(encoder, head, n=args.n, reviewed=reviewed, score=args.score,
+    ranked = run_with_progress(suggest_steps(encoder, head, n=args.n, reviewed=reviewed, strategy=args.strategy,
                                              min_gap=args.min_gap, batch_size=args.batch_size), "scoring")
     for s, v in ranked:
         print(f"{s} {v:.6g}")

@@ -20,8 +20,15 @@ Scores (higher: more worth a look), each a number per slice:
 
 :func:`rank_slices` picks the best-scoring slices, at most one in any ``min_gap`` neighbourhood,
 so a batch of suggestions is not three neighbours that look alike.
-Which score is the default (:data:`DEFAULT_SCORE`) was measured: ``benchmarks/bench_active.py``,
-figures in docs/benchmarks.md.
+
+Strategies (:data:`STRATEGIES`: how suggestions are ranked): one of the scores alone, or
+``coverage`` (:func:`coverage_ranking`): the longest run of unreviewed slices between reviewed
+ones and the ends of the foreground the head predicts (:func:`foreground_extent`) is split at its
+middle first; uncertainty (:data:`DEFAULT_SCORE`) decides between runs of equal length (and, with
+``window > 0``, picks inside the middle part of a run); never a neighbour of a reviewed slice while
+anything else is left. Which strategy is the default
+(:data:`DEFAULT_STRATEGY`) was measured: ``benchmarks/bench_active.py``, figures in
+docs/benchmarks.md (no score alone beat evenly spaced slices there).
 """
 
 from __future__ import annotations
@@ -37,8 +44,18 @@ from .errors import Cancelled, MedSamError
 
 #: the per-slice scores this module computes
 SCORES = ("entropy", "margin", "disagreement", "tta")
-#: the score the review loop ranks by unless told otherwise (see docs/benchmarks.md, active learning)
+#: the score computed every round, and the one ``coverage`` picks by inside a gap
 DEFAULT_SCORE = "entropy"
+#: how suggestions can be ranked: by coverage of the volume (ties by uncertainty) or by one score
+STRATEGIES = ("coverage", *SCORES)
+#: the strategy the review loop ranks by unless told otherwise (see docs/benchmarks.md, active learning)
+DEFAULT_STRATEGY = "coverage"
+#: ``coverage`` picks the most uncertain slice inside the middle part of a gap, this share of its
+#: length (0: the middle slice; 1/3 measured no better, see docs/benchmarks.md)
+COVERAGE_WINDOW = 0.0
+#: a slice belongs to the foreground extent when its predicted foreground is at least this share
+#: of the largest slice's (stray specks on empty slices do not stretch the extent)
+EXTENT_SHARE = 0.02
 #: a pixel is uncertain foreground when ``1 - p_background`` exceeds this
 FOREGROUND = 0.25
 #: the shifts (rows, columns of embedding cells) of the test-time augmentation
@@ -49,6 +66,13 @@ def check_score(name: str) -> str:
     """``name`` if it is a known score, else a :class:`MedSamError` naming them."""
     if name not in SCORES:
         raise MedSamError(f"unknown uncertainty score {name!r}; choose one of: {', '.join(SCORES)}")
+    return name
+
+
+def check_strategy(name: str) -> str:
+    """``name`` if it is a known ranking strategy, else a :class:`MedSamError` naming them."""
+    if name not in STRATEGIES:
+        raise MedSamError(f"unknown suggestion strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     return name
 
 
@@ -127,10 +151,7 @@ def rank_slices(scores: Mapping[int, float] | Sequence[float] | np.ndarray, n: i
     ``exclude``: slices never picked (the reviewed ones); ``min_gap``: picks are at least this
     many slices apart (2: no two neighbours; 1: any). Ties go to the lower slice index.
     """
-    if isinstance(scores, Mapping):
-        items = [(int(k), float(v)) for k, v in scores.items()]
-    else:
-        items = [(i, float(v)) for i, v in enumerate(np.asarray(scores, dtype=np.float64).ravel())]
+    items = _items(scores)
     skip = {int(s) for s in exclude}
     gap = max(1, int(min_gap))
     cands = sorted(((s, v) for s, v in items if s not in skip and math.isfinite(v)), key=lambda t: (-t[1], t[0]))
@@ -143,5 +164,104 @@ def rank_slices(scores: Mapping[int, float] | Sequence[float] | np.ndarray, n: i
     return picked
 
 
-__all__ = ["DEFAULT_SCORE", "FOREGROUND", "SCORES", "TTA_SHIFTS", "check_score", "disagreement_score",
-           "rank_slices", "slice_scores", "tta_scores"]
+def foreground_extent(foreground: Mapping[int, float] | Sequence[float] | np.ndarray, *, also: Iterable[int] = (),
+                      share: float = EXTENT_SHARE) -> tuple[int, int] | None:
+    """First and last slice whose predicted foreground reaches ``share`` of the largest one's.
+
+    ``foreground``: ``{slice: foreground pixels}`` or one value per slice (NaN: not predicted);
+    ``also``: slices inside the extent whatever was predicted (the reviewed ones holding labels).
+    None when nothing is foreground.
+    """
+    items = _items(foreground)
+    top = max((v for _, v in items if math.isfinite(v)), default=0.0)
+    inside = [s for s, v in items if math.isfinite(v) and v > 0 and v >= share * top]
+    inside += [int(s) for s in also]
+    return (min(inside), max(inside)) if inside else None
+
+
+def coverage_ranking(scores: Mapping[int, float] | Sequence[float] | np.ndarray, n: int, *,
+                     extent: tuple[int, int] | None = None, exclude: Iterable[int] = (), min_gap: int = 2,
+                     window: float = COVERAGE_WINDOW,
+                     mass: Mapping[int, float] | Sequence[float] | np.ndarray | None = None) -> list[tuple[int, float]]:
+    """``n`` slices that cover the volume, in the order they split it, as ``(slice, score)``.
+
+    ``scores``: ``{slice: score}`` or one per slice; the finite ones are the candidates (NaN: not
+    predicted); ``extent``: ``(first, last)`` slice of the foreground (None: the candidates' and
+    the excluded slices' span); candidates outside it are picked only when none inside is left;
+    ``exclude``: the reviewed slices. Gaps are counted in candidate slices (a pool of every 4th
+    slice is split like a volume of every slice), between reviewed slices and one step beyond
+    each end of the extent. Each pick: the longest gap (ties: the one whose pick scores highest),
+    inside it the highest-scoring candidate within the middle ``window`` of its length (0: the
+    middle one), ties to the middle, then to the lower slice; picks and reviewed slices are at least ``min_gap`` apart
+    unless no other candidate is left. ``mass``: what each slice counts for when gaps are measured
+    (e.g. its foreground pixels: a gap of large slices is split before one of small slices;
+    None: every slice counts one; a missing or non-finite mass counts as the mean of the others).
+    """
+    skip = {int(s) for s in exclude}
+    cands = {s: v for s, v in _items(scores) if s not in skip and math.isfinite(v)}
+    if extent is not None:
+        lo, hi = int(extent[0]), int(extent[1])
+        if not any(lo <= s <= hi for s in cands):
+            lo, hi = min(cands, default=0), max(cands, default=-1)
+    else:
+        span = [*cands, *skip]
+        lo, hi = (min(span), max(span)) if span else (0, -1)
+    inside = {s: v for s, v in cands.items() if lo <= s <= hi}
+    outside = {s: v for s, v in cands.items() if s not in inside}
+    gap = max(1, int(min_gap))
+    weight = None
+    if mass is not None:
+        given = {s: v for s, v in _items(mass) if math.isfinite(v) and v >= 0}
+        mean = float(np.mean(list(given.values()))) if given else 1.0
+        weight = {s: given.get(s, mean) for s in [*cands, *skip]}
+        if sum(weight.values()) <= 0:
+            weight = None
+    taken = set(skip)
+    picked: list[tuple[int, float]] = []
+    for pool in (inside, outside):
+        while pool and len(picked) < n:
+            anchors = {s for s in taken if lo <= s <= hi}
+            best = _best_in_gaps(pool, anchors, taken, gap, window, weight)
+            if best is None:
+                best = _best_in_gaps(pool, anchors, taken, 1, window, weight)
+            s = best if best is not None else min(pool)
+            picked.append((s, pool.pop(s)))
+            taken.add(s)
+    return picked
+
+
+def _best_in_gaps(pool: dict[int, float], anchors: set[int], taken: set[int], gap: int, window: float,
+                  weight: Mapping[int, float] | None = None) -> int | None:
+    """The pick of :func:`coverage_ranking` among ``pool`` split by ``anchors`` (None: none allowed)."""
+    order = sorted({*pool, *anchors})
+    m = [1.0 if weight is None else float(weight[s]) for s in order]
+    step = float(np.mean(m)) if m else 1.0
+    # each slice's place on a line where it takes its mass: slices i and ends -1, len(order)
+    cum = np.concatenate([[0.0], np.cumsum(m)])
+    x = {s: float(cum[i] + m[i] / 2) for i, s in enumerate(order)}
+    ends = (-step / 2, float(cum[-1]) + step / 2)
+    bounds = [ends[0], *sorted(x[a] for a in anchors), ends[1]]
+    best_key, best = None, None
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        ok = [s for s in order if a < x[s] < b and s in pool and all(abs(s - t) >= gap for t in taken)]
+        if not ok:
+            continue
+        mid = (a + b) / 2
+        half = window * (b - a) / 2
+        win = [s for s in ok if abs(x[s] - mid) <= half + 1e-9] or [min(ok, key=lambda s: (abs(x[s] - mid), s))]
+        s = max(win, key=lambda s: (pool[s], -abs(x[s] - mid), -s))
+        key = (round(b - a, 9), pool[s], -s)
+        if best_key is None or key > best_key:
+            best_key, best = key, s
+    return best
+
+
+def _items(values: Mapping[int, float] | Sequence[float] | np.ndarray) -> list[tuple[int, float]]:
+    if isinstance(values, Mapping):
+        return [(int(k), float(v)) for k, v in values.items()]
+    return [(i, float(v)) for i, v in enumerate(np.asarray(values, dtype=np.float64).ravel())]
+
+
+__all__ = ["COVERAGE_WINDOW", "DEFAULT_SCORE", "DEFAULT_STRATEGY", "EXTENT_SHARE", "FOREGROUND", "SCORES",
+           "STRATEGIES", "TTA_SHIFTS", "check_score", "check_strategy", "coverage_ranking", "disagreement_score",
+           "foreground_extent", "rank_slices", "slice_scores", "tta_scores"]
