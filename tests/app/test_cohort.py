@@ -14,6 +14,7 @@ from napari_medsam.app.cohort import CohortItem, CohortParams, expand_inputs, pl
 from napari_medsam.core.errors import Cancelled, MedSamError
 from napari_medsam.core.progress import drain
 from napari_medsam.io import read_image
+from tests._helpers import drain_steps
 from tests.io.dicom_data import mni_crop, write_series
 
 from .cohort_data import make_cohort, train_head
@@ -126,14 +127,7 @@ def test_in_process_run_retries_reports_and_resumes(mni, head, tmp_path, count_l
         return real(item, *a, **kw)
 
     monkeypatch.setattr(cohort, "predict_item", once_flaky)
-    progress = []
-    gen = run_cohort(items, params, summary=tmp_path / "out" / "summary.csv")
-    while True:
-        try:
-            progress.append(next(gen))
-        except StopIteration as stop:
-            result = stop.value
-            break
+    progress, result = drain_steps(run_cohort(items, params, summary=tmp_path / "out" / "summary.csv"))
     assert [p.step for p in progress] == [0, 1, 2, 3, 4] and progress[-1].total == 4
     assert len(count_loads) == 1  # one model for the whole run
     by_input = {r.input: r for r in result.results}
@@ -192,14 +186,8 @@ def test_twenty_volumes_on_a_two_worker_cluster(mni, head, tmp_path, count_loads
     items = plan(expand_inputs([tmp_path / "cohort"]), tmp_path / "out")
     params = CohortParams(head=str(head), cache_dir=str(tmp_path / "cache"))
     summary = tmp_path / "out" / "summary.csv"
-    progress = []
-    gen = run_cohort(items, params, workers=2, processes=False, memory_limit=None, summary=summary)
-    while True:
-        try:
-            progress.append(next(gen))
-        except StopIteration as stop:
-            result = stop.value
-            break
+    progress, result = drain_steps(run_cohort(items, params, workers=2, processes=False, memory_limit=None,
+                                              summary=summary))
     assert progress[-1].step == progress[-1].total == 20
     assert result.dashboard is None or result.dashboard.startswith("http")
     assert 1 <= len(count_loads) <= 2  # once per worker, not per volume

@@ -8,6 +8,7 @@ import pytest
 from napari_medsam.cli import main
 from napari_medsam.core.finetune import read_head_meta
 from napari_medsam.io import read_image, write_image, write_labels
+from tests._helpers import CLI_STRUCTURES, two_structures
 
 SHAPE = (6, 17, 21)
 
@@ -15,13 +16,7 @@ SHAPE = (6, 17, 21)
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads_cli")
-    rng = np.random.default_rng(0)
-    vol = rng.normal(300, 30, SHAPE).astype(np.float32)
-    lab = np.zeros(SHAPE, np.uint8)
-    lab[:, 2:9, 3:12] = 1
-    lab[:, 10:16, 8:19] = 2
-    vol[lab == 1] += 200
-    vol[lab == 2] -= 150
+    vol, lab = two_structures(SHAPE, **CLI_STRUCTURES)
     affine = np.array([[0, 0, 1.5, 10], [0, 0.8, 0, -4], [-1.2, 0, 0, 7], [0, 0, 0, 1]], float)
     ref = read_image(write_image(root / "ref.nii.gz", vol))
     img = write_image(root / "scan.nii.gz", vol, reference=ref.__class__.from_array(vol, affine=affine))

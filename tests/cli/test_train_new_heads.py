@@ -8,19 +8,14 @@ import pytest
 from napari_medsam.cli import main
 from napari_medsam.core.finetune import read_head_meta
 from napari_medsam.io import read_image, write_image, write_labels
+from tests._helpers import CLI_STRUCTURES, two_structures
 
 SHAPE = (5, 17, 21)
 
 
 @pytest.mark.parametrize("kind", ["hsam", "selfprompt"])
 def test_train_then_predict(tmp_path, kind, capsys):
-    rng = np.random.default_rng(0)
-    vol = rng.normal(300, 30, SHAPE).astype(np.float32)
-    lab = np.zeros(SHAPE, np.uint8)
-    lab[:, 2:9, 3:12] = 1
-    lab[:, 10:16, 8:19] = 2
-    vol[lab == 1] += 200
-    vol[lab == 2] -= 150
+    vol, lab = two_structures(SHAPE, **CLI_STRUCTURES)
     img = write_image(tmp_path / "scan.nii.gz", vol)
     labels = write_labels(tmp_path / "labels.nii.gz", lab)
     head = tmp_path / f"{kind}.head.pt"

@@ -30,6 +30,7 @@ from napari_medsam.core.loaded import LoadedModel
 from napari_medsam.core.progress import drain
 from napari_medsam.core.registry import get_spec
 from napari_medsam.core.segment import Prompt2D, box_of, segment_slice
+from tests._helpers import drain_steps
 
 MODELS = ("test_tiny_lite", "test_tiny_vit")
 PLAIN_CONFIGS = {"medsa": AdapterConfig(), "lora": AdapterConfig(kind="lora", rank=3),
@@ -148,13 +149,7 @@ def trained(mni_small):
     base = load_model("test_tiny_lite", device="cpu", precision="fp32")
     enc = VolumeEncoder(base, t1, axis=1)
     params = AdaptParams(steps=4, batch_size=2, lr=1e-2, decoder_lr=1e-3, threads=1, seed=3)
-    gen = train_adapters(enc, lab, [2, 6, 9], config=AdapterConfig(hyp=True), params=params)
-    progress = []
-    try:
-        while True:
-            progress.append(next(gen))
-    except StopIteration as stop:
-        result = stop.value
+    progress, result = drain_steps(train_adapters(enc, lab, [2, 6, 9], config=AdapterConfig(hyp=True), params=params))
     return {"base": base, "enc": enc, "result": result, "progress": progress, "params": params, "lab": lab}
 
 

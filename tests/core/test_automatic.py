@@ -25,6 +25,7 @@ from napari_medsam.core.encoder import VolumeEncoder
 from napari_medsam.core.errors import Cancelled, PromptError
 from napari_medsam.core.progress import drain
 from napari_medsam.core.registry import get_spec
+from tests._helpers import drain_steps
 
 amg = pytest.importorskip("segment_anything.utils.amg")
 
@@ -87,13 +88,7 @@ PERMISSIVE = AutoParams(points_per_side=8, points_per_batch=16, pred_iou_thresh=
 def test_segment_everything_on_a_real_slice(tiny_vit_mni):
     loaded, enc = tiny_vit_mni
     tf = enc.transform()
-    gen = segment_everything(loaded, enc.get(10), tf, params=PERMISSIVE)
-    steps = []
-    try:
-        while True:
-            steps.append(next(gen))
-    except StopIteration as stop:
-        masks = stop.value
+    steps, masks = drain_steps(segment_everything(loaded, enc.get(10), tf, params=PERMISSIVE))
     assert steps[-1].step == steps[-1].total == 64 // 16 + 1
     assert masks and all(m.mask.shape == tf.original and m.mask.any() for m in masks)
     assert [m.iou for m in masks] == sorted((m.iou for m in masks), reverse=True)

@@ -13,6 +13,7 @@ import zarr
 from napari_medsam import __version__
 from napari_medsam.core.embeddings import EmbeddingCache, EmbeddingKey, chunk_checksum, hash_volume
 from napari_medsam.core.errors import CacheMismatchError, MedSamError
+from napari_medsam.core.progress import drain
 
 EMB_SHAPE = (7, 8, 9)
 N_SLICES = 5
@@ -373,7 +374,7 @@ def test_corrupt_chunk_gives_the_uncached_masks_and_is_rewritten(tmp_path, tiny_
     uncached = segment_slice(VolumeEncoder(tiny_lite, vol), 1, [prompt])[0].mask
     root = tmp_path / "cache"
     enc = VolumeEncoder(tiny_lite, vol, cache=EmbeddingCache(root))
-    assert _drain(enc.embed())["computed"] == 3
+    assert drain(enc.embed())["computed"] == 3
     key = enc.key(1)
     chunk = _chunk_file(root, key)
     good = chunk.read_bytes()
@@ -382,7 +383,7 @@ def test_corrupt_chunk_gives_the_uncached_masks_and_is_rewritten(tmp_path, tiny_
     chunk.write_bytes(bytes(raw))
     again = VolumeEncoder(tiny_lite, vol, cache=EmbeddingCache(root))
     assert again.cached_indices() == {0, 1, 2}
-    assert _drain(again.embed())["computed"] == 1  # embed counts the corrupt chunk as a miss ...
+    assert drain(again.embed())["computed"] == 1  # embed counts the corrupt chunk as a miss ...
     assert chunk.read_bytes() == good  # ... and rewrites it
     chunk.write_bytes(bytes(raw))
     third = VolumeEncoder(tiny_lite, vol, cache=EmbeddingCache(root))
@@ -390,11 +391,3 @@ def test_corrupt_chunk_gives_the_uncached_masks_and_is_rewritten(tmp_path, tiny_
     np.testing.assert_array_equal(mask, uncached)
     assert third.cache.stats.hits_disk == 0
     assert chunk.read_bytes() == good
-
-
-def _drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value

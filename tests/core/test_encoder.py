@@ -9,6 +9,7 @@ from napari_medsam.core.encoder import VolumeEncoder
 from napari_medsam.core.errors import Cancelled, InvalidImageError
 from napari_medsam.core.preprocess import compute_intensity
 from napari_medsam.core.progress import drain
+from tests._helpers import drain_steps
 
 
 @pytest.fixture()
@@ -33,14 +34,7 @@ def counting(monkeypatch):
 def test_embed_then_hit_without_running_encoder(tiny_lite, volume, tmp_path, counting):
     cache = EmbeddingCache(tmp_path)
     enc = VolumeEncoder(tiny_lite, volume, axis=0, cache=cache, batch_size=3)
-    steps = []
-    gen = enc.embed()
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as stop:
-            summary = stop.value
-            break
+    steps, summary = drain_steps(enc.embed())
     assert summary["computed"] == 7 and summary["cached"] == 0
     assert sum(counting) == 7 and max(counting) == 3
     assert steps[-1].step == steps[-1].total == 7

@@ -25,20 +25,14 @@ from napari_medsam.core.finetune import (
 )
 from napari_medsam.core.infer import predict_slices
 from napari_medsam.core.progress import drain
+from tests._helpers import drain_steps, two_structures
 
 SHAPE = (7, 33, 35)  # odd sizes; slices along axis 0 are 33 x 35
 FAST = {"epochs": 3, "batch_size": 2, "patience": 0}
 
 
 def make_volume(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    vol = rng.normal(100, 10, SHAPE).astype(np.float32)
-    lab = np.zeros(SHAPE, np.uint8)
-    lab[:, 4:14, 5:20] = 2
-    lab[:, 18:30, 12:31] = 5
-    vol[lab == 2] += 90
-    vol[lab == 5] -= 60
-    return vol, lab
+    return two_structures(SHAPE, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +121,7 @@ def test_augmentation_keeps_embeddings_images_and_labels_aligned():
 
 
 def test_training_yields_progress_and_returns_a_head(trained, data, loaded):
-    gen = fine_tune(data, TrainParams(head="linear", **FAST), loaded=loaded)
-    progress = []
-    while True:
-        try:
-            progress.append(next(gen))
-        except StopIteration as stop:
-            head = stop.value
-            break
+    progress, head = drain_steps(fine_tune(data, TrainParams(head="linear", **FAST), loaded=loaded))
     assert [p.step for p in progress] == list(range(1, 4))
     assert all({"loss", "elapsed", "epoch"} <= set(p.info) for p in progress)
     meta = head.meta

@@ -9,6 +9,7 @@ from napari_medsam.core.build import load_model
 from napari_medsam.core.errors import MedSamError, UnknownModelError
 from napari_medsam.core.finetune import segmentation_loss
 from napari_medsam.core.heads import HEADS, build_head
+from tests.core.heads._contract import assert_head_gradients
 
 K = 4  # background + 3 classes: an odd head width
 CONFIGS = [("linear", {}), ("cnn", {"width": 16}), ("cnn", {"image_skip": True, "width": 24, "skip_width": 8}),
@@ -49,13 +50,7 @@ def test_every_head_parameter_gets_a_gradient_and_no_encoder_parameter(loaded, k
     side = loaded.spec.low_res_size
     target = torch.softmax(torch.randn(1, K, side, side), dim=1)
     segmentation_loss(head(emb, image), target).backward()
-    for name, p in head.named_parameters():
-        assert p.requires_grad, name
-        assert p.grad is not None, f"{kind}: {name} got no gradient"
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{kind}: {name} got a zero gradient"
-    for name, p in loaded.model.named_parameters():
-        assert not p.requires_grad and p.grad is None, f"encoder parameter {name} got a gradient"
+    assert_head_gradients(head, loaded, kind)
 
 
 def test_autosam_starts_from_the_backbone_decoder(loaded):

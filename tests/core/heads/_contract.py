@@ -16,6 +16,7 @@ from napari_medsam.core.finetune import TrainParams, collect_training_data, fine
 from napari_medsam.core.heads import build_head
 from napari_medsam.core.infer import predict_slices
 from napari_medsam.core.progress import drain
+from tests._helpers import drain_steps, two_structures
 
 K = 4  # background + 3 classes: an odd head width
 SHAPE = (6, 33, 35)  # odd in-plane sizes; slices along axis 0
@@ -23,14 +24,7 @@ SHAPE = (6, 33, 35)  # odd in-plane sizes; slices along axis 0
 
 def volume(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic volume with two structures of distinct intensity (label values 2 and 5)."""
-    rng = np.random.default_rng(seed)
-    vol = rng.normal(100, 10, SHAPE).astype(np.float32)
-    lab = np.zeros(SHAPE, np.uint8)
-    lab[:, 4:14, 5:20] = 2
-    lab[:, 18:30, 12:31] = 5
-    vol[lab == 2] += 90
-    vol[lab == 5] -= 60
-    return vol, lab
+    return two_structures(SHAPE, seed=seed)
 
 
 def training_data(loaded):
@@ -64,27 +58,27 @@ def check_gradients(loaded, kind: str, config: dict) -> None:
                                   for i, (r, c) in enumerate(origin.tolist())])
         out = head.training_forward(emb, image if origin is None else None, origin=origin)
         head.loss(out, target, 0.5).backward()
-        for name, p in head.named_parameters():
-            assert p.requires_grad, name
-            assert p.grad is not None, f"{kind} {config}: {name} got no gradient"
-            assert torch.isfinite(p.grad).all(), name
-            assert p.grad.abs().sum() > 0, f"{kind} {config}: {name} got a zero gradient"
-        for name, p in loaded.model.named_parameters():
-            assert not p.requires_grad and p.grad is None, f"encoder parameter {name} got a gradient"
+        assert_head_gradients(head, loaded, f"{kind} {config}")
+
+
+def assert_head_gradients(head, loaded, what: str) -> None:
+    """After a backward pass: every parameter of ``head`` has a finite non-zero gradient, and no
+    parameter of the frozen ``loaded`` model has one."""
+    for name, p in head.named_parameters():
+        assert p.requires_grad, name
+        assert p.grad is not None, f"{what}: {name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{what}: {name} got a zero gradient"
+    for name, p in loaded.model.named_parameters():
+        assert not p.requires_grad and p.grad is None, f"encoder parameter {name} got a gradient"
 
 
 def check_training_lowers_the_loss(loaded, data, kind: str, config: dict) -> None:
     # whole slices, no shifts: the tiny random backbone's windows are too small to learn from in 40 steps
     params = TrainParams(head=kind, head_config=config, epochs=40, batch_size=2, patience=0, seed=0, lr=3e-3,
                          crop=0, augment=False)
-    gen = fine_tune(data, params, loaded=loaded)
-    losses = []
-    while True:
-        try:
-            losses.append(next(gen).info["loss"])
-        except StopIteration as stop:
-            head = stop.value
-            break
+    steps, head = drain_steps(fine_tune(data, params, loaded=loaded))
+    losses = [p.info["loss"] for p in steps]
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), (losses[:5], losses[-5:])
     return head
