@@ -53,3 +53,33 @@ def test_segment_refuses_an_adapter_for_another_model(files, tmp_path, capsys):
                "--box", "3,10,10,60,60", "--no-disk-cache", "-o", str(tmp_path / "s.nii.gz")])
     assert rc != 0
     assert "test_tiny_lite" in capsys.readouterr().err
+
+
+def test_a_head_on_adapted_embeddings_predicts_only_with_its_adapter(files, tmp_path, capsys):
+    from napari_medsam.core.finetune import read_head_meta
+
+    adapter = tmp_path / "a.pt"
+    common = ["--model", "test_tiny_lite", "--axis", "1", "--threads", "1", "--no-disk-cache"]
+    assert main(["train", str(files["img"]), str(files["labels"]), "--adapter", "medsa", "--slices", "2,5",
+                 "--steps", "2", *common, "-o", str(adapter)]) == 0
+    head = tmp_path / "h.head"
+    plain = tmp_path / "plain.head"
+    for out, extra in ((head, ["--with-adapter", str(adapter)]), (plain, [])):
+        assert main(["train", str(files["img"]), str(files["labels"]), "--head", "linear", "--slices", "2,5",
+                     "--epochs", "1", *extra, *common, "-o", str(out)]) == 0
+    capsys.readouterr()
+    digest = read_adapter_meta(adapter).digest
+    assert read_head_meta(head).adapter == digest and read_head_meta(plain).adapter == ""
+
+    pred = ["predict", str(files["img"]), "--no-disk-cache"]
+    rc = main([*pred, "--head", str(head), "-o", str(tmp_path / "missing.nii.gz")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--adapter FILE" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "missing.nii.gz").exists()
+    rc = main([*pred, "--head", str(plain), "--adapter", str(adapter), "-o", str(tmp_path / "extra.nii.gz")])
+    assert rc != 0 and "drop --adapter" in capsys.readouterr().err
+
+    out = tmp_path / "pred.nii.gz"
+    rc = main([*pred, "--head", str(head), "--adapter", str(adapter), "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert read_image(out).shape == files["lab"].shape

@@ -82,10 +82,11 @@ class CohortParams:
     probabilities: str | None = None  # folder for per-class probability maps, or None
     dicom_seg: bool = False  # also write <output stem>.seg.dcm for DICOM inputs
     torch_threads: int = 0  # per worker; 0 leaves torch's setting
+    adapter: str | None = None  # an adapter file (core.adapt) applied to the encoder before the head
 
     def model_key(self) -> tuple:
         return (os.path.abspath(self.head), self.weights, self.device, self.precision, self.cache_dir,
-                self.disk_cache)
+                self.disk_cache, self.adapter and os.path.abspath(self.adapter))
 
 
 @dataclass(frozen=True)
@@ -373,6 +374,10 @@ class _Models:
                 meta = read_head_meta(params.head)
                 loaded = load_model(meta.backbone, weights=params.weights, device=params.device,
                                     precision=params.precision, cache_dir=params.cache_dir)
+                if params.adapter:
+                    from napari_medsam.core.adapt import load_adapter
+
+                    loaded = load_adapter(params.adapter, loaded).loaded
                 head = load_head(params.head, loaded=loaded)
                 root = None if params.cache_dir is None else Path(params.cache_dir) / "embeddings"
                 cache = EmbeddingCache(root, disk=params.disk_cache)

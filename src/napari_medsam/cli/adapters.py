@@ -26,6 +26,9 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
                         "file to -o: medsa (bottleneck adapters) or lora (low-rank q/v updates)")
     g.add_argument("--sd-trans", action="store_true",
                    help="adapters: SD-Trans depth attention over the neighbouring slices (one on each side)")
+    t.add_argument("--with-adapter", default=None, metavar="FILE",
+                   help="train the head on the embeddings of the encoder adapted by FILE (written by "
+                        "`train --adapter ...`); predict with it then needs --adapter FILE too")
     g.add_argument("--hyp", action="store_true", help="adapters: HyP-Adpt, a prompt-conditioned adapter in the decoder")
     g.add_argument("--rank", type=positive_int, default=4, help="LoRA rank (default 4)")
     g.add_argument("--steps", type=positive_int, default=None, help="adapters: training steps (default 80)")
@@ -39,9 +42,10 @@ def add_file_arg(p: argparse.ArgumentParser) -> None:
                    help="an adapter file written by `napari-medsam train --adapter ...` (for the same --model)")
 
 
-def apply_from_args(args: argparse.Namespace, loaded: Any) -> Any:
-    """``loaded`` with the adapter of ``--adapter FILE`` applied (``loaded`` itself without one)."""
-    path = getattr(args, "adapter", None)
+def apply_from_args(args: argparse.Namespace, loaded: Any, attr: str = "adapter") -> Any:
+    """``loaded`` with the adapter of ``--adapter FILE`` (the option stored as ``attr``) applied;
+    ``loaded`` itself without one."""
+    path = getattr(args, attr, None)
     if not path:
         return loaded
     from ..core.adapt import describe_adapter, load_adapter

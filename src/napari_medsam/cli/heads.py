@@ -115,6 +115,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.head is None and args.init is None:
         raise MedSamError("give the head family with --head (e.g. --head cnn), or a head file to continue with --init")
     loaded = load_from_args(args)
+    from .adapters import apply_from_args
+
+    loaded = apply_from_args(args, loaded, attr="with_adapter")  # a head on adapted embeddings
     init = None
     if args.init is not None:
         from ..core.finetune import load_head

@@ -64,6 +64,9 @@ def register(sub: Any) -> None:
                         "OUT/predict_summary.csv when OUT is a folder")
     g.add_argument("--no-resume", action="store_true",
                    help="predict every volume again, even those whose output and sidecar are up to date")
+    from .adapters import add_file_arg
+
+    add_file_arg(p)  # --adapter FILE: for a head trained with `train --with-adapter FILE`
     add_overwrite_arg(p)
     p.set_defaults(func=run_predict)
 
@@ -96,12 +99,19 @@ def run_predict(args: argparse.Namespace) -> int:
     fmt = "auto" if args.format == "auto" else f".{args.format}"
     items = plan(inputs, out, fmt=fmt, single_file=single)
     meta = read_head_meta(args.head)
+    from ..core.adapt import read_adapter_meta
+    from ..core.finetune import check_head_adapter
+
+    check_head_adapter(meta, read_adapter_meta(args.adapter).digest if args.adapter else "")  # before any work
     params = CohortParams(head=args.head, weights=args.weights, device=args.device, precision=args.precision,
                           cache_dir=args.cache_dir, disk_cache=not args.no_disk_cache, batch_size=args.batch_size,
-                          probabilities=args.probabilities, dicom_seg=args.dicom_seg, torch_threads=args.threads)
+                          probabilities=args.probabilities, dicom_seg=args.dicom_seg, torch_threads=args.threads,
+                          adapter=args.adapter)
     head_sha = file_sha256(args.head)
+    if args.adapter:  # an output is up to date only for the same head and the same adapter
+        head_sha += "+adapter:" + file_sha256(args.adapter)
     todo = [it for it in items if args.no_resume or previous_outcome(it, head_sha) is None]
-    sources = [*(i.split("::")[0] for i in inputs), args.head, args.weights]
+    sources = [*(i.split("::")[0] for i in inputs), args.head, args.weights, args.adapter]
     check_outputs(args, [Path(it.output) for it in todo], sources)
     if args.probabilities is not None:
         probs = []

@@ -152,6 +152,7 @@ class HeadMeta(JsonMeta):
     input_size: int
     training_slices: tuple[int, ...]
     training_image: str = ""
+    adapter: str = ""  # the encoder adapters' digest the embeddings came from ("" = the plain encoder)
     train_params: dict[str, Any] = field(default_factory=dict)
     history: dict[str, Any] = field(default_factory=dict)
     version: str = __version__
@@ -651,7 +652,7 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
         axis=data.axis, embedding_shape=tuple(int(v) for v in loaded.spec.embedding_shape),
         input_size=int(loaded.spec.input_size),
         training_slices=tuple(sorted(set(prev_slices) | set(data.slices))), training_image=data.content_hash,
-        train_params=params.to_dict(), history=history,
+        adapter=loaded.adapter_digest, train_params=params.to_dict(), history=history,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     return TrainedHead(module=head, meta=meta)
@@ -668,6 +669,19 @@ def _check_head_backbone(meta: HeadMeta, loaded: Any) -> None:
             f"{loaded.name!r} (weights sha256 {loaded.weights_hash[:12]}...): load {meta.backbone!r} "
             f"with the same weights to use it (CLI: --model {meta.backbone})"
         )
+    check_head_adapter(meta, getattr(loaded, "adapter_digest", ""))
+
+
+def check_head_adapter(meta: HeadMeta, have: str) -> None:
+    """Refuse a head on embeddings of other encoder adapters than its own (``have``: their digest, "" = none)."""
+    if meta.adapter != have:
+        if not meta.adapter:
+            what = "remove the adapter (CLI: drop --adapter)"
+        else:
+            what = f"apply the adapter file it was trained with (CLI: --adapter FILE; digest {meta.adapter[:12]}...)"
+        raise HeadMismatchError(
+            f"this head was trained on embeddings of the {'adapted' if meta.adapter else 'plain'} encoder, but "
+            f"the loaded model is {'adapted (' + have[:12] + '...)' if have else 'plain'}: {what}")
 
 
 def save_head(path: str | os.PathLike, head: TrainedHead) -> Path:

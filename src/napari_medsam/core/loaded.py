@@ -31,6 +31,14 @@ class LoadedModel:
         return self.spec.name
 
     @property
+    def adapter_digest(self) -> str:
+        """SHA-256 of the encoder adapters in this model (:mod:`~napari_medsam.core.adapt`); "" when plain.
+
+        Adapted embeddings differ from plain ones far more than precision does, so a head records it
+        and is refused on a model without the same adapters."""
+        return str(getattr(self.model, "adapter_digest", "") or "")
+
+    @property
     def compute_id(self) -> str:
         """Weights hash plus numeric precision and variant: everything in the network that changes an embedding."""
         dt = "fp32" if self.dtype is None else str(self.dtype).replace("torch.", "")
