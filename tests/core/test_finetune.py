@@ -36,11 +36,6 @@ def make_volume(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_model("test_tiny_lite", device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
 def volume():
     return make_volume()
 

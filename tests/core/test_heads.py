@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_medsam.core.build import load_model
 from napari_medsam.core.errors import MedSamError, UnknownModelError
 from napari_medsam.core.finetune import segmentation_loss
 from napari_medsam.core.heads import HEADS, build_head
@@ -15,11 +14,6 @@ K = 4  # background + 3 classes: an odd head width
 CONFIGS = [("linear", {}), ("cnn", {"width": 16}), ("cnn", {"image_skip": True, "width": 24, "skip_width": 8}),
            ("autosam", {})]
 IDS = ["linear", "cnn", "cnn+img", "autosam"]
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model("test_tiny_lite", device="cpu", precision="fp32")
 
 
 def _inputs(loaded, batch: int = 3):

@@ -21,11 +21,6 @@ DICE_MNI_MIN = 0.85
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_model("test_tiny_lite", device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
 def volume():
     rng = np.random.default_rng(1)
     vol = rng.normal(100, 10, SHAPE).astype(np.float32)

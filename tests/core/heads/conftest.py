@@ -8,11 +8,6 @@ from ._contract import training_data
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_model("test_tiny_lite", device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
 def other():
     return load_model("test_tiny_vit", device="cpu", precision="fp32")
 
