@@ -50,9 +50,9 @@ def test_manifest_validates_and_names_commands():
     pm = PluginManifest.from_file(ROOT / "napari.yaml")
     assert pm.name == "napari-medsam"
     ids = {c.id for c in pm.contributions.commands}
-    for widget in ("model_widget", "annotation_widget", "finetune_widget"):
+    for widget in ("model_widget", "annotation_widget", "finetune_widget", "review_widget"):
         assert f"napari-medsam.make_{widget}" in ids
-    assert {w.display_name for w in pm.contributions.widgets} == {"Model", "Annotate", "Fine-tune"}
+    assert {w.display_name for w in pm.contributions.widgets} == {"Model", "Annotate", "Fine-tune", "Review"}
     assert {s.key for s in pm.contributions.sample_data} == {"mni152", "synthetic"}
     pm.validate_imports()  # every python_name resolves
 
