@@ -11,44 +11,14 @@ train a small head on a few of the propagated slices and start segmenting the vo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "images"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from screenshots_common import open_mni, pump, shot, wait  # noqa: E402
+
 AXIAL = 2  # NIfTI (i, j, k): axial slices are along k
-
-
-def pump(seconds: float) -> None:
-    from qtpy.QtWidgets import QApplication
-
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        QApplication.processEvents()
-        time.sleep(0.005)
-
-
-def wait(job, timeout: float = 1800) -> None:
-    from napari_medsam._qt import _workers
-
-    _workers.wait(job, int(timeout * 1000))
-    pump(0.3)
-
-
-def shot(viewer, name: str) -> Path:
-    """The whole window (canvas, layer list and docked widgets) as a PNG."""
-    from PIL import Image
-
-    pump(0.5)
-    img = viewer.screenshot(canvas_only=False, flash=False)
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / name
-    Image.fromarray(img).save(path, optimize=True)
-    print(f"wrote {path} {img.shape[1]}x{img.shape[0]}", flush=True)
-    return path
 
 
 def ventricle_box(t1, k: int) -> tuple[int, int, int, int]:
@@ -78,23 +48,16 @@ def main() -> int:
     p.add_argument("--model", default="litemedsam")
     p.add_argument("--skip-finetune", action="store_true")
     args = p.parse_args()
-    os.environ.setdefault("NAPARI_MEDSAM_CACHE", tempfile.mkdtemp(prefix="medsam-shots-"))
-    import napari
     import numpy as np
 
-    viewer = napari.Viewer(title="napari-medsam")
-    viewer.window.resize(1500, 1000)
-    viewer.open_sample("napari-medsam", "mni152")
-    image = viewer.layers[0]
+    viewer, image, model_w = open_mni(args.model)
     t1 = np.asarray(image.data)
     k = 93  # axial slice through the bodies of the lateral ventricles
     viewer.dims.order = (AXIAL, 1, 0)  # rows: posterior -> anterior (j), columns: left -> right (i)
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     camera.orientation2d = ("up", "right")  # anterior at the top
     viewer.dims.set_point(AXIAL, image.data_to_world([0, 0, k])[AXIAL])
-    _, model_w = viewer.window.add_plugin_dock_widget("napari-medsam", "Model")
     _, annot = viewer.window.add_plugin_dock_widget("napari-medsam", "Annotate")
-    model_w.select_model(args.model)
     viewer.reset_view()
     shot(viewer, "01-open-mni.png")
 

@@ -65,6 +65,7 @@ def test_three_rounds_from_the_dock(setup, qtbot):
         assert all(not w.proposals_layer.data[s].any() for s in loop.reviewed())
         dices.append(unreviewed_dice(loop, truth))
         assert f"{rnd + 1:>5}" in w.metrics_label.text()
+        assert len(w.round_plot.rounds) == rnd + 1 and len(w.round_plot.points("cv_dice")) == rnd + 1
         assert w.suggest_list.count() > 0
         # the user goes to the next suggestion and corrects it; accepts another proposal as it is
         s = w.next_suggested()

@@ -14,6 +14,7 @@ import numpy as np
 from napari.layers import Labels
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy import QtWidgets as qw
+from qtpy.QtCore import Qt
 from qtpy.QtGui import QFont
 
 from .. import _layers
@@ -22,10 +23,11 @@ from ..app.params import head_kinds
 from ..app.session import AnnotationSession
 from ..core.finetune import TrainParams
 from ..core.progress import Progress
-from ..core.uncertainty import DEFAULT_STRATEGY, STRATEGIES
+from ..core.uncertainty import DEFAULT_SCORE, DEFAULT_STRATEGY, STRATEGIES
 from . import _workers
 from ._dock import DockWidget
 from ._layer_combo import LayerCombo
+from ._round_plot import RoundPlot
 from ._shared import encoder_request, is_image
 from .session import session_for
 
@@ -68,6 +70,7 @@ class ReviewWidget(DockWidget):
         for label in (self.reviewed_label, self.status):
             label.setWordWrap(True)
         self.metrics_label.setFont(QFont("monospace", 8))
+        self.round_plot = RoundPlot()
         self.suggest_list = qw.QListWidget(maximumHeight=110)
         self.next_button = _button("Next suggested (Shift-N)", self.next_suggested)
         self.mark_button = _button("Mark reviewed (Shift-R)", self.mark_current)
@@ -88,13 +91,12 @@ class ReviewWidget(DockWidget):
         for row in ((self.start_button, self.resume_button), (self.reviewed_label,), (self.suggest_list,),
                     (self.next_button,), (self.mark_button, self.accept_button),
                     (self.range_from, self.range_to, self.range_button), (self.round_button, self.cancel_button),
-                    (self.progress_bar,), (self.status,), (self.metrics_label,)):
+                    (self.progress_bar,), (self.status,), (self.metrics_label,), (self.round_plot,)):
             h = qw.QHBoxLayout()
             for w in row:
                 h.addWidget(w)
-            layout.addLayout(h)
-        layout.addStretch(1)
-        self.suggest_list.itemDoubleClicked.connect(lambda item: self.go_to(int(item.text().split()[0])))
+            layout.addLayout(h, 1 if row[0] is self.round_plot else 0)  # the curve takes the room left
+        self.suggest_list.itemDoubleClicked.connect(lambda item: self.go_to(int(item.data(Qt.ItemDataRole.UserRole))))
         self.image_combo.layer_changed.connect(lambda _ly: self.labels_combo.refresh())
         self.strategy_combo.currentTextChanged.connect(self._update)
         self.session.labels_changed.connect(self._on_session_labels)
@@ -118,9 +120,13 @@ class ReviewWidget(DockWidget):
         self.reviewed_label.setText(f"Reviewed along axis {self.loop.axis}: {len(rev)} slice(s)"
                                     + (f": {', '.join(map(str, rev[:40]))}{' …' if len(rev) > 40 else ''}" if rev else ""))
         self.suggest_list.clear()
-        for s, v in self.loop.suggest(8, strategy=self.strategy_combo.currentText()):
-            self.suggest_list.addItem(f"{s}  ({v:.4f})")
+        strategy = self.strategy_combo.currentText()
+        for s, v in self.loop.suggest(8, strategy=strategy):
+            item = qw.QListWidgetItem(f"slice {s}    {DEFAULT_SCORE if strategy == 'coverage' else strategy} {v:.3f}")
+            item.setData(Qt.ItemDataRole.UserRole, s)
+            self.suggest_list.addItem(item)
         self.metrics_label.setText(self.loop.metrics_table())
+        self.round_plot.set_rounds([r.metrics for r in self.loop.rounds])
 
     def current(self) -> int:
         view = _layers.current_slice(self.viewer.dims, self.labels_layer) if self.labels_layer is not None else None
