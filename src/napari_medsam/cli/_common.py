@@ -16,15 +16,21 @@ def add_model_args(p: argparse.ArgumentParser, *, default_model: str = "litemeds
     p.add_argument("--model", default=default_model, help=f"registered model name (default {default_model}); "
                    "see `napari-medsam models`")
     p.add_argument("--weights", default=None, help="a checkpoint file to use instead of the registered weights")
+    add_runtime_args(p)
+    p.add_argument("--trust-weights", action="store_true",
+                   help="vouch for a weights file in the weights folder that has no published checksum "
+                        "(MedSAM, MobileSAM): its SHA-256 is recorded and checked from then on")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Where and how a model runs and where its embeddings go: ``--device``, ``--precision``,
+    ``--cache-dir``, ``--no-disk-cache`` (also for commands whose model a head file names)."""
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps or cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast precision (auto: bf16/fp16 on GPUs and bf16-capable CPUs, else fp32)")
     p.add_argument("--cache-dir", default=None,
                    help="cache folder for embeddings and weights (default: the user cache directory)")
     p.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
-    p.add_argument("--trust-weights", action="store_true",
-                   help="vouch for a weights file in the weights folder that has no published checksum "
-                        "(MedSAM, MobileSAM): its SHA-256 is recorded and checked from then on")
 
 
 def _number(text: str, kind: type, *, low: float, low_ok: bool) -> Any:

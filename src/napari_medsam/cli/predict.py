@@ -16,7 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import add_overwrite_arg, check_outputs, nonneg_int, positive_int, run_with_progress
+from ._common import (
+    add_overwrite_arg,
+    add_runtime_args,
+    check_outputs,
+    nonneg_int,
+    positive_int,
+    run_with_progress,
+)
 
 
 def register(sub: Any) -> None:
@@ -41,13 +48,8 @@ def register(sub: Any) -> None:
     p.add_argument("--probabilities", default=None, metavar="PATH",
                    help="also write per-class probabilities (float32) into the folder PATH, one file per "
                         "input and class: <input name>_prob_<class name><ext>")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps or cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="encoder autocast precision")
     p.add_argument("--weights", default=None, help="the backbone's checkpoint when the head was trained on a local one")
-    p.add_argument("--cache-dir", default=None,
-                   help="cache folder for embeddings and weights (default: the user cache directory)")
-    p.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
+    add_runtime_args(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="slices per batch (default 8)")
     g = p.add_argument_group("cohorts")
     g.add_argument("--workers", type=positive_int, default=None, metavar="N",
