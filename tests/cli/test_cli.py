@@ -88,3 +88,21 @@ def test_real_segment_on_mni_slice(tmp_path, mni):
     assert main(["segment", str(MNI_T1), "--axis", "1", "--box", box, "-o", str(out), "--device", "cpu"]) == 0
     pred = np.asarray(nib.load(out).dataobj)[:, 93, :] > 0
     assert dice(pred, gt) > 0.7  # measured 0.82
+
+
+def test_train_options_are_the_training_dataclass():
+    """`train`'s options, defaults and help come from TrainParams, the dataclass the Fine-tune dock reads too."""
+    from napari_medsam.app.params import dataclass_kwargs
+    from napari_medsam.cli import build_parser
+    from napari_medsam.core.finetune import TrainParams
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "img.nii.gz", "lab.nii.gz", "--head", "cnn", "-o", "x.head"])
+    assert dataclass_kwargs(TrainParams, args) == {"head": "cnn"}  # every other default is the dataclass's
+    args = parser.parse_args(["train", "i", "l", "-o", "x", "--max-steps", "40", "--no-augment", "--seed", "3"])
+    assert dataclass_kwargs(TrainParams, args) == {"max_steps": 40, "augment": False, "seed": 3}
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["train"]
+    helps = {o: a.help for a in sub._actions for o in a.option_strings}
+    d = TrainParams()
+    for option, value in (("--batch-size", d.batch_size), ("--max-steps", d.max_steps), ("--patience", d.patience)):
+        assert helps[option].endswith(f"(default: {value})"), option

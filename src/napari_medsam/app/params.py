@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,13 +137,17 @@ def _plain_type(tp: Any) -> tuple[type | None, bool]:
     return (base if base in (int, float, bool, str) else None), optional
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str], *,
-                            prefix: str = "") -> None:
+def add_dataclass_arguments(parser: Any, cls: type, helps: dict[str, str], *,
+                            prefix: str = "", types: dict[str, Callable[[str], Any]] | None = None,
+                            defaults: dict[str, str] | None = None) -> None:
     """One ``--option`` per field of ``cls`` named in ``helps`` (``batch_size`` -> ``--batch-size``).
 
     The default shown and used is the dataclass's: the option's value stays None unless given, and
     :func:`dataclass_kwargs` leaves such fields to the dataclass. A bool field that defaults to True
-    becomes ``--no-<name>``; one that defaults to False ``--<name>``.
+    becomes ``--no-<name>``; one that defaults to False ``--<name>``. ``types`` gives a field a
+    validating parser (e.g. a positive int) instead of its plain type; ``defaults`` the words that
+    describe a None default (``{default}`` in them is filled from other fields: ``{max_steps}``).
+    ``parser`` may be an argument group.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -158,8 +163,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: d
             parser.add_argument(name, dest=f.name, action="store_const", const=not default, default=None,
                                 help=helps[f.name])
             continue
-        shown = "automatic" if default is None else f"{default}"
-        parser.add_argument(f"--{flag}", dest=f.name, type=base, default=None,
+        if default is None:
+            values = {g.name: g.default for g in dataclasses.fields(cls)}
+            shown = (defaults or {}).get(f.name, "automatic").format(**values)
+        else:
+            shown = f"{default}"
+        parser.add_argument(f"--{flag}", dest=f.name, type=(types or {}).get(f.name, base), default=None,
                             help=f"{helps[f.name]} (default: {shown})")
 
 

@@ -70,12 +70,11 @@ def run_train(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     encoder = encoder_from_args(args, loaded, image)
     config = AdapterConfig(kind=args.adapter, rank=args.rank, sd_trans=args.sd_trans, hyp=args.hyp)
-    kw: dict[str, Any] = {"seed": args.seed}
-    for ours, theirs in (("steps", "steps"), ("lr", "lr"), ("decoder_lr", "decoder_lr"), ("batch_size", "batch_size"),
-                         ("threads", "threads")):
-        value = getattr(args, theirs, None)
+    kw: dict[str, Any] = {}
+    for name in ("seed", "steps", "lr", "decoder_lr", "batch_size", "threads"):  # the shared train options
+        value = getattr(args, name, None)
         if value is not None:
-            kw[ours] = value
+            kw[name] = value
     params = AdaptParams(**kw)
     slices = parse_int_list(args.slices)
     n = len(slices) if slices else None

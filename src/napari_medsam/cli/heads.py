@@ -43,19 +43,26 @@ def register(sub: Any) -> None:
     t.add_argument("-o", "--output", required=True, metavar="HEAD", help="head file to write (e.g. brain.head.pt)")
     t.add_argument("--slices", type=slices_arg, default=None,
                    help="training slices along --axis, e.g. 3,17,40 or 10-20 (default: every slice with a label)")
-    t.add_argument("--epochs", type=positive_int, default=None,
-                   help="most passes over the labelled slices (default: as many as fit in 150 steps)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    t.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the head's own)")
-    t.add_argument("--batch-size", type=positive_int, default=None, help="slices per step (default 4)")
-    t.add_argument("--patience", type=nonneg_int, default=None,
-                   help="stop after this many epochs without improvement (default 15; 0: never)")
-    t.add_argument("--no-augment", action="store_true", help="no random flips and shifts")
+    from ..app.params import add_dataclass_arguments
+    from ..core.finetune import TrainParams
+
+    # the options, their defaults and the Fine-tune dock's controls all come from TrainParams
+    add_dataclass_arguments(t, TrainParams, {
+        "epochs": "most passes over the labelled slices",
+        "max_steps": "most optimiser steps",
+        "seed": "random seed",
+        "lr": "learning rate",
+        "batch_size": "slices per step",
+        "patience": "stop after this many epochs without improvement (0: never)",
+        "augment": "no random flips and shifts",
+        "threads": "torch threads for training (0: torch's default)",
+    }, types={"epochs": positive_int, "max_steps": positive_int, "lr": positive_float, "batch_size": positive_int,
+              "patience": nonneg_int, "threads": nonneg_int},
+       defaults={"epochs": "as many as fit in --max-steps", "lr": "the head's own",
+                 "threads": "all cores but one"})
     t.add_argument("--no-image-skip", action="store_true",
                    help="cnn head: no skip connections from the image (embeddings only)")
     t.add_argument("--class-names", default=None, help="comma-separated names of classes 1..K, e.g. GM,WM")
-    t.add_argument("--threads", type=nonneg_int, default=None,
-                   help="torch threads for training (default: all cores but one; 0: torch's default)")
     add_overwrite_arg(t)
     add_model_args(t)
     add_image_args(t)
@@ -103,6 +110,7 @@ def run_train(args: argparse.Namespace) -> int:
         from .adapters import run_train as run_adapter_train
 
         return run_adapter_train(args)
+    from ..app.params import dataclass_kwargs
     from ..app.training import train_head_steps
     from ..core.errors import MedSamError
     from ..core.finetune import TrainParams, save_head
@@ -130,14 +138,8 @@ def run_train(args: argparse.Namespace) -> int:
         encoder = encoder_from_args(args, loaded, image)
     slices = parse_int_list(args.slices)
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
-    kw: dict[str, Any] = {}
-    for name in ("epochs", "lr", "batch_size", "patience", "threads"):
-        value = getattr(args, name)
-        if value is not None:
-            kw[name] = value
     config = {"image_skip": False} if args.no_image_skip and args.head == "cnn" else {}
-    params = TrainParams(head=args.head or init.kind, head_config=config, seed=args.seed,
-                         augment=not args.no_augment, **kw)
+    params = TrainParams(**{**dataclass_kwargs(TrainParams, args), "head": args.head or init.kind, "head_config": config})
     # the one training pipeline the Fine-tune widget runs too (app.training)
     head = run_with_progress(train_head_steps(encoder, labels, slices, params, class_names=names, init=init),
                              "training", unit="step")
