@@ -446,3 +446,16 @@ def is_ours(layer: Any) -> bool:
     md = getattr(layer, "metadata", None)
     return isinstance(md, dict) and isinstance(md.get(META_KEY), dict) and \
         md[META_KEY].get("created_by") == "napari-medsam"
+
+
+def painted_slices(event: Any, axis: int, n_slices: int) -> set[int]:
+    """The slices along ``axis`` that a Labels layer's ``paint`` event (brush, fill, erase) changed,
+    from its undo atoms (napari's masked atoms carry a bounding box of slices, older ones the indices)."""
+    slices: set[int] = set()
+    for atom in getattr(event, "value", None) or ():
+        key = getattr(atom, "slice_key", None)
+        if key is not None and isinstance(key[axis], slice):
+            slices.update(range(*key[axis].indices(n_slices)))
+        elif isinstance(atom, tuple) and len(atom[0]) == 3:  # (indices, old values, new values)
+            slices.update(int(v) for v in np.unique(np.asarray(atom[0][axis])))
+    return slices

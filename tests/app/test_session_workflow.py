@@ -73,6 +73,7 @@ def run_workflow(out_dir: str | os.PathLike, loaded: object = None) -> dict:
     session.class_names = {1: "brain"}
     changed: list[tuple[int, tuple]] = []
     session.labels_changed.connect(lambda axis, slices: changed.append((axis, slices)))
+    session.proposals_changed.connect(lambda axis, slices: changed.append((axis, slices)))
 
     res = session.preview(SLICE, Prompt2D.from_box(box))
     session.commit(SLICE, res, 1)
@@ -126,7 +127,7 @@ def test_the_whole_workflow_runs_on_the_session_without_qt(tmp_path):
     assert fig["seed_dice"] > 0.55, fig
     assert len(fig["labelled"]) >= 15 and SLICE in fig["labelled"], fig
     assert fig["propagated_dice"] > 0.6, fig
-    # commit, then propagation: two labels_changed events along the coronal axis
+    # commit (labels_changed), then propagation (proposals_changed): two events along the coronal axis
     assert fig["events"][0] == [AXIS, [SLICE]] and fig["events"][1][0] == AXIS and len(fig["events"]) == 2
     # a head trained on half the labelled slices segments the slices it never saw
     assert fig["train_slices"] == fig["labelled"][::2]

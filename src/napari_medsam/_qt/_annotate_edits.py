@@ -1,6 +1,9 @@
 """The Annotate dock's edits: commit, propagate, clear, undo. What is written and remembered is
-the session's (:meth:`~napari_medsam.app.session.AnnotationSession.write_masks`, its edit log);
-this module snapshots the layers, runs the job and reports."""
+the session's (:meth:`~napari_medsam.app.session.AnnotationSession.write_masks` and
+:meth:`~napari_medsam.app.session.AnnotationSession.write_propagation`, its edit log); this module
+snapshots the layers, runs the job and reports. Propagated slices are proposals until reviewed: a
+brush stroke, fill or erase on a slice of the labels layer reviews it (the session is told), and a
+new propagation of the class replaces its earlier unreviewed proposals."""
 
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ class EditsMixin:
         cls = self.current_class
         pts, shp = self.prompt_layers(create=False)
         prompts = _layers.layer_prompts(pts, shp, image, view)
-        seeds, committed = self.session.seeds(cls.label_id, view, target=labels, prompts=prompts)
+        seeds, _kept = self.session.seeds(cls.label_id, view, target=labels, prompts=prompts)
         if not seeds:
             self._hint("Nothing to propagate: draw a box on a slice (and commit it) first.")
             return
@@ -71,8 +74,8 @@ class EditsMixin:
         labels_ref = weakref.ref(labels) if labels is not None else None
         image_ref = weakref.ref(image)
 
-        def returned(masks: dict) -> None:
-            self._on_propagated(image_ref, labels_ref, view, cls, masks, committed)
+        def returned(masks: Any) -> None:
+            self._on_propagated(image_ref, labels_ref, view, cls, masks, set(seeds))
 
         self.propagate_job = self.session.hold_cpu(_workers.start(  # prefetching waits meanwhile
             lambda cancel: self.session.propagate_steps(req, seeds, cancel=cancel),
@@ -83,7 +86,7 @@ class EditsMixin:
         _workers.show_progress(self.progress_bar, p)
 
     def _on_propagated(self, image_ref: Any, labels_ref: Any, view: _layers.SliceView, cls: _layers.LabelClass,
-                       masks: dict, committed: set[int]) -> None:
+                       masks: Any, seeds: set[int]) -> None:
         image = image_ref()
         if image is None or image not in self.viewer.layers:
             self.status_label.setText("The image was removed during propagation; nothing was written.")
@@ -94,16 +97,38 @@ class EditsMixin:
                 self.status_label.setText("The image changed during propagation; nothing was written.")
                 return
             labels = self._target_labels()
-        edit = self.session.write_masks(labels, view, masks, cls.label_id, keep=sorted(committed),
-                                        description=f"propagate {cls.name}")
+        edit = self.session.write_propagation(labels, view, masks, cls.label_id, seeds=seeds,
+                                              description=f"propagate {cls.name}")
+        self._watch_paint(labels)
         pts, shp = self.prompt_layers(create=False)
         if self.image_layer is image:
             _layers.remove_prompts(pts, shp, image, None)
             self._clear_preview()
         span = f"slices {min(masks)}-{max(masks)}" if masks else "no slice"
         n = 0 if edit is None else edit.n_voxels
-        self.status_label.setText(f"Propagated {cls.name} over {len(masks)} slices ({span}): {n} voxels written.")
+        stops = "; ".join(f"{'down' if s.direction < 0 else 'up'} to {s.last} ({s.reason})"
+                          for s in getattr(masks, "stops", ()))
+        self.status_label.setText(f"Propagated {cls.name} over {len(masks)} slices ({span}), proposals until you "
+                                  f"edit them; {n} voxels changed." + (f" Stopped {stops}." if stops else ""))
         self.session.embeddings_changed.emit(id(image))
+
+    def _watch_paint(self, labels: Any) -> None:
+        """Brush, fill and erase on ``labels`` review the slices they touch (once per layer)."""
+        watched = self.__dict__.setdefault("_paint_watched", weakref.WeakSet())
+        if labels in watched:
+            return
+        watched.add(labels)
+        ref = weakref.ref(labels)
+
+        def on_paint(event: Any) -> None:
+            layer = ref()
+            image = self.image_layer
+            view = _layers.current_slice(self.viewer.dims, image) if image is not None else None
+            if layer is None or view is None or not view.is_3d:
+                return
+            self.session.mark_reviewed(layer, view.axis, sorted(_layers.painted_slices(event, view.axis, view.n_slices)))
+
+        labels.events.paint.connect(on_paint)
 
     def _on_propagate_finished(self, job: _workers.Job) -> None:
         self.progress_bar.setVisible(False)

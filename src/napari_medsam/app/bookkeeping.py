@@ -6,9 +6,14 @@
   A *target* is anything with ``data`` (an integer array) and ``data_setitem(indices, value)``:
   a napari Labels layer, or :class:`ArrayLabels` around a plain array (scripts, the CLI, tests).
   Writes never touch other labels: a mask is written only where the labels are 0.
+* :func:`replace_slices`: one edit that erases a class's earlier proposals and writes new masks.
 * :class:`EditLog`: the undo stack of commits and propagations (weak references to the targets,
-  so a removed layer's edits are skipped) and, per ``(target, label id, slice axis)``, the slices
-  the user committed or propagated: they seed the next propagation and are never overwritten by it.
+  so a removed layer's edits are skipped) and, per ``(target, label id, slice axis)``, the
+  *reviewed* slices (committed, restored, painted or accepted by the user: they seed the next
+  propagation and are never overwritten by it) and the *proposals* (written by a propagation and
+  not reviewed since: the next propagation of the class replaces them). The same notion as the
+  active-learning loop's (:mod:`napari_medsam.app.loop`): a slice is a proposal until the user
+  reviews it.
 * :func:`prompt_signature`: bytes that change whenever a slice's prompt changes, so a preview
   computed for an older prompt is recognised and dropped.
 * :func:`seeds_from_labels`: the prompts a propagation of one class starts from.
@@ -32,6 +37,7 @@ __all__ = [
     "label_mask",
     "paint_masks",
     "prompt_signature",
+    "replace_slices",
     "seeds_from_labels",
     "undo_edit",
     "volume_view",
@@ -88,7 +94,10 @@ class ArrayLabels:
 
 @dataclass
 class LabelEdit:
-    """What a commit or a propagation changed in a labels target, to undo it."""
+    """What a commit or a propagation changed in a labels target, to undo it.
+
+    ``values``: what was written at each index (None: ``label_id`` everywhere); ``proposals``: the
+    slices where it wrote or erased proposals (a propagation's, not reviewed)."""
 
     description: str
     indices: tuple[np.ndarray, ...]
@@ -96,6 +105,8 @@ class LabelEdit:
     label_id: int
     slices: tuple[int, ...] = field(default_factory=tuple)
     axis: int = 0
+    values: np.ndarray | None = None
+    proposals: tuple[int, ...] = ()
 
     @property
     def n_voxels(self) -> int:
@@ -141,10 +152,49 @@ def paint_masks(target: Any, view: SliceView, masks: Mapping[int, np.ndarray], l
                      slices=tuple(sorted(int(z) for z in masks)), axis=int(view.axis))
 
 
-def undo_edit(target: Any, edit: LabelEdit) -> None:
-    """Put back what :func:`paint_masks` overwrote (voxels the user repainted since stay as they are)."""
+def replace_slices(target: Any, view: SliceView, write: Mapping[int, np.ndarray], clear: Iterable[int],
+                   label_id: int, *, description: str = "propagate", proposals: Iterable[int] = ()) -> LabelEdit | None:
+    """One edit: erase ``label_id`` on the ``clear`` slices (an earlier propagation's proposals),
+    then write each mask of ``write`` where the labels are 0 (other classes stay, as in
+    :func:`paint_masks`). ``proposals``: the slices where proposals are written or erased
+    (recorded in the edit). Returns the edit for :func:`undo_edit` (which also brings erased voxels back), or None."""
     data = target.data
-    still = np.asarray(data[edit.indices]) == edit.label_id
+    ndim = data.ndim
+    clear = {int(z) for z in clear}
+    parts: list[tuple[np.ndarray, ...]] = []
+    old_parts: list[np.ndarray] = []
+    new_parts: list[np.ndarray] = []
+    for z in sorted(clear | {int(k) for k in write}):
+        v = with_index(view, z)
+        current = np.asarray(data[v.region(ndim)])
+        new = current.copy()
+        if z in clear:
+            new[new == label_id] = 0
+        mask = write.get(z)
+        if mask is not None:
+            if mask.shape != current.shape:
+                raise ValueError(f"mask of shape {mask.shape} does not fit slice of shape {current.shape}")
+            new[np.asarray(mask, bool) & (new == 0)] = label_id
+        changed = np.nonzero(new != current)
+        if changed[0].size:
+            parts.append(_full_indices(v, changed, ndim))
+            old_parts.append(current[changed])
+            new_parts.append(new[changed])
+    if not parts:
+        return None
+    indices = tuple(np.concatenate([p[d] for p in parts]) for d in range(ndim))
+    values = np.concatenate(new_parts)
+    target.data_setitem(indices, values)
+    return LabelEdit(description=description, indices=indices, previous=np.concatenate(old_parts),
+                     label_id=int(label_id), slices=tuple(sorted(clear | {int(k) for k in write})),
+                     axis=int(view.axis), values=values, proposals=tuple(sorted(int(z) for z in proposals)))
+
+
+def undo_edit(target: Any, edit: LabelEdit) -> None:
+    """Put back what :func:`paint_masks` or :func:`replace_slices` changed (voxels the user
+    repainted since stay as they are)."""
+    data = target.data
+    still = np.asarray(data[edit.indices]) == (edit.label_id if edit.values is None else edit.values)
     if not still.any():
         return
     idx = tuple(i[still] for i in edit.indices)
@@ -167,11 +217,13 @@ def prompt_signature(prompt: Any) -> bytes:
 
 
 class EditLog:
-    """Edits written into labels targets, newest last, and the slices committed per class and axis."""
+    """Edits written into labels targets, newest last, and per class and axis the slices reviewed
+    (``committed``) and the slices proposed by a propagation and not reviewed since (``proposed``)."""
 
     def __init__(self) -> None:
-        self._edits: list[tuple[weakref.ref, LabelEdit]] = []
+        self._edits: list[tuple[weakref.ref, LabelEdit, dict[tuple[int, int, int], set[int]]]] = []
         self._committed: dict[tuple[int, int, int], set[int]] = {}
+        self._proposed: dict[tuple[int, int, int], set[int]] = {}
 
     def __len__(self) -> int:
         return len(self._edits)
@@ -180,21 +232,51 @@ class EditLog:
     def last(self) -> LabelEdit | None:
         return self._edits[-1][1] if self._edits else None
 
-    def record(self, target: Any, label_id: int, axis: int, slices: Iterable[int], edit: LabelEdit | None) -> None:
-        """``slices`` of ``target`` now hold class ``label_id`` (``edit``: what changed, None if nothing)."""
+    def record(self, target: Any, label_id: int, axis: int, slices: Iterable[int], edit: LabelEdit | None, *,
+               proposals: Iterable[int] | None = None) -> None:
+        """``slices`` of ``target`` now hold class ``label_id``, reviewed (``edit``: what changed,
+        None if nothing). ``proposals``: with a propagation, the slices that are now its class's
+        proposals (they replace the earlier ones; None: the proposals stay, less ``slices``)."""
+        key = (id(target), int(label_id), int(axis))
+        before = {k: set(v) for k, v in self._proposed.items() if k[0] == id(target)}
         if edit is not None:
-            self._edits.append((weakref.ref(target), edit))
-        self._committed.setdefault((id(target), int(label_id), int(axis)), set()).update(int(z) for z in slices)
+            self._edits.append((weakref.ref(target), edit, before))
+        done = {int(z) for z in slices}
+        self._committed.setdefault(key, set()).update(done)
+        prop = self._proposed.setdefault(key, set())
+        if proposals is not None:
+            prop.clear()
+            prop.update(int(z) for z in proposals)
+        prop.difference_update(self._committed[key])
 
     def committed(self, target: Any, label_id: int, axis: int) -> set[int]:
+        """The reviewed slices of class ``label_id``: they seed propagation and are never overwritten."""
         return set(self._committed.get((id(target), int(label_id), int(axis)), ()))
+
+    def proposed(self, target: Any, label_id: int, axis: int) -> set[int]:
+        """Slices a propagation of class ``label_id`` wrote that nobody reviewed since."""
+        return set(self._proposed.get((id(target), int(label_id), int(axis)), ()))
+
+    def review(self, target: Any, axis: int, slices: Iterable[int]) -> set[int]:
+        """The user painted, erased or accepted ``slices``: every class's proposal there is reviewed
+        now (it seeds the next propagation and is not replaced). Returns the slices that were proposals."""
+        done = {int(z) for z in slices}
+        hit: set[int] = set()
+        for key, prop in self._proposed.items():
+            if key[0] == id(target) and key[2] == int(axis):
+                now = prop & done
+                if now:
+                    hit |= now
+                    prop.difference_update(now)
+                    self._committed.setdefault(key, set()).update(now)
+        return hit
 
     def undo(self, usable: Callable[[Any], bool] = lambda _t: True) -> tuple[Any, LabelEdit] | None:
         """Undo the newest edit whose target still exists and is ``usable`` (e.g. still in the
         viewer); those slices are no longer committed. Returns ``(target, edit)``, or None when
         there is nothing to undo."""
         while self._edits:
-            ref, edit = self._edits.pop()
+            ref, edit, proposed_before = self._edits.pop()
             target = ref()
             if target is None or not usable(target):
                 continue
@@ -202,14 +284,18 @@ class EditLog:
             for key, slices in self._committed.items():
                 if key[0] == id(target) and key[1] == edit.label_id:
                     slices.difference_update(edit.slices)
+            for key in [k for k in self._proposed if k[0] == id(target)]:
+                del self._proposed[key]
+            self._proposed.update({k: set(v) for k, v in proposed_before.items()})
             return target, edit
         return None
 
     def forget(self, target: Any) -> None:
         """Drop the edits of a removed target (and of targets already gone) and its committed slices."""
-        self._edits = [(ref, e) for ref, e in self._edits if ref() is not None and ref() is not target]
-        for key in [k for k in self._committed if k[0] == id(target)]:
-            del self._committed[key]
+        self._edits = [e for e in self._edits if e[0]() is not None and e[0]() is not target]
+        for book in (self._committed, self._proposed):
+            for key in [k for k in book if k[0] == id(target)]:
+                del book[key]
 
 
 def seeds_from_labels(prompts: Mapping[int, Any], target: Any, view: SliceView, label_id: int,

@@ -22,8 +22,17 @@ the volume's content hash, the model, its weights and the preprocessing.
 
 Signals (emitted on the thread that calls the method; the widgets call them on the main thread):
 ``model_changed(loaded_or_None)``, ``embeddings_changed(image_id)``, ``busy_changed(cpu_jobs)``,
-``labels_changed(axis, slices)`` (a commit, propagation, undo or restore wrote these slices),
-``head_changed(head_or_None)``.
+``labels_changed(axis, slices)`` (a commit, undo or restore wrote these slices, or a propagation
+its seed slices: the user's, reviewed), ``proposals_changed(axis, slices)`` (a propagation or its
+undo wrote or erased proposals there: not reviewed, so the active-learning loop does not train on
+them), ``head_changed(head_or_None)``.
+
+Propagated slices are proposals until the user reviews them (commits, paints, accepts: see
+:meth:`AnnotationSession.mark_reviewed`); a new propagation of the same class replaces its earlier
+unreviewed proposals (:meth:`AnnotationSession.write_propagation`, through
+:func:`~napari_medsam.core.propagation.plan_update`) and never touches a reviewed slice. The
+reviewed slices are the edit log's committed ones plus, when a review loop runs on the same
+labels, the loop's reviewed slices: one notion of reviewed.
 
 The active-learning loop hangs on :attr:`AnnotationSession.loop` (None until set; see
 ``napari_medsam.app.loop``) and listens to ``labels_changed``.
@@ -51,6 +60,7 @@ from .bookkeeping import (
     LabelEdit,
     SliceView,
     paint_masks,
+    replace_slices,
     seeds_from_labels,
     volume_view,
 )
@@ -92,6 +102,7 @@ class AnnotationSession:
     embeddings_changed = Signal(object)
     busy_changed = Signal(int)
     labels_changed = Signal(int, tuple)
+    proposals_changed = Signal(int, tuple)
     head_changed = Signal(object)
 
     def __init__(self, *, cache_dir: str | os.PathLike | None = None, disk_cache: bool = True) -> None:
@@ -440,19 +451,62 @@ class AnnotationSession:
         return seeds_from_labels(prompts or {}, target, view, label_id, done)
 
     def propagate(self, label_id: int = 1, *, prompts: Mapping[int, Any] | None = None, index: int | None = None,
-                  params: Any = None) -> dict[int, np.ndarray]:
-        """Carry class ``label_id`` of the session's own labels through its image from its committed
-        slices (and ``prompts``); writes the other slices; returns ``{slice: mask}``."""
+                  params: Any = None, span: tuple[int, int] | None = None) -> Mapping[int, np.ndarray]:
+        """Carry class ``label_id`` of the session's own labels through its image (within the
+        half-open slice range ``span``) from its reviewed slices (and ``prompts``); writes the
+        other slices as proposals, replacing the class's earlier ones; returns the propagation."""
         from ..core.errors import MedSamError
 
         view = self.view(index if index is not None else 0)
-        seeds, kept = self.seeds(label_id, view, target=self._target(None), prompts=prompts)
+        seeds, _kept = self.seeds(label_id, view, target=self._target(None), prompts=prompts)
         if not seeds:
             raise MedSamError(f"nothing to propagate for label {label_id}: commit a slice of it first")
-        masks = drain(self.propagate_steps(self.request(), seeds, params))
+        masks = drain(self.propagate_steps(self.request(), seeds, params, span=span))
         name = self.class_names.get(int(label_id), f"label {label_id}")
-        self.write_masks(None, view, masks, label_id, keep=sorted(kept), description=f"propagate {name}")
+        self.write_propagation(None, view, masks, label_id, seeds=seeds, description=f"propagate {name}")
         return masks
+
+    def reviewed(self, target: Any, label_id: int, axis: int) -> set[int]:
+        """The slices of ``target`` along ``axis`` a propagation of ``label_id`` must keep: the
+        class's committed slices, and the review loop's reviewed slices when it runs on the same labels."""
+        done = self.edits.committed(target, label_id, axis)
+        loop = self.loop
+        if loop is not None and getattr(loop, "labels", None) is getattr(target, "data", None) and loop.axis == axis:
+            done |= set(loop.reviewed())
+        return done
+
+    def write_propagation(self, target: Any, view: SliceView, masks: Mapping[int, np.ndarray], label_id: int, *,
+                          seeds: Any = (), description: str = "propagate") -> LabelEdit | None:
+        """Write a propagation of class ``label_id`` into ``target`` (None: the session's labels):
+        the earlier unreviewed proposals of the class are erased, the new masks written on every
+        slice not reviewed (where the labels are 0); the prompted ``seeds`` slices count as reviewed,
+        the others are proposals. Emits ``proposals_changed`` (and ``labels_changed`` for seeds
+        written); returns the edit (Undo brings the earlier proposals back)."""
+        from ..core.propagation import plan_update
+
+        target = self._target(target)
+        axis = int(view.axis)
+        seed_slices = {int(z) for z in getattr(masks, "seeds", ())} | {int(z) for z in seeds}
+        reviewed = self.reviewed(target, label_id, axis)
+        old = self.edits.proposed(target, label_id, axis)
+        write, clear = plan_update(masks, proposals=old, reviewed=reviewed)
+        new_proposals = sorted(set(write) - seed_slices)
+        edit = replace_slices(target, view, write, clear, label_id, description=description,
+                              proposals=set(new_proposals) | clear)
+        seeded = sorted(set(write) & seed_slices)
+        self.edits.record(target, label_id, axis, seeded, edit, proposals=new_proposals)
+        if edit is not None:
+            changed = set(edit.slices)
+            if changed - set(seeded):
+                self.proposals_changed.emit(axis, tuple(sorted(changed - set(seeded))))
+            if changed & set(seeded):
+                self.labels_changed.emit(axis, tuple(sorted(changed & set(seeded))))
+        return edit
+
+    def mark_reviewed(self, target: Any, axis: int, slices: Sequence[int]) -> set[int]:
+        """The user painted, erased or accepted ``slices`` of ``target`` (None: the session's
+        labels): a proposal there is reviewed from now on. Returns the slices that were proposals."""
+        return self.edits.review(self._target(target), axis, slices)
 
     def undo(self, usable: Callable[[Any], bool] = lambda _t: True) -> LabelEdit | None:
         """Undo the newest commit or propagation whose target is ``usable``; returns it (None: nothing)."""
@@ -460,7 +514,11 @@ class AnnotationSession:
         if done is None:
             return None
         _target, edit = done
-        self.labels_changed.emit(int(edit.axis), tuple(sorted(set(edit.slices))))
+        proposals = set(edit.proposals)
+        if set(edit.slices) - proposals:
+            self.labels_changed.emit(int(edit.axis), tuple(sorted(set(edit.slices) - proposals)))
+        if set(edit.slices) & proposals:
+            self.proposals_changed.emit(int(edit.axis), tuple(sorted(set(edit.slices) & proposals)))
         return edit
 
     def _target(self, target: Any) -> Any:
