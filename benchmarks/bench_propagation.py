@@ -20,9 +20,11 @@ true end, and the 3D Dice over the whole volume.
 
 ``--cache DIR`` keeps the embeddings on disk between runs (the first run embeds ~500 slices);
 ``--tune`` also prints, from one permissive run per case (a stricter rule only truncates a run, so
-it is simulated exactly on the permissive run's slices), the same figures for a grid of settings.
+it is simulated exactly on the permissive run's slices), the best rules of a joint grid over all
+seven criteria (how the defaults were chosen) and each default criterion varied alone.
 
     python benchmarks/bench_propagation.py [--model litemedsam] [--cache DIR] [--planes 0,1,2]
+    python benchmarks/bench_propagation.py --seeds --cache DIR   # the seed slices' 2D Dice
     python benchmarks/bench_propagation.py --speed [--slice 93] [--reach 10]   # s/slice cold and warm
 """
 
@@ -271,6 +273,27 @@ def tune(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.n
             print(f"  {name}/{PLANES[axis]} {'+' if step > 0 else '-'} end {edge}: " + " | ".join(cells))
 
 
+def bench_seeds(args: argparse.Namespace) -> None:
+    """The 2D Dice of the one-box seed mask on its slice, per structure and plane: the ceiling of
+    what propagating it can reach."""
+    from napari_medsam.core.segment import segment_slice
+
+    mni = load_mni()
+    structs = structures(mni)
+    loaded = load_model(args.model, device=args.device)
+    cache = EmbeddingCache(args.cache) if args.cache else EmbeddingCache(disk=False)
+    print(f"model {loaded.name} on {loaded.device.type} ({loaded.dtype})\n| structure | plane | seed slice | "
+          "structure px | mask px | seed 2D Dice |\n|---|---|---|---|---|---|")
+    for axis in [int(p) for p in args.planes.split(",")]:
+        enc = VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache)
+        for name, gt in structs.items():
+            z, box = seed_box(gt, axis)
+            m = segment_slice(enc, z, [Prompt2D.from_box(box)])[0].mask
+            g = np.take(gt, z, axis=axis)
+            print(f"| {name} | {PLANES[axis]} | {z} | {int(g.sum())} | {int(m.sum())} | "
+                  f"{2 * int((m & g).sum()) / max(int(m.sum() + g.sum()), 1):.2f} |")
+
+
 def bench_speed(args: argparse.Namespace) -> None:
     """One box around the brain on a coronal slice, +-reach slices, cold cache then warm."""
     mni = load_mni()
@@ -303,11 +326,14 @@ def main() -> None:
     ap.add_argument("--structures", default="", help="comma-separated subset of brain,ventricle,deep_gm,cereb_wm")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--seeds", action="store_true", help="only the seed slices' 2D Dice")
     ap.add_argument("--slice", type=int, default=93)
     ap.add_argument("--reach", type=int, default=10)
     args = ap.parse_args()
     if args.speed:
         bench_speed(args)
+    elif args.seeds:
+        bench_seeds(args)
     else:
         bench_stops(args)
 

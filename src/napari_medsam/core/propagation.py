@@ -64,10 +64,10 @@ class PropagationParams:
     # run per case (a stricter rule only truncates a run) and the rule with the most run ends within
     # 2 slices of the true end, at a mean 3D Dice not below the legacy rule's, was kept (see
     # "Propagation (issues 3, 16)" in docs/benchmarks.md, bench_propagation.py --tune). The pooled
-    # embedding's similarity with the seed's (0.35) does most of the work, with the intensity (2 SD),
-    # the area-leak limit (x2.5) and the IoU floor (0.35, as before); a fixed fraction of the seed's
-    # area is no stop any more (it cut the tapering ends of structures short). The collapse (0.15)
-    # and jump (0.6) guards change nothing on MNI (at most one slice) and stay for other scans.
+    # embedding's similarity with the seed's (0.35) and the IoU floor (0.35, as before) do the work;
+    # a fixed fraction of the seed's area is no stop any more (it cut the tapering ends of
+    # structures short). Intensity (2 SD), collapse (0.15), jump (0.6) and the area-leak limit (x2.5)
+    # change no run end on MNI and stay as guards for other scans (a leak onto a vessel).
     margin: float = 3.0
     margin_frac: float = 0.05
     min_area_frac: float = 0.0
