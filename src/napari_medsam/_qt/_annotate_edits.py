@@ -124,8 +124,8 @@ class EditsMixin:
             layer = ref()
             image = self.image_layer
             view = _layers.current_slice(self.viewer.dims, image) if image is not None else None
-            if layer is None or view is None or not view.is_3d:
-                return
+            if layer is None or view is None or not view.is_3d or self.session.writing_proposals:
+                return  # a propagation or an undo writing, not the user
             self.session.mark_reviewed(layer, view.axis, sorted(_layers.painted_slices(event, view.axis, view.n_slices)))
 
         labels.events.paint.connect(on_paint)

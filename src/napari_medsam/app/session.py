@@ -114,6 +114,7 @@ class AnnotationSession:
         self.class_names: dict[int, str] = {}  # label id -> class name
         self.napari_progress = False  # also show long jobs in napari's activity panel (see _qt._workers)
         self.edits = EditLog()        # commits and propagations: Undo, and the slices committed per class
+        self.writing_proposals = False  # True while a propagation or an undo writes: paint events then are not the user's
         self.head: Any = None         # the trained or loaded TrainedHead
         self.loop: Any = None         # the active-learning loop (app.loop.ReviewLoop), None until set
         self.cpu_jobs = 0
@@ -491,8 +492,12 @@ class AnnotationSession:
         old = self.edits.proposed(target, label_id, axis)
         write, clear = plan_update(masks, proposals=old, reviewed=reviewed)
         new_proposals = sorted(set(write) - seed_slices)
-        edit = replace_slices(target, view, write, clear, label_id, description=description,
-                              proposals=set(new_proposals) | clear)
+        self.writing_proposals = True
+        try:
+            edit = replace_slices(target, view, write, clear, label_id, description=description,
+                                  proposals=set(new_proposals) | clear)
+        finally:
+            self.writing_proposals = False
         seeded = sorted(set(write) & seed_slices)
         self.edits.record(target, label_id, axis, seeded, edit, proposals=new_proposals)
         if edit is not None:
@@ -510,7 +515,11 @@ class AnnotationSession:
 
     def undo(self, usable: Callable[[Any], bool] = lambda _t: True) -> LabelEdit | None:
         """Undo the newest commit or propagation whose target is ``usable``; returns it (None: nothing)."""
-        done = self.edits.undo(usable)
+        self.writing_proposals = True
+        try:
+            done = self.edits.undo(usable)
+        finally:
+            self.writing_proposals = False
         if done is None:
             return None
         _target, edit = done
