@@ -40,7 +40,9 @@ def main() -> int:
     truth = np.where(gm + wm > 0.5, np.where(wm > gm, 2, 1), 0).astype(np.uint8)
     labels = viewer.add_labels(np.zeros_like(truth), name="GM, WM", scale=image.scale, translate=image.translate,
                                affine=image.affine.affine_matrix)
-    viewer.dims.order = (CORONAL, 2, 0)
+    viewer.dims.order = (CORONAL, 2, 0)  # rows: inferior -> superior (k), columns: left -> right (i)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.orientation2d = ("up", "right")  # superior at the top
     _, review = viewer.window.add_plugin_dock_widget("napari-medsam", "Review", tabify=True)
     wait(model_w.load())
     review.image_combo.set_layer(image)
