@@ -171,22 +171,26 @@ def main() -> int:
     pts, shp = annot_w.prompt_layers()
     h, w = vol.shape[1:]
 
+    shown: list[tuple[float, float]] = []  # (latency, model seconds) of every preview drawn
+    annot_w.preview_shown.connect(lambda latency, compute: shown.append((latency, compute)))
+    compute_times = lambda: [c for _, c in shown]  # noqa: E731
+
     def one_prompt(z: int, k: int) -> float:
         viewer.dims.current_step = (z, *viewer.dims.current_step[1:])
         pump(0.05)
-        before = len(annot_w.latencies)
+        before = len(shown)
         r0, c0 = h * 0.30 + k, w * 0.25 + k
         box = np.array([[z, r0, c0], [z, r0, c0 + w * 0.4], [z, r0 + h * 0.4, c0 + w * 0.4], [z, r0 + h * 0.4, c0]])
         shp.add_rectangles(box)
-        ok = pump_until(lambda: len(annot_w.latencies) > before, 120)
-        lat = annot_w.latencies[-1] if ok else float("nan")
+        ok = pump_until(lambda: len(shown) > before, 120)
+        lat = shown[-1][0] if ok else float("nan")
         annot_w.clear_slice()
         pump(0.05)
         return lat
 
     one_prompt(n // 2, 0)  # warm-up (first decoder call)
     idle = [one_prompt(n // 2 + k, k) for k in range(args.prompts)]
-    idle_compute = annot_w.compute_times[-args.prompts:]
+    idle_compute = compute_times()[-args.prompts:]
 
     # the same prompts decoded synchronously on the main thread in the prompt's event handler
     annot_w.preview_in_worker = False
@@ -198,7 +202,7 @@ def main() -> int:
     model_w.embed()
     pump(1.0)
     busy = [one_prompt(n // 2 - 1 - k, k) for k in range(args.prompts)]
-    busy_compute = annot_w.compute_times[-args.prompts:]
+    busy_compute = compute_times()[-args.prompts:]
     running = model_w.embed_job is not None and model_w.embed_job.running
     stats_busy = meter.stop()
     if model_w.embed_job is not None:

@@ -75,9 +75,9 @@ def main() -> int:
     i0, j0, i1, j1 = ventricle_box(t1, k)
     shp.add_rectangles(np.array([[i0, j0, k], [i1, j0, k], [i1, j1, k], [i0, j1, k]], float))
     annot._prompt_time = time.perf_counter()
-    n = len(annot.latencies)
+    n = annot.previews_shown
     end = time.perf_counter() + 600
-    while len(annot.latencies) == n and time.perf_counter() < end:
+    while annot.previews_shown == n and time.perf_counter() < end:
         pump(0.1)
     viewer.layers.selection.active = shp
     shot(viewer, "03-box-preview.png")

@@ -57,7 +57,14 @@ def _box(image, z, r0, c0, r1, c1):
 
 
 def _preview(qtbot, annot, n_before):
-    qtbot.waitUntil(lambda: len(annot.latencies) > n_before, timeout=60_000)
+    seen = []
+    annot.preview_shown.connect(lambda latency, compute: seen.append(latency))  # the event benchmarks time with
+    try:
+        qtbot.waitUntil(lambda: annot.previews_shown > n_before, timeout=60_000)
+    finally:
+        annot.preview_shown.disconnect()
+    assert annot.last_latency is not None and 0 < annot.last_latency < 60
+    assert not seen or seen[-1] == annot.last_latency  # the last preview drawn is the one the event named
     return annot._last[1]
 
 
@@ -96,11 +103,13 @@ def test_scan_to_exported_labels(viewer, widgets, qtbot, tmp_path):
     annot = widgets.annot
     assert annot.image_layer is image
     pts, shp = annot.prompt_layers()
+    assert _layers.current_slice(viewer.dims, image).axis == 2  # opened axial (data axis 2 runs S-I)
+    assert annot.show_plane("sagittal").axis == 0  # the prompts below are on sagittal slices
     _go_to(viewer, image, 5)
     assert _layers.current_slice(viewer.dims, image).index == 5
 
     # a box -> a preview on slice 5 only
-    n = len(annot.latencies)
+    n = annot.previews_shown
     shp.add_rectangles(_box(image, 5, 12, 10, 36, 30))
     res = _preview(qtbot, annot, n)
     prev = annot._preview
@@ -109,7 +118,7 @@ def test_scan_to_exported_labels(viewer, widgets, qtbot, tmp_path):
     assert prev.data[[0, 1, 2, 3, 4, 6, 7, 8, 9]].sum() == 0
 
     # a positive click refines it: the preview follows the latest prompt
-    n = len(annot.latencies)
+    n = annot.previews_shown
     pts.add([[5, 24, 20]])
     res = _preview(qtbot, annot, n)
     assert annot._last[0][4] == _layers_signature(annot, image, 5)
@@ -258,13 +267,13 @@ def test_box_preferred_models_tell_the_user(viewer, widgets, qtbot):
 
     annot.session.loaded = dataclasses.replace(loaded, spec=dataclasses.replace(loaded.spec, prompts=("box",)))
     try:
-        n = len(annot.latencies)
+        n = annot.previews_shown
         pts.add([[10, 12]])
         qtbot.waitUntil(lambda: "trained with boxes" in annot.hint_label.text(), timeout=10_000)
     finally:
         qtbot.waitUntil(lambda: annot._preview_job is None or annot._preview_job.done, timeout=60_000)
         annot.session.loaded = loaded
-    assert len(annot.latencies) > n  # the point still got its preview, with the hint beside it
+    assert annot.previews_shown > n  # the point still got its preview, with the hint beside it
 
 
 def test_shortcuts_are_bound_and_listed(viewer, widgets):
@@ -309,14 +318,14 @@ def test_layers_renamed_removed_reordered_replaced(viewer, widgets, qtbot):
     assert pts2 is not pts and pts2 in viewer.layers
 
     _go_to(viewer, a, 1)
-    n = len(annot.latencies)
+    n = annot.previews_shown
     shp.add_rectangles(_box(a, 1, 2, 2, 20, 20))
     _preview(qtbot, annot, n)
     annot.commit()
     labels = annot.labels_layer
     viewer.layers.remove(labels)  # labels removed: the next commit makes a new layer
     assert annot.labels_layer is None
-    n = len(annot.latencies)
+    n = annot.previews_shown
     shp.add_rectangles(_box(a, 1, 3, 3, 21, 21))
     _preview(qtbot, annot, n)
     annot.commit()
@@ -350,7 +359,7 @@ def test_switching_images_never_mixes_embeddings(viewer, widgets, qtbot):
         annot.image_combo.set_layer(layer)
         _, shp = annot.prompt_layers()
         _go_to(viewer, layer, 1)
-        n = len(annot.latencies)
+        n = annot.previews_shown
         shp.add_rectangles(_box(layer, 1, 4, 4, 24, 24))
         res = _preview(qtbot, annot, n)
         results.setdefault(layer.name, []).append(res)
@@ -374,7 +383,7 @@ def test_2d_rgb_and_non_unit_scale(viewer, widgets, qtbot):
     annot.image_combo.set_layer(image)
     pts, shp = annot.prompt_layers()
     assert pts.ndim == 2 and tuple(pts.scale) == (0.5, 2.0)
-    n = len(annot.latencies)
+    n = annot.previews_shown
     shp.add_rectangles(np.array([[8, 13], [8, 37], [32, 37], [32, 13]], float))
     res = _preview(qtbot, annot, n)
     assert res.mask.shape == (40, 50)
@@ -396,7 +405,7 @@ def test_volume_sliced_along_another_axis(viewer, widgets, qtbot):
     view = _layers.current_slice(viewer.dims, image)
     assert (view.axis, view.index) == (2, 4)
     _, shp = annot.prompt_layers()
-    n = len(annot.latencies)
+    n = annot.previews_shown
     shp.add_rectangles(np.array([[2, 2, 4], [2, 15, 4], [10, 15, 4], [10, 2, 4]], float))
     res = _preview(qtbot, annot, n)
     assert res.mask.shape == (12, 20)
@@ -563,7 +572,7 @@ def test_litemedsam_segments_the_mni_brain(viewer, qtbot, mni):
     gt = mni["brain"][:, lo:lo + n, :]
     rows, cols = np.nonzero(gt[:, z, :])
     _, shp = annot.prompt_layers()
-    n_lat = len(annot.latencies)
+    n_lat = annot.previews_shown
     r0, c0, r1, c1 = rows.min() - 3, cols.min() - 3, rows.max() + 3, cols.max() + 3
     shp.add_rectangles(np.array([[r0, z, c0], [r0, z, c1], [r1, z, c1], [r1, z, c0]], float))
     res = _preview(qtbot, annot, n_lat)

@@ -55,6 +55,7 @@ class PreviewMixin:
 
     def _on_view_changed(self, event: Any = None) -> None:
         self._follow_prefetch()
+        self._update_status()  # the slice line names the slice under view along the axis sliced now
         self._schedule_preview()
 
     def _schedule_preview(self) -> None:
@@ -119,11 +120,13 @@ class PreviewMixin:
         self._draw_preview(res.mask, view)  # may replace the preview layer (which resets _last)
         self._last = (tag, res)
         if self._prompt_time is not None:
-            self.latencies.append(time.perf_counter() - self._prompt_time)
+            self.last_latency = time.perf_counter() - self._prompt_time
             job = self._preview_job
-            self.compute_times.append(float(job.last.info.get("seconds", float("nan")))
-                                      if job is not None and job.last is not None else float("nan"))
+            compute = (float(job.last.info.get("seconds", float("nan")))
+                       if job is not None and job.last is not None else float("nan"))
             self._prompt_time = None
+            self.previews_shown += 1
+            self.preview_shown.emit(self.last_latency, compute)
         self._update_status(iou=res.iou)
         if self._job_embedded(self._preview_job):
             self.session.embeddings_changed.emit(tag[0])

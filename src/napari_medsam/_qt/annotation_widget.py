@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QTimer, Signal
 
-from .. import _layers
+from .. import _layers, _orientation
 from ..app.session import AnnotationSession
 from ..core.registry import DEFAULT_MODEL
 from . import _workers
@@ -33,6 +33,10 @@ from .session import session_for
 
 class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
     """Prompted segmentation of the selected image into a Labels layer, class by class."""
+
+    #: a preview reached the screen: (seconds from the prompt change, seconds the model took);
+    #: benchmarks and tests subscribe to it (benchmarks/bench_gui.py)
+    preview_shown = Signal(float, float)
 
     def __init__(self, napari_viewer: Any, *, session: AnnotationSession | None = None) -> None:
         super().__init__()
@@ -50,8 +54,8 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self._watched_image: Any = None
         self.load_job: _workers.Job | None = None
         self.propagate_job: _workers.Job | None = None
-        self.latencies: list[float] = []  # seconds from a prompt change to its preview on screen
-        self.compute_times: list[float] = []  # seconds the model took for each of those previews
+        self.previews_shown = 0  # previews drawn since the dock opened
+        self.last_latency: float | None = None  # seconds from the last prompt change to its preview on screen
         self.preview_in_worker = True  # False decodes on the main thread (benchmarks/bench_gui.py compares)
         self._preview_timer = QTimer(self)
         self._preview_timer.setSingleShot(True)
@@ -76,6 +80,8 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self.undo_button.clicked.connect(self.undo)
         self.cancel_button.clicked.connect(self._on_cancel)
         self.prefetch_check.toggled.connect(self._on_prefetch_toggled)
+        for plane, button in self.plane_buttons.items():
+            button.clicked.connect(lambda *_, plane=plane: self.show_plane(plane))
         self.image_combo.layer_changed.connect(self._on_image_changed)
         self.labels_combo.layer_changed.connect(self._on_labels_changed)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -147,6 +153,7 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
                 if ly is not None and ly in self.viewer.layers:
                     ly.visible = image is not None and pid == id(image)
         self.labels_combo.refresh()
+        self._update_planes()
         if image is not None:
             image.events.data.connect(self._on_image_data)
             self.prompt_layers(create=True)
@@ -201,6 +208,24 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self._reselect_prompt_layer()
         return labels
 
+    # ---- orientation --------------------------------------------------------------------------------
+    def show_plane(self, plane: str) -> Any:
+        """Show ``plane`` (axial, coronal, sagittal) of the selected image the radiological way; the
+        prompts then go on slices along the newly sliced axis. Returns the PlaneView (None: no affine)."""
+        image = self.image_layer
+        pv = _orientation.show_plane(self.viewer, image, plane) if image is not None else None
+        if pv is None:
+            self._hint("This image has no anatomical affine (open a NIfTI / DICOM / NRRD scan with the "
+                       "napari-medsam reader): change the sliced axis with napari's dims order instead.")
+        self._update_status()
+        return pv
+
+    def _update_planes(self) -> None:
+        image = self.image_layer
+        ok = image is not None and _orientation.plane_view(image, "axial", ndim=int(self.viewer.dims.ndim)) is not None
+        for button in self.plane_buttons.values():
+            button.setEnabled(ok)
+
     # ---- status -------------------------------------------------------------------------------------
     def _hint(self, text: str) -> None:
         if text != self.hint_label.text():
@@ -216,14 +241,23 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
             self.status_label.setText(f"No model loaded: the first prompt loads {DEFAULT_MODEL} "
                                       "(or choose one in the Model widget).")
             return
-        view = _layers.current_slice(self.viewer.dims, image)
-        where = "" if view is None or not view.is_3d else f"slice {view.index} (axis {view.axis}) · "
+        where = _orientation.describe_slice(self.viewer.dims, image)  # along the axis the viewer slices now
+        where = "" if where in ("", "2D image") else f"{where} · "
+        if iou is None and self._last is not None and self._snapshot_tag_matches():
+            iou = self._last[1].iou  # the preview on screen is of this slice
         extra = "" if iou is None else f"predicted IoU {iou:.2f}"
-        if iou is not None and self.latencies:
-            extra += f" · {1000 * self.latencies[-1]:.0f} ms"
+        if iou is not None and self.last_latency is not None:
+            extra += f" · {1000 * self.last_latency:.0f} ms"
         if int(self.viewer.dims.ndisplay) == 3:
             extra = "switch to the 2D view to place prompts"
-        self.status_label.setText(f"{where}{self.session.loaded.name} · {extra}".rstrip(" ·"))
+        text = f"{where}{self.session.loaded.name} · {extra}".rstrip(" ·")
+        if text != self.status_label.text():  # a new text re-lays out the dock: only on change
+            self.status_label.setText(text)
+
+    def _snapshot_tag_matches(self) -> bool:
+        view = _layers.current_slice(self.viewer.dims, self.image_layer)
+        tag = self._last[0] if self._last is not None else None
+        return bool(view is not None and tag is not None and tag[2:4] == (view.axis, view.index))
 
     # -- cleanup ---------------------------------------------------------------------------------------
 
