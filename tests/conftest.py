@@ -25,6 +25,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never write to the user's real cache from tests."""
     monkeypatch.setenv("NAPARI_MEDSAM_CACHE", str(tmp_path_factory.mktemp("medsam-cache")))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    # napari in a child process (and the docks' reader preference) never touches the user's settings
+    monkeypatch.setenv("NAPARI_CONFIG", str(tmp_path_factory.mktemp("napari-config") / "settings.yaml"))
 
 
 @pytest.fixture(scope="session")

@@ -66,9 +66,17 @@ def test_gui_subcommand_parses(monkeypatch):
 def test_launch_opens_the_window_with_the_widgets(qtbot, monkeypatch):
     if not entry.has_display():
         pytest.skip("needs a display (run under xvfb-run)")
+    import napari.settings as ns
+    from napari.settings._napari_settings import NapariSettings
+
+    monkeypatch.setattr(ns, "_SETTINGS", NapariSettings(config_path=None))  # the docks write a reader preference
     viewer = entry.launch(model="test_tiny_lite", block=False)
     try:
         assert viewer.layers[0].name == "MNI152 T1"
+        assert tuple(viewer.dims.order) == (2, 1, 0)  # axial (the template is RAS), radiological
+        assert tuple(str(v) for v in viewer.scene.camera.orientation2d) == ("up", "left")
+        assert viewer.dims.current_step[2] == viewer.layers[0].data.shape[2] // 2
+        assert ns.get_settings().plugins.extension2reader["*.nii.gz"] == "napari-medsam"
         docks = set(viewer.window._dock_widgets)
         assert any("Model" in d for d in docks) and any("Annotate" in d for d in docks)
         from napari_medsam._qt.session import session_for

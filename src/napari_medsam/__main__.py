@@ -51,17 +51,16 @@ def _launch_gui(image: str | os.PathLike | None, *, model: str, device: str, blo
         viewer.open_sample("napari-medsam", "mni152")
     else:
         viewer.open(os.fspath(image), plugin="napari-medsam")
-    layer = viewer.layers[0] if len(viewer.layers) else None
-    if layer is not None and layer.ndim == 3:
-        axis = 0
-        if image is None:  # the MNI template (RAS): axial slices, anterior at the top
-            axis = 2
-            viewer.dims.order = (2, 1, 0)
-            camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
-            camera.orientation2d = ("up", "right")
-        viewer.dims.set_current_step(axis, layer.data.shape[axis] // 2)
+    # The first dock shows a scan with an affine in the axial radiological view and makes our
+    # reader napari's choice for the medical formats (_qt/session.py).
     _, model_w = viewer.window.add_plugin_dock_widget("napari-medsam", "Model")
     viewer.window.add_plugin_dock_widget("napari-medsam", "Annotate", tabify=False)
+    layer = viewer.layers[0] if len(viewer.layers) else None
+    if layer is not None and layer.ndim == 3:
+        from ._layers import slice_axis
+
+        axis = slice_axis(viewer.dims, layer)
+        viewer.dims.set_current_step(axis, layer.data.shape[axis] // 2)
     model_w.select_model(model)
     if device != "auto":
         model_w.device_combo.setCurrentText(device)

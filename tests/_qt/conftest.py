@@ -31,6 +31,18 @@ def wait_job(qtbot, job, timeout=120_000):
         qtbot.waitUntil(lambda: job.done, timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def _napari_settings_in_memory(monkeypatch):
+    """napari settings that are never saved: the first dock writes reader preferences
+    (``_reader.prefer_our_reader``), which must not reach the user's settings file."""
+    import napari.settings as ns
+    from napari.settings._napari_settings import NapariSettings
+
+    settings = NapariSettings(config_path=None)
+    monkeypatch.setattr(ns, "_SETTINGS", settings)
+    return settings
+
+
 @pytest.fixture
 def viewer(make_napari_viewer):
     return make_napari_viewer()

@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
+from .._orientation import PLANES
 from ._class_table import ClassTable
 from ._layer_combo import LayerCombo
 from ._shared import is_image
@@ -81,6 +82,14 @@ def build_controls(w: Any) -> None:
     w.prefetch_check.setToolTip("embed the slices around the one under view in the background (at low "
                                    "priority, paused while propagating), so moving to them is instant")
     w.prefetch_label = QLabel("")
+    w.plane_buttons = {}
+    plane_row = QHBoxLayout()
+    plane_row.addWidget(QLabel("View"))
+    for plane in PLANES:
+        b = w.plane_buttons[plane] = QPushButton(plane.capitalize())
+        b.setToolTip(f"show {plane} slices the radiological way (the scan's affine; the array and the "
+                     "exported labels keep their order)")
+        plane_row.addWidget(b)
     prefetch_row = QHBoxLayout()
     prefetch_row.addWidget(w.prefetch_check)
     prefetch_row.addStretch(1)
@@ -101,6 +110,7 @@ def build_controls(w: Any) -> None:
     layout.addLayout(lform)
     layout.addWidget(w.class_box)
     layout.addLayout(grid)
+    layout.addLayout(plane_row)
     layout.addLayout(prefetch_row)
     layout.addWidget(w.progress_bar)
     layout.addWidget(w.hint_label)

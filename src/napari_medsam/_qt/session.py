@@ -3,10 +3,16 @@
 The session itself is GUI-free (:mod:`napari_medsam.app`); only this mapping knows viewers. It is
 a ``WeakKeyDictionary``: two viewers, or two tests, never share a model or an encoder, and a closed
 viewer's session goes with it.
+
+The first dock opened on a viewer also sets up what the plugin does once per viewer
+(:func:`_first_dock`): scans with an anatomical affine open in the axial radiological view
+(:func:`~napari_medsam._orientation.show_radiological_on_open`), and napari opens our medical
+formats with this plugin without asking (:func:`~napari_medsam._reader.prefer_our_reader`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
@@ -22,4 +28,22 @@ def session_for(viewer: Any) -> AnnotationSession:
     session = _SESSIONS.get(viewer)
     if session is None:
         session = _SESSIONS[viewer] = AnnotationSession()
+        _first_dock(viewer)
     return session
+
+
+def _first_dock(viewer: Any) -> None:
+    """Once per viewer: radiological views on open (and now, for a scan shown in napari's default
+    order), and our reader preferred for the medical formats (a user's own choice stays)."""
+    from .. import _orientation, _reader
+
+    if not hasattr(getattr(viewer, "layers", None), "events"):
+        return  # not a viewer (a script's stand-in)
+    _orientation.show_radiological_on_open(viewer)
+    if tuple(viewer.dims.order) == tuple(range(int(viewer.dims.ndim))):  # the user has not chosen a view
+        images = [ly for ly in viewer.layers if getattr(ly, "_type_string", "") == "image"
+                  and not getattr(ly, "rgb", False)]
+        if images:
+            _orientation.show_plane(viewer, images[-1], "axial")
+    with contextlib.suppress(Exception):  # noqa: BLE001 - a preference is a convenience, never an error
+        _reader.prefer_our_reader()
