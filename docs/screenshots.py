@@ -61,9 +61,8 @@ def main() -> int:
     viewer.reset_view()
     shot(viewer, "01-open-mni.png")
 
-    model_w._on_load()
-    wait(model_w.load_job)
-    model_w._on_embed()
+    wait(model_w.load())
+    model_w.embed()
     pump(8.0)
     shot(viewer, "02-model-embedding.png")
     model_w._on_cancel()
