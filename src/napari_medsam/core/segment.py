@@ -156,9 +156,9 @@ def decode(loaded: Any, embedding: Any, tf: SliceTransform, prompts: Sequence[Pr
                 prob_np = tf.logits_to_original(torch.sigmoid(low)).cpu().numpy()  # (B, H, W)
                 masks_np = prob_np > 0.5
             else:
-                full_np = tf.logits_to_original(low).cpu().numpy()  # (B, H, W)
-                masks_np = full_np > spec.mask_threshold
-                prob_np = (1.0 / (1.0 + np.exp(-full_np))).astype(np.float32) if return_prob else None
+                full = tf.logits_to_original(low)  # (B, H, W)
+                masks_np = full.cpu().numpy() > spec.mask_threshold
+                prob_np = torch.sigmoid(full).cpu().numpy() if return_prob else None  # no exp overflow
             for j, i in enumerate(idx):
                 prob = prob_np[j] if return_prob and prob_np is not None else None
                 results[i] = MaskResult(mask=masks_np[j], logits=low_np[j], iou=float(iou_best[j]), prob=prob)
