@@ -419,6 +419,19 @@ def class_colormap(classes: Sequence[LabelClass]) -> Any:
     return DirectLabelColormap(color_dict=colors)
 
 
+#: Predictions and proposals (what the model wrote, not yet the user's): saturated colours unlike the
+#: first user classes' (:data:`DEFAULT_COLORS`: red, green, blue, orange, purple), so class 1's
+#: prediction is magenta where the user's class 1 is red.
+PROPOSAL_COLOURS = {None: "orange", 0: "transparent", 1: "magenta", 2: "cyan", 3: "yellow", 4: "lime"}
+
+
+def proposal_colormap() -> Any:
+    """The one colormap of prediction and proposal Labels layers (the Fine-tune and Review docks)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict=dict(PROPOSAL_COLOURS))
+
+
 def preview_metadata(image_layer: Any) -> dict[str, Any]:
     return {META_KEY: {"role": "preview", "created_by": "napari-medsam", "image_id": id(image_layer)}}
 

@@ -696,5 +696,7 @@ def test_finetune_offers_the_cnn_head_first(viewer, widgets):
     from napari_medsam.core.heads import HEADS
 
     offered = [fw.head_combo.itemData(i) for i in range(fw.head_combo.count())]
-    assert offered[0] == "cnn" and sorted(offered) == sorted(HEADS)  # every family of the registry
+    heads = [o for o in offered if not o.startswith("adapter:")]
+    assert offered[0] == "cnn" and sorted(heads) == sorted(HEADS)  # every family of the registry
+    assert offered[len(heads):] == ["adapter:medsa", "adapter:lora"]  # then the adapters (issue 14)
     assert fw.epochs_spin.value() == 0 and fw.params().epochs is None  # the benchmarked schedule, not a guess

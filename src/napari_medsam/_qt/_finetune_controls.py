@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..app.params import head_kinds
+from ._adapters import ADAPTER_TARGETS
 from ._layer_combo import LayerCombo
 from ._loss_plot import LossPlot
 from ._shared import is_image
@@ -43,9 +44,13 @@ def build_controls(w: Any) -> None:
     for kind, text in head_kinds().items():
         w.head_combo.addItem(kind, kind)
         w.head_combo.setItemData(w.head_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
+    for target, text in ADAPTER_TARGETS.items():  # adapt the encoder itself (core.adapt), box prompts
+        w.head_combo.addItem(text.split(" (")[0], target)
+        w.head_combo.setItemData(w.head_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
     from ..core.finetune import TrainParams
 
     defaults = TrainParams()
+    w.epochs_label = QLabel("Epochs (max)")
     w.epochs_spin = QSpinBox()  # 0 = "auto": the benchmarked schedule (as many as fit in max_steps)
     w.epochs_spin.setRange(0, 10000)
     w.epochs_spin.setSpecialValueText(f"auto (up to {defaults.max_steps} steps)")
@@ -76,8 +81,8 @@ def build_controls(w: Any) -> None:
     form.addRow("Labels", w.labels_combo)
     form.addRow("Train on", w.all_slices)
     form.addRow("", slices_row)
-    form.addRow("Head", w.head_combo)
-    form.addRow("Epochs (max)", w.epochs_spin)
+    form.addRow("Train", w.head_combo)
+    form.addRow(w.epochs_label, w.epochs_spin)
     form.addRow("Seed", w.seed_spin)
     train_box = QGroupBox("Train a head")
     tb = QVBoxLayout(train_box)

@@ -82,12 +82,23 @@ def build_controls(w: Any) -> None:
     status_row = QHBoxLayout()
     status_row.addWidget(w.details_button)
     status_row.addWidget(w.load_status, 1)
+    w.adapter_label = QLabel("No adapter (the plain model).")
+    w.adapter_label.setWordWrap(True)
+    w.adapter_label.setToolTip("adapters (Med-SA, LoRA) adapt the encoder itself: train one in the "
+                               "Fine-tune dock or load a file written by `napari-medsam train --adapter`")
+    w.adapter_load_button = QPushButton("Load adapter…")
+    w.adapter_remove_button = QPushButton("Remove")
+    adapter_row = QHBoxLayout()
+    adapter_row.addWidget(w.adapter_label, 1)
+    adapter_row.addWidget(w.adapter_load_button)
+    adapter_row.addWidget(w.adapter_remove_button)
     model_box = QGroupBox("Model")
     mb = QVBoxLayout(model_box)
     mb.addLayout(form)
     mb.addWidget(w.details)
     mb.addWidget(w.load_bar)
     mb.addLayout(status_row)
+    mb.addLayout(adapter_row)
 
     # -- embeddings group
     w.image_combo = LayerCombo(w.viewer, is_image)

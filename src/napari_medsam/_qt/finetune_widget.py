@@ -4,6 +4,8 @@
 chosen head family on them in a thread worker with a progress bar, a live loss curve and Cancel.
 *Segment volume* runs the head on every slice and writes the prediction into a NEW Labels layer:
 what the user drew is never overwritten. Heads are saved to and loaded from one file each.
+The target can also be an adapter (Med-SA or LoRA inside the encoder, :mod:`._adapters`): the
+estimated time is shown before its steps start, and the trained adapter is saved and applied.
 The maths is :mod:`napari_medsam.core.finetune` and :mod:`napari_medsam.core.infer`.
 """
 
@@ -22,6 +24,7 @@ from ..app.params import parse_slices
 from ..app.session import AnnotationSession
 from ..core.progress import Progress, ProgressGen
 from . import _workers
+from ._adapters import FinetuneAdaptersMixin
 from ._dock import DockWidget
 from ._finetune_controls import build_controls
 from ._shared import encoder_request
@@ -44,8 +47,8 @@ def _save_head_steps(path: str, head: Any) -> ProgressGen[Any]:
     return save_head(path, head)
 
 
-class FinetuneWidget(DockWidget):
-    """Train a head on labelled slices; segment whole volumes into a new Labels layer."""
+class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
+    """Train a head (or an adapter) on labelled slices; segment whole volumes into a new Labels layer."""
 
     def __init__(self, napari_viewer: Any, *, session: AnnotationSession | None = None) -> None:
         super().__init__()
@@ -56,8 +59,12 @@ class FinetuneWidget(DockWidget):
         self.io_job: _workers.Job | None = None
         self.prediction_layer: Any = None
         self._plot_time = 0.0
+        self.estimate_s = float("nan")  # the adapter training time estimated before its steps start
+        self.trained_adapter: Any = None
+        self.adapter_path: Any = None
 
         build_controls(self)
+        self.head_combo.currentIndexChanged.connect(self._on_target_changed)
 
         self.train_button.clicked.connect(self.train)
         self.cancel_button.clicked.connect(self._on_cancel)
@@ -129,6 +136,9 @@ class FinetuneWidget(DockWidget):
         except ValueError as e:
             self.loss_label.setText(f"Slices: {e}")
             return
+        if self.adapter_kind() is not None:
+            self._train_adapter(image, labels, slices)
+            return
         req = encoder_request(image, self.viewer, self.session)
         if req is None:
             return
@@ -157,13 +167,15 @@ class FinetuneWidget(DockWidget):
         _workers.show_progress(self.progress_bar, p)
         if loss is not None:
             self.loss_plot.update()
-            self.loss_label.setText(f"epoch {p.info.get('epoch')} · step {p.step}/{p.total} · loss {loss:.4f}")
+            smooth = self.loss_plot.current()  # the curve's value, not one noisy step
+            self.loss_label.setText(f"epoch {p.info.get('epoch')} · step {p.step}/{p.total} · loss {smooth:.4f}")
         elif p.message:
             self.loss_label.setText(f"{p.message}: {p.step}/{p.total}" if p.total else f"{p.message}…")
 
     def _on_trained(self, head: Any) -> None:
         self.head = head  # the session keeps it; head_changed describes it
         hist = head.meta.history or {}
+        self.loss_plot.set_final(hist.get("final_loss"))  # the plot then says what the Head box says
         self.loss_label.setText(f"Trained in {hist.get('seconds', 0):.1f} s, {hist.get('epochs', '?')} epochs "
                                 f"(stopped: {hist.get('stopped', '?')}).")
 
@@ -209,10 +221,8 @@ class FinetuneWidget(DockWidget):
             return
         kwargs = _layers.new_labels_kwargs(image, name=f"{image.name} {self.head.kind} prediction")
         kwargs["data"] = result.labels
-        classes = [_layers.LabelClass(n, _layers.DEFAULT_COLORS[(c - 1) % len(_layers.DEFAULT_COLORS)], c)
-                   for c, n in zip(result.class_ids, result.class_names, strict=False)]
         layer = self.viewer.add_labels(**kwargs)
-        layer.colormap = _layers.class_colormap(classes)
+        layer.colormap = _layers.proposal_colormap()  # never the colours of the user's labels
         self.prediction_layer = layer
         n = int(np.count_nonzero(result.labels))
         self.loss_label.setText(f"Segmented {len(result.slices)} slices in {result.seconds:.1f} s into a new "

@@ -1,7 +1,8 @@
 """Model & embeddings dock widget: choose and load a model, precompute an image's embeddings.
 
 Opening this widget imports neither torch nor the networks: the model list comes from the registry
-and the weights' availability from the file system. Pressing *Load* loads the model in a thread
+and the weights' availability from the file system. The active adapter (if any) is named, with
+*Load adapter…* and *Remove* (:mod:`._adapters`). Pressing *Load* loads the model in a thread
 worker; *Embed image* embeds every slice (the slice under view first) with a napari progress bar
 and a Cancel button. What is cached is shown for the selected image.
 """
@@ -21,13 +22,14 @@ from ..app.params import ModelChoice, availability
 from ..app.session import AnnotationSession, EncoderRequest
 from ..core.registry import get_spec
 from . import _workers
+from ._adapters import ModelAdaptersMixin
 from ._dock import DockWidget, fit_dock_height
 from ._model_controls import INTENSITIES, build_controls
 from ._shared import encoder_request, load_model_job
 from .session import session_for
 
 
-class ModelWidget(DockWidget):
+class ModelWidget(ModelAdaptersMixin, DockWidget):
     """Choose, load and inspect a model; precompute embeddings of an image."""
 
     def __init__(self, napari_viewer: Any, *, session: AnnotationSession | None = None) -> None:
@@ -37,6 +39,7 @@ class ModelWidget(DockWidget):
         self.load_job: _workers.Job | None = None
         self.embed_job: _workers.Job | None = None
         self.status_job: _workers.Job | None = None
+        self.adapter_job: _workers.Job | None = None
         self._status_key: tuple | None = None  # what the cache line counts (image, axis, intensity, model)
         self._status_again = False
         self._current_index = 0
@@ -51,6 +54,8 @@ class ModelWidget(DockWidget):
         self.weights_button.clicked.connect(self._on_choose_weights)
         self.weights_edit.textChanged.connect(self._on_weights_text)
         self.load_button.clicked.connect(lambda *_: self.load())
+        self.adapter_load_button.clicked.connect(self._on_choose_adapter)
+        self.adapter_remove_button.clicked.connect(self.remove_adapter)
         self.embed_button.clicked.connect(lambda *_: self.embed())
         self.cancel_button.clicked.connect(self._on_cancel)
         self.intensity_combo.currentIndexChanged.connect(self._on_intensity)
@@ -141,6 +146,7 @@ class ModelWidget(DockWidget):
             dtype = "fp32" if loaded.dtype is None else str(loaded.dtype).replace("torch.", "")
             self.load_status.setText(f"Loaded {loaded.name} on {loaded.device} ({dtype}); "
                                      f"weights {loaded.weights_hash[:12]}")
+        self._show_adapter(loaded)
         self._refresh_cache_status()
 
     # -- embeddings -----------------------------------------------------------------------------------

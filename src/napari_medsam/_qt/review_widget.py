@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from napari.layers import Labels
-from napari.utils.colormaps import DirectLabelColormap
 from qtpy import QtWidgets as qw
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QFont
@@ -31,7 +30,7 @@ from ._round_plot import RoundPlot
 from ._shared import encoder_request, is_image
 from .session import session_for
 
-PROPOSAL_COLOURS = {None: "orange", 0: "transparent", 1: "magenta", 2: "cyan", 3: "yellow", 4: "lime"}
+PROPOSAL_COLOURS = _layers.PROPOSAL_COLOURS  # one palette for proposals and predictions
 REFRESH_INTERVAL = 0.3  # seconds between two repaints of the proposals during a round
 AUTOSAVE_DELAY = 3.0  # seconds after the last edit before an autosave
 AUTOSAVE_MAX_DELAY = 6.0  # seconds at most between the first unsaved edit and its save (continuous painting)
@@ -155,7 +154,7 @@ class ReviewWidget(DockWidget):
         self.proposals_layer = self.viewer.add_labels(
             loop.proposals, name=f"{labels.name} proposals", opacity=0.8, scale=labels.scale,
             translate=labels.translate, rotate=labels.rotate, shear=labels.shear, affine=labels.affine.affine_matrix,
-            colormap=DirectLabelColormap(color_dict=PROPOSAL_COLOURS))
+            colormap=_layers.proposal_colormap())
         self.proposals_layer.contour, self.proposals_layer.editable = 1, False
         self._bind(loop)
         self.viewer.layers.selection.active = labels

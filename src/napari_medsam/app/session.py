@@ -418,6 +418,43 @@ class AnnotationSession:
         self.head = head
         self.head_changed.emit(head)
 
+    # -- adapters (core.adapt): the encoder itself adapted ------------------------------------------------
+    def set_adapter(self, adapted: Any) -> None:
+        """Use ``adapted`` (an adapted LoadedModel or a TrainedAdapter) as the model from now on
+        (main thread). Its variant names the adapter's weights, so its embeddings are cached apart
+        and the encoders are rebuilt (``model_changed`` is emitted)."""
+        self.set_model(getattr(adapted, "loaded", adapted), self.model_choice)
+
+    def remove_adapter(self) -> None:
+        """Go back to the plain model the adapted one was made from (main thread)."""
+        from ..core.adapt import adapter_config, base_model
+
+        if self.loaded is not None and adapter_config(self.loaded) is not None:
+            self.set_model(base_model(self.loaded), self.model_choice)
+
+    def train_adapter_steps(self, req: EncoderRequest | None, labels: np.ndarray, slices: Sequence[int] | None = None,
+                            config: Any = None, params: Any = None, *,
+                            cancel: threading.Event | None = None) -> ProgressGen[Any]:
+        """Train adapters + mask decoder (:func:`~napari_medsam.core.adapt.train_adapters`) on the
+        labelled slices of ``labels`` (a snapshot) over ``req``'s image. First yields
+        ``Progress(0, steps, "estimated", {"estimate_s", "step_s"})`` (timed on this machine now,
+        :func:`~napari_medsam.core.adapt.estimate_seconds`); returns the TrainedAdapter
+        (:meth:`set_adapter` applies it)."""
+        from ..core.adapt import AdapterConfig, AdaptParams, estimate_seconds, train_adapters
+        from ..core.finetune import labelled_slices
+
+        req = req if req is not None else self.request()
+        config = config if config is not None else AdapterConfig()
+        params = params if params is not None else AdaptParams()
+        yield Progress(0, 0, "estimating the training time")
+        with worker_threads():
+            enc = self.encoder(req)
+        n = len(slices) if slices else (len(labelled_slices(labels, enc.axis)) if enc.is_3d else 1)
+        est = estimate_seconds(enc.loaded, config, params, n_slices=max(1, n))
+        yield Progress(0, params.steps, "estimated", {"estimate_s": est["total_s"], "step_s": est["step_s"],
+                                                      "n_slices": n})
+        return (yield from train_adapters(enc, labels, slices, config=config, params=params, cancel=cancel))
+
     # -- labels: commit, propagate, undo (main thread) -------------------------------------------------------
     def write_masks(self, target: Any, view: SliceView, masks: Mapping[int, np.ndarray], label_id: int, *,
                     keep: Sequence[int] = (), description: str = "commit") -> LabelEdit | None:
