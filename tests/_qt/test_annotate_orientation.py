@@ -124,6 +124,7 @@ def test_dock_opened_on_a_scan_shows_it_axial_with_the_box_tool(make_napari_view
     assert tuple(viewer.dims.order) == _orientation.plane_view(image, "axial").order
     _, shp = annot.prompt_layers(create=False)
     assert viewer.layers.selection.active is shp and shp.mode == "add_rectangle"
+    annot.session.load_model("test_tiny_lite")  # the box below previews: not with the default model
     cam = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     camera = cam.center, cam.zoom
     canvas = viewer.window._qt_viewer.canvas._scene_canvas
@@ -137,3 +138,5 @@ def test_dock_opened_on_a_scan_shows_it_axial_with_the_box_tool(make_napari_view
     canvas.events.mouse_release(pos=end, modifiers=(), button=1)
     assert len(shp.data) == 1 and shp.shape_type == ["rectangle"]
     assert (cam.center, cam.zoom) == camera  # no pan
+    qtbot.waitUntil(lambda: annot.previews_shown > 0, timeout=60_000)  # no job left for the next test
+    assert annot.load_job is None
