@@ -96,7 +96,7 @@ def _bench_models() -> list:
 
 
 @pytest.mark.parametrize("model", _bench_models())
-def test_bench_runs_over_every_registered_model(model, tmp_path, monkeypatch):
+def test_bench_runs_over_every_registered_model(model, tmp_path, monkeypatch, capsys):
     """Random weights where none are here; the encoder section in its smallest form (one slice, one
     round, no int8 or budget) and the decoder section, with "of peak" against each dtype's own peak."""
     out = tmp_path / "bench.json"
@@ -106,6 +106,11 @@ def test_bench_runs_over_every_registered_model(model, tmp_path, monkeypatch):
 
     report = _json.loads(out.read_text())
     (enc,) = report["encoder"]
+    if model.startswith("test_"):  # seeded random weights by design: never reported as real ones
+        assert enc["real_weights"] is False and enc["n_masks"] == 0
+    if not enc["real_weights"]:
+        assert f"## Encoder: {model} (" in (printed := capsys.readouterr().out)
+        assert "random weights: timings only" in printed.split(f"## Encoder: {model} (", 1)[1].splitlines()[0]
     peaks = {p["dtype"]: p["gflops"] for p in report["peak"] if p["threads"] == 1}
     for row in enc["rows"]:
         assert row["s_per_slice"] > 0
