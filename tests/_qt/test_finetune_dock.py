@@ -111,6 +111,7 @@ def test_adapter_trains_applies_saves_removes_and_loads(viewer, widgets, qtbot, 
     assert fw.loss_plot.label() == f"final loss {fw.trained_adapter.meta.history['final_loss']:.3f}"
     text = widgets.model.adapter_label.text()
     assert text.startswith("Active: adapter medsa") and widgets.model.adapter_remove_button.isEnabled()
+    assert not widgets.model.adapter_label.isHidden()  # the line shows only while an adapter is active
     wait_job(qtbot, fw.io_job)
     path = fw.adapter_path
     assert path is not None and path.is_file() and path.name.endswith(".adapter.pt")
@@ -123,6 +124,7 @@ def test_adapter_trains_applies_saves_removes_and_loads(viewer, widgets, qtbot, 
 
     widgets.model.adapter_remove_button.click()
     assert session.loaded is plain and "No adapter" in widgets.model.adapter_label.text()
+    assert widgets.model.adapter_label.isHidden() and widgets.model.adapter_remove_button.isHidden()
     job = widgets.model.load_adapter(str(path))
     wait_job(qtbot, job)
     assert adapter_config(session.loaded).kind == "medsa"

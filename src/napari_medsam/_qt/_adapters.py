@@ -58,8 +58,10 @@ class ModelAdaptersMixin:
 
             text = describe_adapter(loaded)
         self.adapter_label.setText(f"Active: {text}." if text else "No adapter (the plain model).")
+        self.adapter_label.setVisible(bool(text))  # a line only while an adapter is active
         self.adapter_load_button.setEnabled(loaded is not None)
         self.adapter_remove_button.setEnabled(bool(text))
+        self.adapter_remove_button.setVisible(bool(text))
 
     def load_adapter(self, path: str) -> _workers.Job | None:
         """Apply the adapter file ``path`` to the loaded model (a worker reads it); returns the job."""

@@ -13,6 +13,8 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
+    QToolButton,
     QVBoxLayout,
 )
 
@@ -36,6 +38,7 @@ SHORT_NAMES = {"Click": "positive point", "Shift+click": "negative point", "N": 
                "R": "box", "C": "commit", "G": "propagate", "Q": "clear slice", "Shift+Q": "clear all",
                "U": "undo"}
 _TRANSIENT = ("adding", "changing", "removing")
+_PLANE_SHORT = {"axial": "Ax", "coronal": "Cor", "sagittal": "Sag"}
 
 
 def _action(event: Any) -> str:
@@ -82,14 +85,18 @@ def build_controls(w: Any) -> None:
     w.prefetch_check.setToolTip("embed the slices around the one under view in the background (at low "
                                    "priority, paused while propagating), so moving to them is instant")
     w.prefetch_label = QLabel("")
+    # Axial / Coronal / Sagittal in the grid's free cell: one click each, no extra row (the dock is tight)
     w.plane_buttons = {}
     plane_row = QHBoxLayout()
-    plane_row.addWidget(QLabel("View"))
+    plane_row.setSpacing(2)
     for plane in PLANES:
-        b = w.plane_buttons[plane] = QPushButton(plane.capitalize())
-        b.setToolTip(f"show {plane} slices the radiological way (the scan's affine; the array and the "
-                     "exported labels keep their order)")
+        b = w.plane_buttons[plane] = QToolButton()
+        b.setText(_PLANE_SHORT[plane])
+        b.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        b.setToolTip(f"{plane.capitalize()} view: {plane} slices the radiological way (from the scan's "
+                     "affine; the array and the exported labels keep their order)")
         plane_row.addWidget(b)
+    grid.addLayout(plane_row, 2, 2)
     prefetch_row = QHBoxLayout()
     prefetch_row.addWidget(w.prefetch_check)
     prefetch_row.addStretch(1)
@@ -110,7 +117,6 @@ def build_controls(w: Any) -> None:
     layout.addLayout(lform)
     layout.addWidget(w.class_box)
     layout.addLayout(grid)
-    layout.addLayout(plane_row)
     layout.addLayout(prefetch_row)
     layout.addWidget(w.progress_bar)
     layout.addWidget(w.hint_label)
