@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -141,11 +142,12 @@ KILL_CHILD = textwrap.dedent("""
         while time.monotonic() < end and not until():
             app.processEvents()
             time.sleep(0.01)
-    def paint(s):  # a stroke over the whole slice, through the layer (paint event, undo history)
+    def paint(s, swap=0):  # a stroke over the whole slice, through the layer (paint event, undo history)
         idx = tuple(a.ravel() for a in np.indices(truth[s].shape))
         full = (np.full(idx[0].shape, s), *idx)
-        labels.data_setitem(full, truth[full])
-        say("painted", s)
+        v = truth[full]
+        labels.data_setitem(full, np.where(v > 0, 3 - v, 0) if swap else v)  # swap: GM and WM exchanged
+        say("painted", s, swap)
     w.start()
     pump(60, lambda: w.setup_job.done and w.saver is not None)
     say("ready", 0)
@@ -163,9 +165,11 @@ KILL_CHILD = textwrap.dedent("""
         while True:
             pump(0.5)
             say("round", "done" if w.round_job.done else w.status.text().split()[0])
-    for s in itertools.cycle([s for s in range(2, 48, 3) if truth[s].any()]):  # no pause: a stroke every 0.25 s
-        paint(s)
-        pump(0.25)
+    slices = [s for s in range(2, 48, 3) if truth[s].any()]
+    for p in itertools.count(1):  # no pause: a stroke every 0.25 s, each pass changes every slice
+        for s in slices:
+            paint(s, p % 2)
+            pump(0.25)
 """)
 
 
@@ -210,19 +214,23 @@ def test_kill_9_while_painting_then_a_fresh_dock_resumes_the_edits(setup, qtbot,
     viewer, w, image, labels, truth = setup
     t0 = time.monotonic()
 
-    def nine_s_into_painting(lines):
+    def nine_s_after_the_sixth_stroke(lines):  # however slowly a loaded machine paints
         painted = [float(ln[-1]) for ln in lines if ln[0] == "painted"]
-        return painted[0] + 9.0 if painted else None
+        return painted[5] + 9.0 if len(painted) >= 6 else None
 
-    lines, t_kill = run_and_kill(tmp_path, image.data, truth, "paint", nine_s_into_painting)
-    strokes = [(int(ln[1]), float(ln[2])) for ln in lines if ln[0] == "painted"]
-    assert strokes[-1][1] > t_kill - 1.0  # it was painting when it was killed
-    must = {s for s, t in strokes if t <= t_kill - LOST_S}  # painted more than LOST_S before the kill
-    assert {12, 25, 38} <= must and len(must) >= 5
+    lines, t_kill = run_and_kill(tmp_path, image.data, truth, "paint", nine_s_after_the_sixth_stroke)
+    strokes = [(int(ln[1]), int(ln[2]), float(ln[3])) for ln in lines if ln[0] == "painted"]
+    assert strokes[-1][2] > t_kill - 1.0  # it was painting when it was killed
+    must = {s for s, _, t in strokes if t <= t_kill - LOST_S}  # painted more than LOST_S before the kill
+    assert {12, 25, 38, 8, 11, 14} <= must  # the first six strokes
+    assert any(v for s, v, t in strokes if t <= t_kill - LOST_S)  # repaints that changed slices, too
     loop = resume_in_a_fresh_dock(qtbot, w, labels)
-    assert must <= set(loop.reviewed()) <= {s for s, _ in strokes}
-    for s in loop.reviewed():  # every saved slice is as painted, the rest is empty
-        assert np.array_equal(labels.data[s], truth[s]), s
+    assert must <= set(loop.reviewed()) <= {s for s, _, _ in strokes}
+    versions = (truth, np.where(truth > 0, 3 - truth, 0))
+    for s in loop.reviewed():  # each slice as its last stroke older than LOST_S left it, or a later one
+        mine = [(v, t) for s2, v, t in strokes if s2 == s]
+        since = max([t for _, t in mine if t <= t_kill - LOST_S], default=-math.inf)
+        assert any(np.array_equal(labels.data[s], versions[v][s]) for v, t in mine if t >= since), s
     assert not labels.data[[s for s in range(truth.shape[0]) if s not in loop.reviewed()]].any()
     assert time.monotonic() - t0 < 60
 
