@@ -22,8 +22,9 @@ Prints a markdown table and writes it to ``--out``::
 Heads use their general defaults (``TrainParams()``); the rows ``cnn no-image``, ``cnn no-aug``,
 ``cnn +flips`` and ``cnn 32-cell windows`` are ablations of the cnn head's image skips, its
 augmentation and its training-window size (32 cells: the default before 3/8 of the grid, 24);
-``hsam no-mask-attention``, ``hsam no-masa`` and ``hsam no-hierarchical`` switch off one of
-H-SAM's three parts each. Ablations run at ``--ablation-ks`` only. ``--seeds 0,1,2`` trains every
+``hsam no-mask-attention`` switches off, ``hsam +masa``, ``hsam +hierarchical`` and
+``hsam 2-layer stage 2`` switch on, one part of H-SAM's decoder each (the hsam default has mask
+attention only and one stage-2 layer); ``hsam all parts`` is H-SAM's full decoder. Ablations run at ``--ablation-ks`` only. ``--seeds 0,1,2`` trains every
 head once per seed and adds a table of the seed spread (mean, min - max of the mean Dice, mean
 training time and its ratio to the cnn head's at the same k); every row names its trainable
 parameter count. ``--save-masks DIR`` keeps each run's predictions for
@@ -191,8 +192,10 @@ VARIANTS = {
     "autosam": ("autosam", {}, {}),
     "hsam": ("hsam", {}, {}),
     "hsam no-mask-attention": ("hsam", {"mask_attention": False}, {}),
-    "hsam no-masa": ("hsam", {"masa": False}, {}),
-    "hsam no-hierarchical": ("hsam", {"hierarchical": False}, {}),
+    "hsam +masa": ("hsam", {"masa": True}, {}),
+    "hsam +hierarchical": ("hsam", {"hierarchical": True}, {}),
+    "hsam 2-layer stage 2": ("hsam", {"stage2_layers": 2}, {}),
+    "hsam all parts": ("hsam", {"masa": True, "hierarchical": True, "stage2_layers": 2}, {}),
     "selfprompt": ("selfprompt", {}, {}),
 }
 #: the prefixes of ablation rows (run at --ablation-ks only)

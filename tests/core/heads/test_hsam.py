@@ -18,8 +18,10 @@ from ._contract import (
 )
 
 PARTS = ("mask_attention", "masa", "hierarchical")
-CONFIGS = [{}, *({p: False} for p in PARTS)]
-IDS = ["full", *(f"no-{p}" for p in PARTS)]
+#: every part on and SAM's two layers in stage 2 (the default is mask attention only, one layer)
+FULL = {"mask_attention": True, "masa": True, "hierarchical": True, "stage2_layers": 2}
+CONFIGS = [{}, FULL, *({**FULL, p: False} for p in PARTS)]
+IDS = ["default", "full", *(f"no-{p}" for p in PARTS)]
 
 
 def test_registered():
@@ -43,13 +45,29 @@ def test_every_parameter_gets_a_gradient_and_no_encoder_parameter(loaded, config
     check_gradients(loaded, "hsam", config)
 
 
+def test_default_is_mask_attention_and_one_stage_two_layer(loaded):
+    head = build_head("hsam", num_classes=K, loaded=loaded)
+    assert head.config == {"mask_attention": True, "masa": False, "hierarchical": False, "masa_grid": 16,
+                           "stage2_layers": 1}
+    assert len(head.transformer2.layers) == 1 and len(head.transformer1.layers) == 2
+    # the one layer is the backbone's first (skips the positional encoding in its self-attention)
+    first = loaded.model.mask_decoder.transformer.layers[0]
+    assert head.transformer2.layers[0].skip_first_layer_pe
+    for (n1, p1), (n2, p2) in zip(head.transformer2.layers[0].state_dict().items(), first.state_dict().items(),
+                                  strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert not any(k.startswith(("masa_", "fuse.")) for k in head.state_dict())
+    with pytest.raises(ValueError, match="stage2_layers"):
+        build_head("hsam", num_classes=K, loaded=loaded, stage2_layers=3)
+
+
 def test_each_part_can_be_switched_off(loaded):
-    full = build_head("hsam", num_classes=K, loaded=loaded)
+    full = build_head("hsam", num_classes=K, loaded=loaded, **FULL)
     n_full = full.n_parameters()
     keys = set(full.state_dict())
     owned = {"mask_attention": "gain_", "masa": "masa_", "hierarchical": "fuse."}
     for part, prefix in owned.items():
-        head = build_head("hsam", num_classes=K, loaded=loaded, **{part: False})
+        head = build_head("hsam", num_classes=K, loaded=loaded, **{**FULL, part: False})
         assert head.n_parameters() < n_full, part
         assert keys - set(head.state_dict()) == {k for k in keys if k.startswith(prefix)}, part
         # and the part changes what the head computes
@@ -91,7 +109,7 @@ def test_mask_attention_follows_the_prior(loaded):
 
 def test_reweighting_is_not_the_identity(loaded):
     # the original's softmax over one channel gives a gate of 1 everywhere; ours varies over the grid
-    head = build_head("hsam", num_classes=K, loaded=loaded)
+    head = build_head("hsam", num_classes=K, loaded=loaded, masa=True)
     emb = torch.randn(1, *loaded.spec.embedding_shape, generator=torch.Generator().manual_seed(0))
     gates = []
     hook = head.masa_attn.register_forward_hook(lambda m, a, out: gates.append(out))
@@ -124,8 +142,8 @@ def test_positional_windows(loaded):
 
 def test_training_lowers_the_loss_and_the_head_file_round_trips(tmp_path, loaded, other, encoder_and_data):
     encoder, data = encoder_and_data
-    head = check_training_lowers_the_loss(loaded, data, "hsam", {})
-    assert head.meta.kind == "hsam" and head.meta.config["masa"] is True
+    head = check_training_lowers_the_loss(loaded, data, "hsam", FULL)
+    assert head.meta.kind == "hsam" and head.meta.config["masa"] is True and head.meta.config["stage2_layers"] == 2
     check_round_trip_and_refusal(tmp_path, loaded, other, encoder, head)
 
 
