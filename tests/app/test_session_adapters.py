@@ -5,16 +5,19 @@ current (encoders rebuilt, embeddings keyed apart), remove_adapter goes back to 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from napari_medsam.app import AnnotationSession
+from napari_medsam.app.params import ModelChoice
 from napari_medsam.core.adapt import AdapterConfig, AdaptParams, adapter_config, base_model
 
 
-def test_train_set_and_remove_an_adapter():
+@pytest.mark.parametrize("precision", ["fp32", "auto"])  # auto: bf16 on a CPU with AVX512-BF16
+def test_train_set_and_remove_an_adapter(precision):
     from napari_medsam._sample_data import synthetic_volume
 
     session = AnnotationSession(disk_cache=False)
-    plain = session.load_model("test_tiny_lite")
+    plain = session.load_model(ModelChoice("test_tiny_lite", precision=precision))
     vol = synthetic_volume((5, 40, 40))
     labels = np.zeros(vol.shape, np.uint16)
     labels[2][vol[2] > 100] = 1
