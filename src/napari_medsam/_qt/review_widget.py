@@ -273,7 +273,7 @@ class ReviewWidget(DockWidget):
 
     def _on_paint(self, event: Any) -> None:
         """A paint, fill or erase on the labels layer: its slices (from the undo atoms) are reviewed."""
-        if self.loop is None:
+        if self.loop is None or self.session.writing_proposals:  # the session's own writes are not the user's
             return
         ax, slices = self.loop.axis, set()
         for atom in getattr(event, "value", None) or ():
