@@ -20,8 +20,9 @@ Families (AutoSAM, Hu et al. 2023, rebuilt on LiteMedSAM's 64x64 grid; see docs/
     classes come out of one transformer pass.
 ``hsam``
     H-SAM's two-stage hierarchical decoder (Cheng et al. 2024): the autosam decoder gives a prior
-    mask; a second two-way transformer with fresh class tokens attends under that prior, on a
-    class-balanced re-weighted embedding, and a pixel decoder fuses both stages.
+    mask; a second two-way transformer (one layer by default) with fresh class tokens attends under
+    that prior; H-SAM's class-balanced re-weighting of the embedding and its pixel decoder fusing both
+    stages are options (``masa``, ``hierarchical``; off by default: they measured worse here).
 ``selfprompt``
     ESP-MedSAM's self-prompting decoder (Xu et al. 2024): a coarse per-class patch map predicted
     from the embedding becomes a dense prompt; one query per class through SAM's decoder.
@@ -83,7 +84,7 @@ HEAD_DESCRIPTIONS: dict[str, str] = {
     "linear": "1x1 projection of the embedding, bilinear upsampling (probe; ~1k parameters)",
     "cnn": "UNet-style convolutional decoder up to the decoder's 4x resolution, image skips (~0.1M parameters)",
     "autosam": "SAM mask decoder without prompts, one token per class, initialised from the backbone (~4M)",
-    "hsam": "H-SAM: two-stage decoder, the first stage's prior mask guides the second (both from the backbone; ~9M)",
+    "hsam": "H-SAM: two-stage decoder, the first stage's prior mask guides the second (both from the backbone; ~6M)",
     "selfprompt": "ESP-MedSAM: a predicted patch map as dense prompt, one query per class (from the backbone; ~4M)",
 }
 
