@@ -65,7 +65,7 @@ def main() -> int:
     model_w.embed()
     pump(8.0)
     shot(viewer, "02-model-embedding.png")
-    model_w._on_cancel()
+    model_w.cancel()
     wait(model_w.embed_job)
 
     annot.set_classes(annot.classes)  # default class list
@@ -126,7 +126,7 @@ def main() -> int:
         fw.segment()  # embeds every remaining slice: minutes on a CPU, so shown running, then cancelled
         pump(10.0)
         shot(viewer, "07-finetune.png")
-        fw._on_cancel()
+        fw.cancel()
         wait(fw.predict_job)
     viewer.close()
     return 0

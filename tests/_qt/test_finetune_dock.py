@@ -140,7 +140,7 @@ def test_lora_adapter_and_cancel(viewer, widgets, qtbot):
     fw = _finetune(viewer, image, drawn, "adapter:lora", steps=5000)
     fw.train()
     qtbot.waitUntil(lambda: len(fw.loss_plot.values) >= 1, timeout=120_000)
-    fw._on_cancel()
+    fw.cancel()
     wait_job(qtbot, fw.train_job)
     assert fw.train_job.cancelled and session.loaded is plain  # nothing applied
     assert "cancelled" in fw.loss_label.text()

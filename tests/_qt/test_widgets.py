@@ -457,7 +457,7 @@ def test_embed_whole_image_then_cancel(viewer, widgets, qtbot):
     _go_to(viewer, big, 300)
     model.embed()
     qtbot.waitUntil(lambda: model.embed_job.last is not None and model.embed_job.last.step >= 8, timeout=60_000)
-    model._on_cancel()
+    model.cancel()
     _wait(qtbot, model.embed_job)
     assert model.embed_job.cancelled
     enc = session_for(viewer).peek_encoder(model.request())
@@ -532,7 +532,7 @@ def test_finetune_cancel_keeps_nothing(viewer, widgets, qtbot):
     fw.epochs_spin.setValue(5000)
     fw.train()
     qtbot.waitUntil(lambda: len(fw.loss_plot.values) > 2, timeout=60_000)
-    fw._on_cancel()
+    fw.cancel()
     _wait(qtbot, fw.train_job)
     assert fw.train_job.cancelled and fw.head is None
     assert "cancelled" in fw.loss_label.text()

@@ -137,7 +137,7 @@ class EditsMixin:
         if job.cancelled:
             self.status_label.setText("Propagation cancelled; nothing was written.")
 
-    def _on_cancel(self) -> None:
+    def cancel(self) -> None:
         if self.propagate_job is not None:
             self.propagate_job.cancel()
 

@@ -78,7 +78,7 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self.propagate_button.clicked.connect(self.propagate)
         self.clear_button.clicked.connect(self.clear_slice)
         self.undo_button.clicked.connect(self.undo)
-        self.cancel_button.clicked.connect(self._on_cancel)
+        self.cancel_button.clicked.connect(self.cancel)
         self.prefetch_check.toggled.connect(self._on_prefetch_toggled)
         for plane, button in self.plane_buttons.items():
             button.clicked.connect(lambda *_, plane=plane: self.show_plane(plane))

@@ -67,7 +67,7 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
         self.head_combo.currentIndexChanged.connect(self._on_target_changed)
 
         self.train_button.clicked.connect(self.train)
-        self.cancel_button.clicked.connect(self._on_cancel)
+        self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(self._on_save)
         self.load_button.clicked.connect(self._on_load)
         self.segment_button.clicked.connect(self.segment)
@@ -185,7 +185,7 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
             self.loss_label.setText(f"{job.desc}: cancelled; nothing was kept.")
         self._update_buttons()
 
-    def _on_cancel(self) -> None:
+    def cancel(self) -> None:
         for job in (self.train_job, self.predict_job):
             if job is not None and job.running:
                 job.cancel()
@@ -264,7 +264,7 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
     # -- cleanup ---------------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        self._on_cancel()
+        self.cancel()
         self.image_combo.disconnect_viewer()
         self.labels_combo.disconnect_viewer()
         self.session.model_changed.disconnect(self._update_buttons)

@@ -57,7 +57,7 @@ class ModelWidget(ModelAdaptersMixin, DockWidget):
         self.adapter_load_button.clicked.connect(self._on_choose_adapter)
         self.adapter_remove_button.clicked.connect(self.remove_adapter)
         self.embed_button.clicked.connect(lambda *_: self.embed())
-        self.cancel_button.clicked.connect(self._on_cancel)
+        self.cancel_button.clicked.connect(self.cancel)
         self.intensity_combo.currentIndexChanged.connect(self._on_intensity)
         self.napari_bar_check.toggled.connect(self._on_napari_bar)
         self.image_combo.layer_changed.connect(self._on_image_changed)
@@ -255,7 +255,7 @@ class ModelWidget(ModelAdaptersMixin, DockWidget):
             self.session.embeddings_changed.emit(job.last.info.get("image_id"))
         self._refresh_cache_status()
 
-    def _on_cancel(self) -> None:
+    def cancel(self) -> None:
         if self.embed_job is not None:
             self.embed_job.cancel()
 
