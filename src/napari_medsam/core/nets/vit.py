@@ -37,20 +37,28 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         b, h, w, _ = x.shape
+        n, hd = self.num_heads, self.head_dim
         qkv = self.qkv(x)
         if self.lora is not None:
             qkv = self.lora(x, qkv)
-        qkv = qkv.reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, HW, hd)
+        qkv = qkv.reshape(b, h * w, 3, n, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, HW, hd), views into qkv
         rh = _get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, hd)
         rw = _get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
-        r_q = q.reshape(b, self.num_heads, h, w, self.head_dim)
-        bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)
-        bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
-        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
+        r_q = q.reshape(b, n, h, w, hd)
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # (B, heads, h, w, h)
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, heads, h, w, w)
+        # the (HW x HW) bias written once, contiguous, for the fused kernel: the sum of the two
+        # non-contiguous einsum outputs came out strided and its reshape was a second full copy
+        # (805 MB in fp32 for a global ViT-B block). Bands of it (of windows or query rows) measured
+        # slower: each call re-reads all keys and values.
+        if torch.is_grad_enabled() and bias_h.requires_grad:  # training adapters: out= has no autograd
+            bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, n, h * w, h * w)
+        else:
+            bias = torch.empty(b, n, h, w, h, w, dtype=q.dtype, device=q.device)
+            bias = torch.add(bias_h[..., :, None], bias_w[..., None, :], out=bias).view(b, n, h * w, h * w)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(b, h, w, -1)
-        return self.proj(out)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, n * hd))
 
 
 def _window_partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -97,11 +105,17 @@ class Block(nn.Module):
         ad = self.adapter
         if ad is not None:  # on the whole token grid, after un-windowing (SD-Trans never sees windows)
             x = ad.after_attention(self.attn, normed, x)
-        x = shortcut + x
         if ad is not None:
+            x = shortcut + x
             n2 = self.norm2(x)
             return x + ad.beside_mlp(n2, self.mlp(n2))
-        return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled() and (shortcut.requires_grad or x.requires_grad):
+            x = shortcut + x
+            return x + self.mlp(self.norm2(x))
+        # inference: the residual adds in place on this block's own temporaries, never on its input;
+        # the residual stream keeps its dtype (fp32 under autocast, where attention gives bf16)
+        x = x.add_(shortcut) if x.dtype == shortcut.dtype else shortcut + x
+        return x.add_(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -133,7 +147,9 @@ class ImageEncoderViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x) + self.pos_embed
+        x = self.patch_embed(x)
+        inplace = x.dtype == self.pos_embed.dtype and not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
+        x = x.add_(self.pos_embed) if inplace else x + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
         conv1, ln1, conv2, ln2 = self.neck
