@@ -205,3 +205,19 @@ def test_zarr_missing_chunks_are_logged(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="napari_medsam.io.readers"):
         read_image(path)
     assert "1 of 4 chunks are not stored" in caplog.text
+
+
+
+def test_an_mgh_declaring_more_voxels_than_it_holds_is_a_read_error(tmp_path):
+    """nibabel raises ValueError reading a slice of an MGH whose header declares more voxels than the file
+    holds (found by tests/test_fuzz.py): one ImageReadError, not a ValueError."""
+    import struct
+
+    path = tmp_path / "a.mgh"
+    nib.save(nib.MGHImage(np.arange(4 * 10 * 12, dtype=np.float32).reshape(4, 10, 12), np.eye(4)), path)
+    raw = bytearray(path.read_bytes())
+    raw[4:16] = struct.pack(">iii", 200, 200, 200)  # width, height, depth (big-endian int32)
+    path.write_bytes(bytes(raw))
+    vol = read_image(path)  # the header alone is plausible: opened lazily
+    with pytest.raises(ImageReadError, match="truncated or corrupt"):
+        vol.slice(0, 0)

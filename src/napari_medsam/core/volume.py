@@ -23,7 +23,8 @@ from .errors import ImageReadError, InvalidImageError
 __all__ = ["ImageVolume", "LazyArray"]
 
 # Errors raised while lazily reading a damaged file, turned into ImageReadError on access.
-_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, RuntimeError)  # codecs: RuntimeError
+# codecs raise RuntimeError; nibabel a ValueError ("Whoops, not enough data in file") on a truncated file
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, RuntimeError, ValueError)
 _FORMAT_NAMES = {
     "nifti": "NIfTI",
     "tiff": "TIFF",
