@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any
 
 from qtpy.QtCore import Qt, QTimer
@@ -31,10 +33,32 @@ def fit_dock_height(widget: QWidget, *, later: bool = True) -> None:
     main.resizeDocks([dock], [widget.sizeHint().height() + title + 8], Qt.Orientation.Vertical)
 
 
+def _disconnect_all(connections: list[tuple[Any, Any]], *_args: Any) -> None:
+    while connections:
+        signal, slot = connections.pop()
+        with contextlib.suppress(Exception):  # already disconnected, or the emitter is gone
+            signal.disconnect(slot)
+
+
 class DockWidget(QWidget):
-    """A plugin dock: fits its height once when napari first docks it, calls ``cleanup()`` on close."""
+    """A plugin dock: fits its height once when napari first docks it, calls ``cleanup()`` on close.
+
+    Session signals are connected through :meth:`connect_session`: they are disconnected when the
+    dock closes and also when Qt deletes it without a close (a viewer torn down, a dock removed),
+    so the session never calls into a deleted widget.
+    """
 
     _fitted = False
+    _session_connections: list[tuple[Any, Any]] | None = None
+
+    def connect_session(self, signal: Any, slot: Any) -> None:
+        """Connect a (psygnal) session ``signal`` to ``slot`` for this dock's lifetime."""
+        if self._session_connections is None:
+            self._session_connections = []
+            # a function of the list, not of self: it runs while the C++ widget is being deleted
+            self.destroyed.connect(functools.partial(_disconnect_all, self._session_connections))
+        self._session_connections.append((signal, slot))
+        signal.connect(slot)
 
     def cleanup(self) -> None:  # pragma: no cover - overridden
         """Stop background work and disconnect from the viewer."""
@@ -47,4 +71,5 @@ class DockWidget(QWidget):
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
         self.cleanup()
+        _disconnect_all(self._session_connections or [])
         super().closeEvent(event)

@@ -88,8 +88,8 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self.viewer.dims.events.current_step.connect(self._on_view_changed)
         self.viewer.dims.events.order.connect(self._on_view_changed)
         self.viewer.dims.events.ndisplay.connect(self._on_view_changed)
-        self.session.model_changed.connect(self._on_model_changed)
-        self.session.embeddings_changed.connect(self._on_embeddings_changed)
+        self.connect_session(self.session.model_changed, self._on_model_changed)
+        self.connect_session(self.session.embeddings_changed, self._on_embeddings_changed)
         self._apply_class_colours()
         self._on_image_changed(self.image_combo.layer)
 

@@ -72,8 +72,8 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
         self.load_button.clicked.connect(self._on_load)
         self.segment_button.clicked.connect(self.segment)
         self.image_combo.layer_changed.connect(lambda _ly: self.labels_combo.refresh())
-        self.session.model_changed.connect(self._update_buttons)
-        self.session.head_changed.connect(self._on_head_changed)
+        self.connect_session(self.session.model_changed, self._update_buttons)
+        self.connect_session(self.session.head_changed, self._on_head_changed)
         self._update_buttons()
 
     @property

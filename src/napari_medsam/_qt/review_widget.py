@@ -98,7 +98,7 @@ class ReviewWidget(DockWidget):
         self.suggest_list.itemDoubleClicked.connect(lambda item: self.go_to(int(item.data(Qt.ItemDataRole.UserRole))))
         self.image_combo.layer_changed.connect(lambda _ly: self.labels_combo.refresh())
         self.strategy_combo.currentTextChanged.connect(self._update)
-        self.session.labels_changed.connect(self._on_session_labels)
+        self.connect_session(self.session.labels_changed, self._on_session_labels)
         self._update()
 
     def _accept_labels(self, layer: Any) -> bool:
