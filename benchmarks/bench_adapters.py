@@ -15,6 +15,12 @@ machine with the stated torch thread count (and whatever else runs on it: the lo
     python benchmarks/bench_adapters.py --axes 1 --ks 1 --kinds medsa --steps 10   # quick look
 
 Rows are written to ``--out`` as they finish.
+
+``--heads cnn,linear`` also trains each prompt-free head kind on the same k slices twice, on the
+frozen encoder's embeddings and on the adapted encoder's (``train --with-adapter``), and reports
+its Dice on the same evaluation slices (pooled, no prompt): does adaptation help the heads too?
+
+    python benchmarks/bench_adapters.py --axes 1 --ks 3 --kinds medsa --heads cnn,linear --out /tmp/heads.md
 """
 
 from __future__ import annotations
@@ -67,6 +73,23 @@ def box_dice(encoder, labels: np.ndarray, slices: list[int]) -> tuple[float, flo
     return 2 * inter / total, float(np.mean(per))
 
 
+def head_dice(encoder, labels: np.ndarray, train: list[int], evals: list[int], kind: str,
+              steps: int, threads: int) -> tuple[float, float]:
+    """(pooled Dice on ``evals``, training seconds) of a ``kind`` head trained on ``train``."""
+    from napari_medsam.core.finetune import TrainParams, collect_training_data, fine_tune
+    from napari_medsam.core.infer import predict_slices
+    from napari_medsam.core.progress import drain
+
+    t0 = time.perf_counter()
+    data = drain(collect_training_data(encoder, labels, train))
+    head = drain(fine_tune(data, TrainParams(head=kind, max_steps=steps, threads=threads), loaded=encoder.loaded))
+    secs = time.perf_counter() - t0
+    pred = drain(predict_slices(encoder, head, slices=evals)).labels
+    gt = np.take(labels, evals, axis=encoder.axis) > 0
+    pm = np.take(pred, evals, axis=encoder.axis) > 0
+    return 2 * int((pm & gt).sum()) / max(1, int(pm.sum() + gt.sum())), secs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--structure", default="wm", choices=("wm", "brain"))
@@ -79,6 +102,8 @@ def main() -> int:
     ap.add_argument("--n-eval", type=int, default=8)
     ap.add_argument("--min-area", type=int, default=300, help="least structure pixels for a slice to count")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--heads", default="", help="prompt-free head kinds to train on frozen and adapted embeddings")
+    ap.add_argument("--head-steps", type=int, default=150)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -112,6 +137,10 @@ def main() -> int:
         print(lines[-1], flush=True)
 
     flush()
+    frozen: dict[tuple, tuple[float, float]] = {}
+    head_lines = ["", "Prompt-free heads on the same k slices, Dice (pooled) on the same evaluation slices:", "",
+                  ("| plane | k | head | adapter | Dice, frozen encoder | Dice, adapted encoder | train s frozen | "
+                   "train s adapted |"), "|---|---|---|---|---|---|---|---|"]
     configs = {"medsa": AdapterConfig(), "lora": AdapterConfig(kind="lora", rank=4),
                "medsa+sd": AdapterConfig(sd_trans=True), "medsa+hyp": AdapterConfig(hyp=True),
                "decoder": AdapterConfig()}
@@ -145,6 +174,17 @@ def main() -> int:
                 lines.append(f"| {plane} | {k} | {tag} | {trainable:,} ({100 * trainable / c['total']:.1f} %; adapters "
                              f"{n_ad:,}) | {d:.3f} | {m:.3f} | {secs:.0f} | {h['seconds_per_slice_step']:.2f} |")
                 flush()
+                for hk in (h for h in args.heads.split(",") if h):
+                    if (axis, k, hk) not in frozen:
+                        frozen[axis, k, hk] = head_dice(enc, labels, train_sets[k], evals, hk, args.head_steps,
+                                                        args.threads)
+                    fd, fs = frozen[axis, k, hk]
+                    ad, as_ = head_dice(adapted_encoder(enc, trained.loaded), labels, train_sets[k], evals, hk,
+                                        args.head_steps, args.threads)
+                    head_lines.append(f"| {plane} | {k} | {hk} | {tag} | {fd:.3f} | {ad:.3f} | {fs:.0f} | {as_:.0f} |")
+                    print(head_lines[-1], flush=True)
+    if args.heads:
+        lines.extend(head_lines)
     lines.append("")
     lines.append(f"load average at the end {os.getloadavg()[0]:.1f}; command: python {' '.join(sys.argv)}")
     flush()
