@@ -726,7 +726,7 @@ def load_head(path: str | os.PathLike, *, loaded: Any = None) -> TrainedHead:
     Without ``loaded`` the head is rebuilt from the registry's architecture on the CPU.
     Missing or unexpected weights raise :class:`CheckpointError` naming them.
     """
-    from .heads import build_head
+    from .heads import SAVED_DEFAULTS, build_head
     from .registry import get_spec
 
     meta, state = _read_payload(path)
@@ -739,7 +739,9 @@ def load_head(path: str | os.PathLike, *, loaded: Any = None) -> TrainedHead:
         raise HeadMismatchError(
             f"{path}: the head expects embeddings of shape {tuple(meta.embedding_shape)}, model "
             f"{spec.name!r} gives {tuple(spec.embedding_shape)}")
-    module = build_head(meta.kind, num_classes=meta.num_classes, loaded=spec, **meta.config)
+    config = {**SAVED_DEFAULTS.get(meta.kind, {}), **meta.config}  # options older files did not record
+    meta = dataclasses.replace(meta, config=config)  # a warm start continues with the same architecture
+    module = build_head(meta.kind, num_classes=meta.num_classes, loaded=spec, **config)
     missing, unexpected = [], []
     own = module.state_dict()
     missing = [k for k in own if k not in state]

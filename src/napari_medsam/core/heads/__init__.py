@@ -80,6 +80,12 @@ HEADS: dict[str, Callable[..., Any]] = {
     "selfprompt": _selfprompt,
 }
 
+#: per kind, options whose default changed since head files were first written, with the value those
+#: files were trained with: a saved config lacking the option is read with it (``load_head``)
+SAVED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "hsam": {"stage2_layers": None},  # before 2026-12-02 stage 2 had all of the backbone's two-way layers
+}
+
 HEAD_DESCRIPTIONS: dict[str, str] = {
     "linear": "1x1 projection of the embedding, bilinear upsampling (probe; ~1k parameters)",
     "cnn": "UNet-style convolutional decoder up to the decoder's 4x resolution, image skips (~0.1M parameters)",
@@ -115,4 +121,4 @@ def build_head(kind: str, *, num_classes: int, loaded: Any, **config: Any) -> An
     return head
 
 
-__all__ = ["HEADS", "HEAD_DESCRIPTIONS", "build_head"]
+__all__ = ["HEADS", "HEAD_DESCRIPTIONS", "SAVED_DEFAULTS", "build_head"]
