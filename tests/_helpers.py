@@ -40,3 +40,17 @@ def two_structures(shape: tuple[int, ...], *, seed: int = 0, boxes: Sequence[tup
     for value, shift in zip(values, shifts, strict=True):
         vol[lab == value] += shift
     return vol, lab
+
+
+def permuted_scan(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same scan stored as ``(k, i, j)`` with ``i`` and ``k`` reversed: a different array and a
+    different affine for the same anatomy. Returns ``(array, affine, its shape)``; the array's index
+    ``(a, b, c)`` is the original's ``(n[1] - 1 - b, c, n[0] - 1 - a)``, with ``n`` the new shape."""
+    perm = (2, 0, 1)
+    other = np.ascontiguousarray(np.transpose(data, perm)[::-1, ::-1, :])
+    n = np.array(data.shape)[list(perm)]
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, n[0] - 1
+    flip[1, 1], flip[1, 3] = -1, n[1] - 1
+    swap = np.eye(4)[[*perm, 3]].T  # other index (a, b, c) -> original index with i = b, j = c, k = a
+    return other, affine @ swap @ flip, n

@@ -8,6 +8,7 @@ import pytest
 
 from napari_medsam import _layers, _orientation
 from napari_medsam.io import ImageVolume
+from tests._helpers import permuted_scan
 
 
 def _layer(data, affine):
@@ -61,14 +62,7 @@ def test_mni_axial_view_is_radiological(mni_small):
 def test_permuted_flipped_scan_shows_the_same_pictures(mni_small, plane):
     data, affine = mni_small
     # store the same scan as (k, i, j) with i and k reversed: a different array, a different affine
-    perm = (2, 0, 1)
-    other = np.ascontiguousarray(np.transpose(data, perm)[::-1, ::-1, :])
-    n = np.array(data.shape)[list(perm)]
-    flip = np.eye(4)
-    flip[0, 0], flip[0, 3] = -1, n[0] - 1
-    flip[1, 1], flip[1, 3] = -1, n[1] - 1
-    swap = np.eye(4)[[*perm, 3]].T  # other index (a, b, c) -> original index with i = b, j = c, k = a
-    other_affine = affine @ swap @ flip
+    other, other_affine, n = permuted_scan(data, affine)
     np.testing.assert_allclose(other_affine @ [0, 0, 0, 1], affine @ [n[1] - 1, 0, n[0] - 1, 1])
     a = _orientation.plane_view(_layer(data, affine), plane)
     b = _orientation.plane_view(_layer(other, other_affine), plane)

@@ -15,6 +15,7 @@ import pytest
 from qtpy.QtCore import Qt
 
 from napari_medsam import _layers, _orientation
+from tests._helpers import permuted_scan
 
 from .conftest import PLUGIN
 
@@ -26,14 +27,7 @@ def permuted_mni(mni, tmp_path):
     """The MNI template stored as (k, i, j) with i and k reversed; (path, data, affine)."""
     data = np.ascontiguousarray(mni["t1"][::3, ::3, ::3].astype(np.float32))
     affine = mni["affine"] @ np.diag([3.0, 3.0, 3.0, 1.0])
-    perm = (2, 0, 1)
-    other = np.ascontiguousarray(np.transpose(data, perm)[::-1, ::-1, :])
-    n = np.array(data.shape)[list(perm)]
-    flip = np.eye(4)
-    flip[0, 0], flip[0, 3] = -1, n[0] - 1
-    flip[1, 1], flip[1, 3] = -1, n[1] - 1
-    swap = np.eye(4)[[*perm, 3]].T
-    other_affine = affine @ swap @ flip
+    other, other_affine, _n = permuted_scan(data, affine)
     path = tmp_path / "permuted.nii.gz"
     img = nib.Nifti1Image(other, other_affine)
     img.set_sform(other_affine, code=2)
