@@ -59,3 +59,32 @@ def test_repropagating_in_the_dock_replaces_only_unreviewed_proposals(viewer, wi
         np.testing.assert_array_equal(data[z] == 1, b)
     # the propagation's own writes went through the layer too, and did not count as the user's
     assert annot.session.edits.proposed(labels, 1, 0) == {6, 7, 8, 10}
+
+
+def test_propagate_within_a_typed_slice_range(viewer, widgets, qtbot):
+    annot = widgets.annot
+    image = viewer.add_image(np.random.default_rng(0).random((12, 32, 30)).astype(np.float32), name="vol")
+    annot.image_combo.set_layer(image)
+    labels = viewer.add_labels(np.zeros((12, 32, 30), np.uint8), name="vol labels")
+    annot.labels_combo.set_layer(labels)
+    spans = []
+
+    def fixed(req, seeds, params=None, *, cancel=None, span=None):
+        spans.append(span)
+        yield from ()
+        return {}
+
+    annot.session.propagate_steps = fixed
+    annot.session.commit(3, _square(2, 12), 1, target=labels, view=volume_view(labels.data.shape, 0, 3))
+    annot.range_edit.setText("2:abc")
+    annot.propagate()
+    assert annot.propagate_job is None and spans == []  # refused with a hint, nothing started
+    assert "START:STOP" in annot.hint_label.text()
+    annot.range_edit.setText("2:6")
+    annot.propagate()
+    wait_job(qtbot, annot.propagate_job)
+    assert spans == [(2, 7)]  # both ends included, as the user reads slice numbers
+    annot.range_edit.setText("")
+    annot.propagate()
+    wait_job(qtbot, annot.propagate_job)
+    assert spans[-1] is None  # empty: every slice

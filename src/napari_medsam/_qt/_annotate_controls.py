@@ -11,6 +11,7 @@ from qtpy.QtWidgets import (
     QGridLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QProgressBar,
     QPushButton,
     QSizePolicy,
@@ -97,6 +98,13 @@ def build_controls(w: Any) -> None:
                      "affine; the array and the exported labels keep their order)")
         plane_row.addWidget(b)
     grid.addLayout(plane_row, 2, 2)
+    w.range_edit = QLineEdit()
+    w.range_edit.setPlaceholderText("every slice (or e.g. 40:75)")
+    w.range_edit.setToolTip("Propagate only within these slices along the sliced axis, both ends included "
+                            "(START:STOP, either side may be empty); empty: the whole volume")
+    range_row = QHBoxLayout()
+    range_row.addWidget(QLabel("Propagate within"))
+    range_row.addWidget(w.range_edit, 1)
     prefetch_row = QHBoxLayout()
     prefetch_row.addWidget(w.prefetch_check)
     prefetch_row.addStretch(1)
@@ -117,6 +125,7 @@ def build_controls(w: Any) -> None:
     layout.addLayout(lform)
     layout.addWidget(w.class_box)
     layout.addLayout(grid)
+    layout.addLayout(range_row)
     layout.addLayout(prefetch_row)
     layout.addWidget(w.progress_bar)
     layout.addWidget(w.hint_label)

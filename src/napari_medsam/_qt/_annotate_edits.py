@@ -58,6 +58,9 @@ class EditsMixin:
         if self.session.loaded is None:
             self._load_default_model(then=self.propagate)
             return
+        span = self.propagation_span(view)
+        if span is False:
+            return
         labels = self.labels_layer
         cls = self.current_class
         pts, shp = self.prompt_layers(create=False)
@@ -78,9 +81,24 @@ class EditsMixin:
             self._on_propagated(image_ref, labels_ref, view, cls, masks, set(seeds))
 
         self.propagate_job = self.session.hold_cpu(_workers.start(  # prefetching waits meanwhile
-            lambda cancel: self.session.propagate_steps(req, seeds, cancel=cancel),
+            lambda cancel: self.session.propagate_steps(req, seeds, cancel=cancel, span=span),
             desc=f"Propagating {cls.name}", on_progress=self._on_job_progress, on_returned=returned,
             on_finished=self._on_propagate_finished, show_bar=self.session.napari_progress))
+
+    def propagation_span(self, view: _layers.SliceView) -> tuple[int, int] | None | bool:
+        """The half-open slice range typed in *Propagate within* (None: the whole volume; False: the
+        text is not a range, and the hint says why)."""
+        from ..core.errors import PromptError
+        from ..core.propagation import parse_range
+
+        text = self.range_edit.text().strip()
+        if not text:
+            return None
+        try:
+            return parse_range(text, view.n_slices, inclusive=True)
+        except PromptError as e:
+            self._hint(f"{e} — e.g. 40:75 (both ends included), or leave it empty for every slice.")
+            return False
 
     def _on_job_progress(self, p: Any) -> None:
         _workers.show_progress(self.progress_bar, p)
