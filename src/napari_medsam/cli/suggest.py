@@ -21,7 +21,8 @@ def register(sub: Any) -> None:
     from ..core.uncertainty import DEFAULT_STRATEGY, STRATEGIES
 
     p = sub.add_parser(
-        "suggest", help="print the next slices to review (most uncertain first) for a trained head",
+        "suggest", help="print the next slices to review, in order, for a trained head (default: fill the "
+                        "largest unreviewed gap first)",
         description="Predict the unreviewed slices of IMAGE with HEAD, score each by the head's uncertainty and "
                     "print the N best, spread out, one per line: SLICE SCORE.",
     )
