@@ -164,7 +164,7 @@ def test_prefetching_waits_while_a_propagation_runs(viewer, annot, volume, qtbot
     assert annot.prefetch.prefetcher.wait_idle(30)
     release = threading.Event()
 
-    def stalled(req, seeds, params=None, *, cancel=None):
+    def stalled(req, seeds, params=None, *, cancel=None, span=None):
         while not release.is_set() and not cancel.is_set():
             yield Progress(0, 0, "propagating")
             time.sleep(0.02)

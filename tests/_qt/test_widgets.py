@@ -140,7 +140,7 @@ def test_scan_to_exported_labels(viewer, widgets, qtbot, tmp_path):
     square[2:30, 3:25] = True
     seeds_seen = {}
 
-    def fixed_propagation(req, seeds, params=None, *, cancel=None):
+    def fixed_propagation(req, seeds, params=None, *, cancel=None, span=None):
         seeds_seen.update(seeds)
         yield from ()
         return dict.fromkeys((4, 5, 6), square)
