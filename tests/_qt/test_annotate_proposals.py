@@ -19,12 +19,18 @@ def _square(r0, r1):
     return m
 
 
-def test_repropagating_in_the_dock_replaces_only_unreviewed_proposals(viewer, widgets, qtbot):
+def _volume_in_the_dock(viewer, widgets):
+    """A 12-slice random volume and its labels layer, chosen in the Annotate dock."""
     annot = widgets.annot
     image = viewer.add_image(np.random.default_rng(0).random((12, 32, 30)).astype(np.float32), name="vol")
     annot.image_combo.set_layer(image)
     labels = viewer.add_labels(np.zeros((12, 32, 30), np.uint8), name="vol labels")
     annot.labels_combo.set_layer(labels)
+    return annot, labels
+
+
+def test_repropagating_in_the_dock_replaces_only_unreviewed_proposals(viewer, widgets, qtbot):
+    annot, labels = _volume_in_the_dock(viewer, widgets)
     assert annot.labels_layer is labels
     plans, seen = [], []
 
@@ -62,11 +68,7 @@ def test_repropagating_in_the_dock_replaces_only_unreviewed_proposals(viewer, wi
 
 
 def test_propagate_within_a_typed_slice_range(viewer, widgets, qtbot):
-    annot = widgets.annot
-    image = viewer.add_image(np.random.default_rng(0).random((12, 32, 30)).astype(np.float32), name="vol")
-    annot.image_combo.set_layer(image)
-    labels = viewer.add_labels(np.zeros((12, 32, 30), np.uint8), name="vol labels")
-    annot.labels_combo.set_layer(labels)
+    annot, labels = _volume_in_the_dock(viewer, widgets)
     spans = []
 
     def fixed(req, seeds, params=None, *, cancel=None, span=None):
