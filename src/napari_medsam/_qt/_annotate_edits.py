@@ -37,10 +37,7 @@ class EditsMixin:
         cls = self.current_class
         edit = self.session.commit(view.index, self._last[1].mask, cls.label_id, target=labels, view=view,
                                    name=cls.name)
-        pts, shp = self.prompt_layers(create=False)
-        self._cancel_preview()
-        _layers.remove_prompts(pts, shp, image, view)
-        self._clear_preview()
+        self._remove_prompts(image, view)
         n = 0 if edit is None else edit.n_voxels
         self.status_label.setText(f"Committed {cls.name} (label {cls.label_id}) on slice {view.index}: {n} voxels.")
 
@@ -163,21 +160,19 @@ class EditsMixin:
         """Remove the prompts on the slice under view and the preview."""
         image = self.image_layer
         view = _layers.current_slice(self.viewer.dims, image) if image is not None else None
-        if view is None:
-            return
-        pts, shp = self.prompt_layers(create=False)
-        self._cancel_preview()
-        _layers.remove_prompts(pts, shp, image, view)
-        self._clear_preview()
+        if view is not None:
+            self._remove_prompts(image, view)
 
     def clear_all(self) -> None:
         """Remove every prompt of the selected image and the preview."""
-        image = self.image_layer
-        if image is None:
-            return
+        if self.image_layer is not None:
+            self._remove_prompts(self.image_layer, None)
+
+    def _remove_prompts(self, image: Any, view: _layers.SliceView | None) -> None:
+        """The prompts of ``image`` on ``view`` (None: every slice) and the preview go."""
         pts, shp = self.prompt_layers(create=False)
         self._cancel_preview()
-        _layers.remove_prompts(pts, shp, image, None)
+        _layers.remove_prompts(pts, shp, image, view)
         self._clear_preview()
 
     def undo(self) -> None:

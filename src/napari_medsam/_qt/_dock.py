@@ -60,6 +60,10 @@ class DockWidget(QWidget):
         self._session_connections.append((signal, slot))
         signal.connect(slot)
 
+    def disconnect_session(self) -> None:
+        """Drop every connection made by :meth:`connect_session` (``cleanup`` and close call it)."""
+        _disconnect_all(self._session_connections or [])
+
     def cleanup(self) -> None:  # pragma: no cover - overridden
         """Stop background work and disconnect from the viewer."""
 
@@ -71,5 +75,5 @@ class DockWidget(QWidget):
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
         self.cleanup()
-        _disconnect_all(self._session_connections or [])
+        self.disconnect_session()
         super().closeEvent(event)

@@ -271,10 +271,9 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self.image_combo.disconnect_viewer()
         self.labels_combo.disconnect_viewer()
         self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
-        self.session.embeddings_changed.disconnect(self._on_embeddings_changed)
+        self.disconnect_session()
         self.viewer.dims.events.current_step.disconnect(self._on_view_changed)
         self.viewer.dims.events.order.disconnect(self._on_view_changed)
         self.viewer.dims.events.ndisplay.disconnect(self._on_view_changed)
-        self.session.model_changed.disconnect(self._on_model_changed)
         if self._watched_image is not None:
             self._watched_image.events.data.disconnect(self._on_image_data)

@@ -267,5 +267,4 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
         self.cancel()
         self.image_combo.disconnect_viewer()
         self.labels_combo.disconnect_viewer()
-        self.session.model_changed.disconnect(self._update_buttons)
-        self.session.head_changed.disconnect(self._on_head_changed)
+        self.disconnect_session()

@@ -267,7 +267,6 @@ class ModelWidget(ModelAdaptersMixin, DockWidget):
             if job is not None:
                 job.cancel()
         self.image_combo.disconnect_viewer()
-        self.session.model_changed.disconnect(self._on_model_changed)
-        self.session.embeddings_changed.disconnect(self._on_embeddings_changed)
+        self.disconnect_session()
         self.viewer.dims.events.current_step.disconnect(self._on_dims)
         self.viewer.dims.events.order.disconnect(self._on_image_changed)

@@ -292,6 +292,7 @@ class ReviewWidget(DockWidget):
 
     def cleanup(self) -> None:
         self.cancel()
+        self.disconnect_session()
         if self.saver is not None:
             self.saver.close()
             self.saver = None
