@@ -108,3 +108,94 @@ def test_get_is_channels_last_and_keeps_the_last_slice(tiny_lite, volume):
     b = ve.get(3)
     assert b is not a and not torch.equal(a, b)
     np.testing.assert_array_equal(ve.get(2)[0].numpy(), cached.astype(np.float32))
+
+
+class _Background:
+    """``enc.embed(indices, yield_to=...)`` in a thread, told to give way until ``go()``."""
+
+    def __init__(self, enc, indices, *, cancel=None):
+        self.reached = threading.Event()  # the call reached a block boundary while asked to give way
+        self.give_way = threading.Event()
+        self.give_way.set()
+        self.error = None
+        self.result = None
+
+        def yield_to():
+            if self.give_way.is_set():
+                self.reached.set()
+            return self.give_way.is_set()
+
+        def run():
+            try:
+                self.result = drain(enc.embed(indices, cancel=cancel, yield_to=yield_to))
+            except BaseException as e:  # noqa: BLE001 - checked by the test
+                self.error = e
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert self.reached.wait(30)
+
+    def go(self):
+        self.give_way.clear()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def _in_thread(fn, timeout=30):
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("out", fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    return box.get("out")
+
+
+def test_a_background_call_gives_way_between_blocks(tiny_lite, volume, counting):
+    enc = VolumeEncoder(tiny_lite, volume, axis=0)
+    bg = _Background(enc, [0])  # paused inside its encoder call, before a block
+    assert counting == [1]
+    out = _in_thread(lambda: enc.get(3), timeout=20)  # the old lock held the whole slice: no deadlock now
+    assert out is not None and enc.is_cached(3) and not enc.is_cached(0)
+    bg.go()
+    assert bg.error is None and enc.is_cached(0) and counting == [1, 1]
+    ref = VolumeEncoder(tiny_lite, volume, axis=0)
+    np.testing.assert_allclose(enc.get(0).numpy(), ref.get(0).numpy(), atol=1e-3)  # the resumed call is exact
+
+
+def test_a_foreground_get_of_the_paused_slice_lets_it_finish(tiny_lite, volume, counting):
+    enc = VolumeEncoder(tiny_lite, volume, axis=0)
+    bg = _Background(enc, [2])
+    out = _in_thread(lambda: enc.get(2))  # the background is still asked to give way: it resumes anyway
+    assert out is not None and counting == [1]  # embedded once, by the background call
+    bg.go()
+    assert bg.error is None and counting == [1]
+
+
+def test_a_background_call_abandons_slices_embedded_meanwhile(tiny_lite, volume, counting):
+    enc = VolumeEncoder(tiny_lite, volume, axis=0)
+    bg = _Background(enc, [1])
+    assert _in_thread(lambda: drain(enc.embed([1])))["computed"] == 1  # a job that does not give way
+    bg.go()
+    assert bg.error is None and enc.is_cached(1) and counting == [1, 1]
+
+
+def test_cancel_stops_a_paused_background_call(tiny_lite, volume):
+    enc = VolumeEncoder(tiny_lite, volume, axis=0)
+    cancel = threading.Event()
+    bg = _Background(enc, [0, 1], cancel=cancel)
+    cancel.set()
+    bg.thread.join(10)
+    assert not bg.thread.is_alive() and isinstance(bg.error, Cancelled) and not enc.cached_indices()
+
+
+def test_checkpoints_do_nothing_on_other_threads(tiny_lite, volume):
+    from napari_medsam.core.encoder import encoder_checkpoint, install_checkpoints, run_encoder
+
+    x = np.zeros((1, 3, tiny_lite.spec.input_size, tiny_lite.spec.input_size), np.float32)
+    calls = []
+    with encoder_checkpoint(tiny_lite, lambda: calls.append(threading.current_thread().name)):
+        run_encoder(tiny_lite, x)
+        n = len(calls)
+        _in_thread(lambda: run_encoder(tiny_lite, x))
+    assert n > 1 and len(calls) == n  # every block of this thread's call, none of the other's
+    run_encoder(tiny_lite, x)
+    assert len(calls) == n and install_checkpoints(tiny_lite.model.image_encoder) == 0

@@ -14,8 +14,9 @@ for the others).
   stopped (without waiting for its encoder call: it ends after the slice it is on) and a new one
   starts on the new encoder.
 * :meth:`hold` / :meth:`release` (the widget's previews) and the session's ``cpu_jobs``
-  (propagation, whole-image embedding, training, prediction) pause it: it starts no encoder call
-  while any of them runs.
+  (propagation, whole-image embedding, training, prediction) pause it: while any of them runs, its
+  encoder call waits at the next block of the network (``preempt``, the default) and it starts no
+  new one.
 * :meth:`close` (the widget closes) stops it for good.
 
 No Qt here beyond the thread worker that builds an encoder.
@@ -43,6 +44,7 @@ class SlicePrefetch:
         self.enabled = bool(enabled)
         self.ahead = int(ahead)
         self.behind = int(behind)
+        self.preempt = True  # a pause stops the running encoder call between two blocks (core.prefetch)
         self.prefetcher: Any = None
         self.error: BaseException | None = None
         self._key: tuple | None = None  # what the prefetcher (or the encoder being built) is for
@@ -159,7 +161,7 @@ class SlicePrefetch:
         from ..core.prefetch import Prefetcher
 
         self.error = None
-        self.prefetcher = Prefetcher(enc, ahead=self.ahead, behind=self.behind).start()
+        self.prefetcher = Prefetcher(enc, ahead=self.ahead, behind=self.behind, preempt=self.preempt).start()
         self._paused = False
         self._apply_pause()
 

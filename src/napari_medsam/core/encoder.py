@@ -8,9 +8,10 @@ switching images, axes, windows or models never mixes embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,54 @@ def as_volume(image: Any) -> Any:
     return image if isinstance(image, ImageVolume) else ImageVolume.from_array(np.asarray(image))
 
 
+_CHECKPOINT = threading.local()  # .fn: what this thread's encoder call runs between blocks
+_INSTALL_LOCK = threading.Lock()
+
+
+def _between_blocks(_module: Any, _args: Any) -> None:
+    fn = getattr(_CHECKPOINT, "fn", None)
+    if fn is not None:
+        fn()
+
+
+def install_checkpoints(encoder: Any) -> int:
+    """Make every block of ``encoder`` (each element of its ``nn.ModuleList``s: TinyViT's stages and
+    their blocks, a ViT's blocks) call the running thread's checkpoint before it runs (see
+    :func:`encoder_checkpoint`); idempotent, returns the number of blocks hooked (0: already done).
+
+    The hooks are the same for every thread and do nothing on a thread that set no checkpoint (a
+    thread-local read per block, well under a microsecond against blocks of tens of milliseconds)."""
+    from torch import nn
+
+    with _INSTALL_LOCK:
+        if getattr(encoder, "_medsam_checkpoints", False):
+            return 0
+        n = 0
+        for m in encoder.modules():
+            if isinstance(m, nn.ModuleList):
+                for child in m:
+                    child.register_forward_pre_hook(_between_blocks)
+                    n += 1
+        encoder._medsam_checkpoints = True
+        return n
+
+
+@contextlib.contextmanager
+def encoder_checkpoint(loaded: LoadedModel, checkpoint: Callable[[], None] | None) -> Iterator[None]:
+    """Inside this block, encoder calls of this thread (:func:`run_encoder`) run ``checkpoint()``
+    before every block of ``loaded``'s encoder (LiteMedSAM: 12 blocks of 40-130 ms of a ~1.1 s
+    slice on 2 AVX2 cores): it may wait (a background call giving the cores and the encoder to a
+    foreground request) or raise to abandon the call. None: no checkpoint."""
+    if checkpoint is not None:
+        install_checkpoints(loaded.model.image_encoder)
+    prev = getattr(_CHECKPOINT, "fn", None)
+    _CHECKPOINT.fn = checkpoint
+    try:
+        yield
+    finally:
+        _CHECKPOINT.fn = prev
+
+
 def run_encoder(loaded: LoadedModel, batch: np.ndarray) -> Any:
     """``(B, 3, S, S)`` float32 inputs -> ``(B, C, h, w)`` float32 embeddings (torch, on the model's device)."""
     import torch
@@ -43,11 +92,22 @@ def run_encoder(loaded: LoadedModel, batch: np.ndarray) -> Any:
     return (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
 
 
+class _Abandon(Exception):  # noqa: N818 - internal control flow, never leaves this module
+    """A yielding encoder call found its slices embedded by the foreground meanwhile."""
+
+
 class VolumeEncoder:
     """Embeddings of one volume's slices along one axis for one model, through the cache.
 
     For a 2D image (grey or RGB) there is a single slice, index 0, whatever ``axis`` says.
     Thread-safe: a worker may embed while the GUI thread asks for the slice under view.
+
+    One encoder call runs at a time (a lock). A background call (:meth:`embed` with ``yield_to``,
+    the prefetcher's) gives way between two blocks of the network while ``yield_to()`` is true: it
+    releases the lock and waits, so a foreground :meth:`get` of another slice starts within one
+    block instead of after the whole slice, and a decode on a cached slice has the cores to itself.
+    A foreground :meth:`get` of the very slice the paused call is embedding lets that call finish
+    it (it resumes at once) rather than start the slice again.
     """
 
     def __init__(self, loaded: LoadedModel, image: Any, *, axis: int = 0, intensity: Intensity | None = None,
@@ -69,6 +129,9 @@ class VolumeEncoder:
         self.batch_size = max(1, int(batch_size))
         self._content_hash = content_hash
         self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._computing: frozenset[int] = frozenset()  # slices a yielding call is embedding now
+        self._wanted: dict[int, int] = {}  # slice -> foreground get() calls waiting for it
         self._prep = preprocess_key(self.intensity, loaded.spec)
         self._last: tuple[EmbeddingKey, Any] | None = None
 
@@ -145,23 +208,58 @@ class VolumeEncoder:
             return last[1]
         emb = self.cache.get(key)
         if emb is None:
-            with self._lock:
-                emb = self.cache.get(key)
-                if emb is None:
-                    out = run_encoder(self.loaded, self.encoder_input(index)[None])
-                    emb = out[0].cpu().numpy().astype(np.float16)
-                    self.cache.put(key, emb, n_slices=self.n_slices)
+            emb = self._embed_foreground(int(index), key)
         hwc = np.empty(emb.shape[1:] + emb.shape[:1], np.float32)  # (h, w, C): one converting transpose
         np.copyto(hwc, np.moveaxis(np.asarray(emb), 0, -1))
         out = torch.from_numpy(hwc).permute(2, 0, 1)[None].to(self.loaded.device)
         self._last = (key, out)
         return out
 
-    def embed(self, indices: Iterable[int] | None = None, *, cancel: threading.Event | None = None) -> ProgressGen[dict]:
+    def _embed_foreground(self, index: int, key: EmbeddingKey) -> np.ndarray:
+        with self._lock:  # a yielding background call releases it between blocks
+            self._wanted[index] = self._wanted.get(index, 0) + 1
+            try:
+                emb = self.cache.get(key)
+                while emb is None and index in self._computing:  # paused on this slice: let it finish
+                    self._cond.wait(0.05)
+                    emb = self.cache.get(key)
+                if emb is None:
+                    out = run_encoder(self.loaded, self.encoder_input(index)[None])
+                    emb = out[0].cpu().numpy().astype(np.float16)
+                    self.cache.put(key, emb, n_slices=self.n_slices)
+            finally:
+                left = self._wanted.pop(index) - 1
+                if left:
+                    self._wanted[index] = left
+        return emb
+
+    def _checkpoint(self, chunk: list[int], cancel: threading.Event | None,
+                    yield_to: Callable[[], bool] | None) -> Callable[[], None]:
+        """What a background call runs between two encoder blocks (the lock is held there)."""
+        wanted = set(chunk)
+
+        def check() -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("embedding stopped; embedded slices stay cached")
+            if yield_to is None or not yield_to():
+                return
+            while yield_to() and not (wanted & self._wanted.keys()):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("embedding stopped; embedded slices stay cached")
+                self._cond.wait(0.01)  # releases the lock: a foreground get() may embed meanwhile
+            if all(self.is_cached(i) for i in chunk):
+                raise _Abandon
+
+        return check
+
+    def embed(self, indices: Iterable[int] | None = None, *, cancel: threading.Event | None = None,
+              yield_to: Callable[[], bool] | None = None) -> ProgressGen[dict]:
         """Embed slices (all by default) that are not cached yet, in batches; yield progress.
 
         Returns a summary ``{"computed": n, "cached": m, "seconds": t}``. Stops between batches
-        when ``cancel`` is set (raising :class:`Cancelled`) or when the consumer closes the generator.
+        when ``cancel`` is set (raising :class:`Cancelled`) or when the consumer closes the generator;
+        with ``yield_to`` also between the encoder's blocks. ``yield_to()``: while true, the call
+        pauses between two blocks and lets foreground requests use the encoder (see the class).
         """
         order = list(range(self.n_slices)) if indices is None else [int(i) for i in indices]
         for i in order:
@@ -179,9 +277,19 @@ class VolumeEncoder:
                 chunk = [i for i in chunk if not self.is_cached(i)]
                 if chunk:
                     batch = np.stack([self.encoder_input(i) for i in chunk])
-                    out = run_encoder(self.loaded, batch).cpu().numpy().astype(np.float16)
-                    for i, emb in zip(chunk, out, strict=True):
-                        self.cache.put(self.key(i), emb, n_slices=self.n_slices)
+                    check = self._checkpoint(chunk, cancel, yield_to) if yield_to is not None else None
+                    self._computing = frozenset(chunk) if check is not None else frozenset()
+                    try:
+                        with encoder_checkpoint(self.loaded, check):
+                            out = run_encoder(self.loaded, batch).cpu().numpy().astype(np.float16)
+                    except _Abandon:
+                        out = None  # the foreground embedded them meanwhile
+                    finally:
+                        self._computing = frozenset()
+                    if out is not None:
+                        for i, emb in zip(chunk, out, strict=True):
+                            self.cache.put(self.key(i), emb, n_slices=self.n_slices)
+                    self._cond.notify_all()
             done += len(todo[start:start + self.batch_size])
             yield Progress(done, total, "embedding", {"slice": chunk[-1] if chunk else None})
         return {"computed": len(todo), "cached": total - len(todo), "seconds": time.perf_counter() - t0}

@@ -62,24 +62,32 @@ class Prefetcher:
     much to lower the worker thread's scheduling priority (Linux; 0 keeps it): prefetching uses
     idle cycles only, so a decoder call in the foreground keeps its latency (measured on 2 busy
     cores: prompt-to-mask median 1.11x idle with nice 19, 1.3x with 10, 2.2x with 0).
+    ``preempt``: while paused, the running encoder call also waits between two blocks of the
+    network (and lets a foreground request of another slice use the encoder), instead of
+    finishing its slice first (see :meth:`VolumeEncoder.embed
+    <napari_medsam.core.encoder.VolumeEncoder.embed>`'s ``yield_to``); False: the old behaviour.
 
     Usage::
 
         pf = Prefetcher(encoder); pf.start()
         pf.update(current_slice)            # on every slice change, from the GUI thread
-        with pf.paused(): segment_slice(...) # optional: keep the cores for an interactive decode
+        with pf.paused(): segment_slice(...) # keep the cores for an interactive decode (the running
+                                             # encoder call waits at its next block boundary)
         pf.pause(); ...; pf.resume()        # the same across callbacks (counted, so they nest)
         pf.close(timeout=0)                 # on layer removal / widget close (0: do not wait)
 
     The encoder's own lock serialises the prefetcher with a foreground ``encoder.get``; a slice
-    the user asks for that is not cached yet is embedded by the foreground call, and the
+    the user asks for that is not cached yet is embedded by the foreground call (or, if the
+    prefetcher is on that very slice, by the prefetcher, which then does not wait), and the
     prefetcher then finds it cached.
     """
 
     def __init__(self, encoder: Any, *, ahead: int = 8, behind: int = 4, batch_size: int = 1,
                  on_ready: Callable[[int], None] | None = None,
-                 on_error: Callable[[BaseException], None] | None = None, nice: int = 19) -> None:
+                 on_error: Callable[[BaseException], None] | None = None, nice: int = 19,
+                 preempt: bool = True) -> None:
         self.encoder = encoder
+        self.preempt = bool(preempt)
         self.nice = int(nice)
         self.ahead = int(ahead)
         self.behind = int(behind)
@@ -142,7 +150,8 @@ class Prefetcher:
         return todo
 
     def pause(self) -> None:
-        """Start no new encoder call until as many :meth:`resume` calls (one running finishes)."""
+        """Start no new encoder call until as many :meth:`resume` calls; with ``preempt`` the
+        running one waits at its next block boundary (else it finishes its slice)."""
         with self._cond:
             self._pause_count += 1
 
@@ -157,7 +166,8 @@ class Prefetcher:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """No new encoder call starts inside this block (one already running finishes first)."""
+        """No encoder work inside this block (a running call stops at its next block boundary
+        with ``preempt``, else after its slice)."""
         self.pause()
         try:
             yield
@@ -169,7 +179,8 @@ class Prefetcher:
         return self._idle.wait(timeout)
 
     def stop(self, timeout: float | None = 5.0) -> None:
-        """Stop the worker (the running encoder call ends at its next batch boundary).
+        """Stop the worker (the running encoder call ends at its next block boundary with
+        ``preempt``, else after its slice).
 
         Waits up to ``timeout`` seconds for the thread to end; ``timeout=0`` returns at once (a GUI
         thread must not wait for an encoder call), and :attr:`running` stays True until it has.
@@ -193,6 +204,9 @@ class Prefetcher:
         return self._thread is not None and self._thread.is_alive()
 
     # -- worker ------------------------------------------------------------------------------------
+    def _should_yield(self) -> bool:
+        return self._pause_count > 0 and not self._stop.is_set()
+
     def _next_chunk(self) -> list[int] | None:
         """Wait for work; None when stopped."""
         with self._cond:
@@ -223,7 +237,8 @@ class Prefetcher:
             if not chunk:
                 continue
             try:
-                summary = drain(self.encoder.embed(chunk, cancel=self._cancel))
+                yield_to = self._should_yield if self.preempt else None
+                summary = drain(self.encoder.embed(chunk, cancel=self._cancel, yield_to=yield_to))
             except Cancelled:
                 return
             except (MedSamError, RuntimeError, OSError, ValueError) as e:
