@@ -41,8 +41,8 @@ def _run(strategy, seed, dice, axis=1):
 
 def test_seed_summary_pairs_by_seed_and_names_the_verdict_per_k():
     even = [[0.50, 0.60, 0.70], [0.52, 0.62, 0.70], [0.54, 0.64, 0.70]]
-    cov = [[0.51, 0.60, 0.60],   # k=1: +0.01 each seed (>=); k=2: -0.02, 0, +0.01 (within the spread);
-           [0.53, 0.62, 0.60],   # k=3: -0.10 each seed, the spreads are ~0 (below)
+    cov = [[0.51, 0.60, 0.60],   # k=1: +0.01 each seed (>=); k=2: -0.02, 0, +0.01 (below on the mean,
+           [0.53, 0.62, 0.60],   # >= with two seeds: within); k=3: -0.10 with every seed (below)
            [0.55, 0.65, 0.60]]
     cov[0][1] = 0.58
     results = [_run("even", s, d) for s, d in enumerate(even)] + [_run("coverage", s, d) for s, d in enumerate(cov)]
@@ -53,7 +53,9 @@ def test_seed_summary_pairs_by_seed_and_names_the_verdict_per_k():
     assert cells[0].startswith("+0.0100 [+0.0100, +0.0100] >=")
     assert cells[1].endswith("within") and cells[1].startswith("-0.0033")
     assert cells[2].startswith("-0.1000") and cells[2].endswith("below")
-    assert "at 1 of 3 k, within the seed spread at 1, below it at 1" in text
+    assert "at 1 of 3 k; below on the mean but >= with some seed at 1; below with every seed at 1" in text
+    spread = next(line for line in text.splitlines() if line.startswith("| spread |"))
+    assert [c.strip() for c in spread.strip("|").split("|")][1:4] == ["0.0400", "0.0700", "0.0000"]  # the larger own range
     # one seed per strategy: no summary (nothing to spread)
     assert bench_active.seed_summary([_run("even", 0, even[0]), _run("coverage", 0, cov[0])], 3) == ""
 
