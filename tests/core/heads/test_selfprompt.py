@@ -7,7 +7,7 @@ import torch
 
 from napari_medsam.core.errors import MedSamError
 from napari_medsam.core.heads import HEAD_DESCRIPTIONS, HEADS, build_head
-from napari_medsam.core.heads.selfprompt import SelfPromptHead, patch_targets
+from napari_medsam.core.heads.selfprompt import SelfPromptHead, patch_targets, upsample_patches
 
 from ._contract import (
     K,
@@ -99,3 +99,59 @@ def test_training_lowers_the_loss_and_the_head_file_round_trips(tmp_path, loaded
 
 def test_trained_on_placed_windows(monkeypatch, loaded, encoder_and_data):
     check_windows_are_placed(monkeypatch, loaded, encoder_and_data[1], SelfPromptHead)
+
+
+def test_one_wrong_patch_blends_into_its_neighbours_instead_of_a_square_step(loaded):
+    # nearest upsampling (the old default) copied a patch's probability onto its 2x2 cells and
+    # nowhere else: a patch the map got wrong became a square 8 px hole in the masks
+    head = build_head("selfprompt", num_classes=K, loaded=loaded)
+    assert head.config["prompt_upsample"] == "bilinear"
+    seen = []
+    hook = head.prompt_net.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    emb = torch.randn(1, *loaded.spec.embedding_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head(emb)
+    hook.remove()
+    c, h, w = loaded.spec.embedding_shape
+    with torch.no_grad():
+        patch = torch.sigmoid(head.patch_net(emb))  # (1, K-1, h/2, w/2)
+    grid = seen[0]  # (1, K-1, h, w): what the prompt conv read
+    assert grid.shape == (1, K - 1, h, w)
+    one = torch.zeros_like(patch)
+    one[..., 2, 2] = 1.0  # a single "wrong" patch, cells 4..5 x 4..5
+    up = upsample_patches(one, (h, w))
+    assert 0.0 < float(up[0, 0, 4, 4]) < 1.0  # blended with its neighbours, not a step
+    assert float(up[0, 0, 3, 4]) > 0.0 and float(up[0, 0, 6, 5]) > 0.0  # and felt just outside its cells
+    assert float(up[0, 0, 0, 0]) == 0.0  # but only there
+    assert torch.allclose(grid, upsample_patches(patch, (h, w)))
+    nearest = upsample_patches(one, (h, w), "nearest")
+    assert float(nearest[0, 0, 3, 4]) == 0.0 and float(nearest[0, 0, 4, 4]) == 1.0
+    with pytest.raises(ValueError, match="prompt_upsample"):
+        build_head("selfprompt", num_classes=K, loaded=loaded, prompt_upsample="cubic")
+
+
+def test_a_head_file_written_before_prompt_upsample_loads_with_nearest(tmp_path, loaded):
+    """Files from before the bilinear default recorded no ``prompt_upsample``: they were trained on
+    nearest-upsampled patch maps and load with them, giving the masks they gave then."""
+    from napari_medsam.core.finetune import HEAD_FORMAT, HeadMeta, load_head
+    from napari_medsam.core.tensorfile import save_tensor_file
+
+    torch.manual_seed(0)
+    module = build_head("selfprompt", num_classes=K, loaded=loaded, prompt_upsample="nearest")
+    cfg = {k: v for k, v in module.config.items() if k != "prompt_upsample"}  # what an old file says
+    meta = HeadMeta(kind="selfprompt", config=cfg, num_classes=K, class_ids=tuple(range(1, K)),
+                    class_names=tuple(f"c{i}" for i in range(1, K)), backbone=loaded.name,
+                    weights_hash=loaded.weights_hash, compute_id=loaded.compute_id, preprocess="",
+                    intensity={}, axis=0, embedding_shape=tuple(loaded.spec.embedding_shape),
+                    input_size=int(loaded.spec.input_size), training_slices=(0,))
+    path = save_tensor_file(tmp_path / "old.head", {"format": HEAD_FORMAT, "meta": meta.to_json(),
+                                                    "state": module.state_dict()})
+    back = load_head(path, loaded=loaded)
+    assert back.meta.config["prompt_upsample"] == "nearest"
+    emb = torch.randn(1, *loaded.spec.embedding_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        module.eval()
+        assert torch.equal(back.module(emb), module(emb))
+        bilinear = build_head("selfprompt", num_classes=K, loaded=loaded.spec)
+        bilinear.load_state_dict(module.state_dict())
+        assert not torch.allclose(bilinear.eval()(emb), module(emb))

@@ -84,6 +84,7 @@ HEADS: dict[str, Callable[..., Any]] = {
 #: files were trained with: a saved config lacking the option is read with it (``load_head``)
 SAVED_DEFAULTS: dict[str, dict[str, Any]] = {
     "hsam": {"stage2_layers": None},  # before 2026-12-02 stage 2 had all of the backbone's two-way layers
+    "selfprompt": {"prompt_upsample": "nearest"},  # before 2026-12-02 the patch map was nearest-upsampled
 }
 
 HEAD_DESCRIPTIONS: dict[str, str] = {

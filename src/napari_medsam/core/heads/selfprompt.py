@@ -4,8 +4,13 @@ Self-patch prompt generator (SPPG): a 2x2 stride-2 conv (C -> 64), LayerNorm, GE
 predict a coarse patch map per foreground class from the embedding (``(B, K-1, h/2, w/2)``:
 32x32 patches of 8x8 pixels for LiteMedSAM), supervised by the max-pooled labels (a patch is
 positive where any of its pixels holds the class). Its probabilities (detached, as the original
-detaches its logits) are upsampled to the grid and turned by a 1x1 conv, LayerNorm and GELU into a
-dense prompt that is **added** to the embedding.
+detaches its logits) are upsampled to the grid (``prompt_upsample``: bilinear by default) and turned
+by a 1x1 conv, LayerNorm and GELU into a dense prompt that is **added** to the embedding.
+Nearest upsampling (the original's, and this head's before 2026-12-02; files saved then keep it)
+makes the prompt piecewise constant over 2x2 cells: one patch the map gets wrong on an unseen
+slice turned into a square 8 px hole (background) in the masks, since the LayerNorm gives every
+cell's prompt the same size whatever the probabilities. Bilinear upsampling lets a single wrong
+patch blend with its neighbours.
 
 Query-decoupled decoder: one learnable query per class (background included) through the
 backbone's two-way transformer (initialised from its decoder, positional encoding its own), the
@@ -42,6 +47,17 @@ def patch_targets(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_max_pool2d((target[:, 1:] > 0.5).float(), size)
 
 
+#: how the patch map reaches the embedding grid: "bilinear" (default) or "nearest" (the original's)
+UPSAMPLING = ("bilinear", "nearest")
+
+
+def upsample_patches(prob: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """``(B, K-1, h/2, w/2)`` patch probabilities -> ``(B, K-1, h, w)`` on the embedding grid."""
+    if mode == "nearest":
+        return F.interpolate(prob, size=size, mode="nearest")
+    return F.interpolate(prob, size=size, mode="bilinear", align_corners=False)
+
+
 class SelfPromptHead(DecoderHead):
     """``(B, C, h, w)`` -> patch map -> dense prompt added -> two-way transformer with ``K`` queries -> logits."""
 
@@ -51,9 +67,12 @@ class SelfPromptHead(DecoderHead):
     positional = True
 
     def __init__(self, *, num_classes: int, spec: ModelSpec, backbone: Any = None, patch_width: int = 64,
-                 patch_weight: float = 1.0) -> None:
+                 patch_weight: float = 1.0, prompt_upsample: str = "bilinear") -> None:
+        if prompt_upsample not in UPSAMPLING:
+            raise ValueError(f"prompt_upsample must be one of {', '.join(UPSAMPLING)}, got {prompt_upsample!r}")
         super().__init__(num_classes=num_classes, spec=spec,
-                         config={"patch_width": int(patch_width), "patch_weight": float(patch_weight)})
+                         config={"patch_width": int(patch_width), "patch_weight": float(patch_weight),
+                                 "prompt_upsample": str(prompt_upsample)})
         dec, prompt_encoder = self.decoder_parts(spec, backbone)
         c = self.embedding_shape[0]
         fg = self.num_classes - 1
@@ -75,7 +94,7 @@ class SelfPromptHead(DecoderHead):
         b, c, h, w = embedding.shape
         src = embedding.float() if embedding.dtype == torch.float16 else embedding
         patch = self.patch_net(src)  # (B, K-1, h/2, w/2)
-        prob = F.interpolate(torch.sigmoid(patch.detach()), size=(h, w), mode="nearest")
+        prob = upsample_patches(torch.sigmoid(patch.detach()), (h, w), self.config["prompt_upsample"])
         src = src + self.no_mask_embed.view(1, c, 1, 1) + self.prompt_net(prob)
         pe = pe_windows(self.dense_pe(), (h, w), origin).to(src.dtype)
         tokens = self.queries.unsqueeze(0).expand(b, -1, -1)
