@@ -199,3 +199,26 @@ def test_checkpoints_do_nothing_on_other_threads(tiny_lite, volume):
     assert n > 1 and len(calls) == n  # every block of this thread's call, none of the other's
     run_encoder(tiny_lite, x)
     assert len(calls) == n and install_checkpoints(tiny_lite.model.image_encoder) == 0
+
+
+def test_keys_and_cached_slices_never_wait_for_a_running_encoder_call(tiny_lite, volume, monkeypatch):
+    enc = VolumeEncoder(tiny_lite, volume, axis=0)
+    drain(enc.embed([4]))
+    started, release = threading.Event(), threading.Event()
+    real = encoder_mod.run_encoder
+
+    def slow(*a):
+        started.set()
+        release.wait(20)
+        return real(*a)
+
+    monkeypatch.setattr(encoder_mod, "run_encoder", slow)
+    bg = threading.Thread(target=lambda: drain(enc.embed([0])), daemon=True)  # holds the lock throughout
+    bg.start()
+    try:
+        assert started.wait(10)
+        out = _in_thread(lambda: (enc.is_cached(4), enc.get(4)), timeout=5)
+        assert out is not None and out[0]  # a prompt on a cached slice does not wait for slice 0
+    finally:
+        release.set()
+        bg.join(20)

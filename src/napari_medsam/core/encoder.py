@@ -161,6 +161,9 @@ class VolumeEncoder:
     # -- keys ---------------------------------------------------------------------------------------
     @property
     def content_hash(self) -> str:
+        h = self._content_hash
+        if h is not None:  # no lock once known: a key() must never wait for a running encoder call
+            return h
         with self._lock:
             if self._content_hash is None:
                 self._content_hash = hash_volume(self.volume.data)
