@@ -41,6 +41,42 @@ def test_seeded_random_models_are_reproducible():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_seeded_random_models_are_the_same_when_loaded_in_parallel_threads():
+    """Two cohort workers (threads of one process) load the test model at once: same weights as alone.
+
+    One worker seeding torch's global generator and building while the other drew from it (the
+    throw-away init of the fused convs) gave a worker other weights than the head was trained on:
+    a flaky cohort test on CI.
+    """
+    import threading
+
+    ref = load_model("test_tiny_lite", device="cpu").model.state_dict()
+    for _ in range(3):
+        start = threading.Barrier(2)
+        out: list = []
+
+        def load(start=start, out=out):
+            start.wait()
+            out.append(load_model("test_tiny_lite", device="cpu").model.state_dict())
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(out) == 2
+        for sd in out:
+            assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_loading_a_random_model_leaves_the_callers_generator_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    load_model("test_tiny_lite", device="cpu")
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_fusing_conv_bn_keeps_outputs():
     torch.manual_seed(0)
     model = build_sam(get_spec("test_tiny_lite")).eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,26 @@ def build_sam(spec: ModelSpec) -> Any:
     )
 
 
+_SEEDED_BUILD = threading.Lock()
+
+
+def _build_seeded(spec: ModelSpec, seed: int) -> Any:
+    """``build_sam(spec)`` with random weights from ``seed``, the same in every thread.
+
+    The modules initialise from torch's global generator: seeding it and building are done under
+    one lock (two cohort workers, threads of one process, loading at once would otherwise draw
+    from each other's sequence and get other weights than the head was trained on), inside
+    ``fork_rng`` so the caller's generator state is left as it was. A thread that draws from the
+    global generator *without* this lock while a test model builds can still change its weights;
+    real checkpoints overwrite the random init, so only ``test_*`` models are concerned.
+    """
+    import torch
+
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_sam(spec)
+
+
 def load_model(name: str | ModelSpec = "litemedsam", *, weights: str | os.PathLike | None = None,
                device: str = "auto", precision: str = "auto", cache_dir: str | os.PathLike | None = None,
                download: bool = True, progress: Callable[[int, int], None] | None = None,
@@ -78,8 +99,6 @@ def load_model(name: str | ModelSpec = "litemedsam", *, weights: str | os.PathLi
     ``trust_weights`` vouches for a weights file that has no published checksum (see
     :func:`~napari_medsam.core.weights.resolve_weights`).
     """
-    import torch
-
     from .device import resolve_device, resolve_precision
     from .weights import load_checkpoint, load_state_dict_strict, resolve_weights
 
@@ -87,8 +106,7 @@ def load_model(name: str | ModelSpec = "litemedsam", *, weights: str | os.PathLi
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     if spec.weights.random_init and weights is None:
-        torch.manual_seed(seed)
-        model = build_sam(spec)
+        model = _build_seeded(spec, seed)
         path, digest = None, f"random-seed{seed}"
     else:
         path_, digest = resolve_weights(spec, path=weights, cache_dir=cache_dir, download=download,

@@ -50,8 +50,11 @@ class Conv2dBN(nn.Sequential):
     def fuse(self) -> nn.Conv2d:
         c, bn = self.c, self.bn
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups,
-                         bias=True, device=c.weight.device, dtype=c.weight.dtype)
+        # skip_init: no draw from torch's global generator (values are overwritten below, and a draw
+        # here would shift the seeded random init of a test model another thread is building)
+        conv = torch.nn.utils.skip_init(nn.Conv2d, c.in_channels, c.out_channels, c.kernel_size, c.stride,
+                                        c.padding, groups=c.groups, bias=True, device=c.weight.device,
+                                        dtype=c.weight.dtype)
         conv.weight.copy_(c.weight * scale[:, None, None, None])
         conv.bias.copy_(bn.bias - bn.running_mean * scale)
         return conv
