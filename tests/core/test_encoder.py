@@ -201,18 +201,11 @@ def test_checkpoints_do_nothing_on_other_threads(tiny_lite, volume):
     assert len(calls) == n and install_checkpoints(tiny_lite.model.image_encoder) == 0
 
 
-def test_keys_and_cached_slices_never_wait_for_a_running_encoder_call(tiny_lite, volume, monkeypatch):
+def test_keys_and_cached_slices_never_wait_for_a_running_encoder_call(tiny_lite, volume, held_encoder):
     enc = VolumeEncoder(tiny_lite, volume, axis=0)
     drain(enc.embed([4]))
-    started, release = threading.Event(), threading.Event()
-    real = encoder_mod.run_encoder
-
-    def slow(*a):
-        started.set()
-        release.wait(20)
-        return real(*a)
-
-    monkeypatch.setattr(encoder_mod, "run_encoder", slow)
+    held_encoder.hold()
+    started, release = held_encoder.started, held_encoder.release
     bg = threading.Thread(target=lambda: drain(enc.embed([0])), daemon=True)  # holds the lock throughout
     bg.start()
     try:

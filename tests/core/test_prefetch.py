@@ -83,18 +83,10 @@ def test_paused_prefetcher_starts_no_encoder_call(tiny_lite, volume, monkeypatch
         pf.close()
 
 
-def test_stop_ends_the_worker_between_batches(tiny_lite, volume, monkeypatch):
+def test_stop_ends_the_worker_between_batches(tiny_lite, volume, held_encoder):
     enc = VolumeEncoder(tiny_lite, volume)
-    started = threading.Event()
-    release = threading.Event()
-    real = encoder_mod.run_encoder
-
-    def slow(*a):
-        started.set()
-        release.wait(5)
-        return real(*a)
-
-    monkeypatch.setattr(encoder_mod, "run_encoder", slow)
+    held_encoder.hold()
+    started, release = held_encoder.started, held_encoder.release
     pf = Prefetcher(enc, ahead=8, behind=8).start()
     pf.update(6)
     assert started.wait(10)
