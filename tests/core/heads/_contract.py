@@ -120,3 +120,19 @@ def check_windows_are_placed(monkeypatch, loaded, data, cls) -> None:
         assert shape[-2:] == (win, win) and origin is not None and len(origin) == shape[0] == 4
         assert all(0 <= r <= h - win and 0 <= c <= h - win for r, c in origin)
     assert len({tuple(o) for _, origin in seen for o in origin}) > 1
+
+
+def save_as_old_head_file(path, module, loaded, *, drop: str):
+    """Write ``module`` as a head file from before option ``drop`` existed (its config lacks it)."""
+    from napari_medsam.core.finetune import HEAD_FORMAT, HeadMeta
+    from napari_medsam.core.tensorfile import save_tensor_file
+
+    n = module.num_classes
+    cfg = {k: v for k, v in module.config.items() if k != drop}
+    ids = tuple(range(1, n))
+    meta = HeadMeta(kind=module.kind, config=cfg, num_classes=n, class_ids=ids,
+                    class_names=tuple(f"c{i}" for i in ids), backbone=loaded.name,
+                    weights_hash=loaded.weights_hash, compute_id=loaded.compute_id, preprocess="",
+                    intensity={}, axis=0, embedding_shape=tuple(loaded.spec.embedding_shape),
+                    input_size=int(loaded.spec.input_size), training_slices=(0,))
+    return save_tensor_file(path, {"format": HEAD_FORMAT, "meta": meta.to_json(), "state": module.state_dict()})

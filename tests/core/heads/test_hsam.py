@@ -15,6 +15,7 @@ from ._contract import (
     check_round_trip_and_refusal,
     check_training_lowers_the_loss,
     check_windows_are_placed,
+    save_as_old_head_file,
 )
 
 PARTS = ("mask_attention", "masa", "hierarchical")
@@ -157,20 +158,12 @@ def test_a_head_file_written_before_stage2_layers_loads_with_both_layers(tmp_pat
     layers' weights: they load (and warm-start) with both, not with today's default of one."""
     import dataclasses as dc
 
-    from napari_medsam.core.finetune import HEAD_FORMAT, HeadMeta, TrainedHead, load_head, save_head
-    from napari_medsam.core.tensorfile import save_tensor_file
+    from napari_medsam.core.finetune import TrainedHead, load_head, save_head
 
     torch.manual_seed(0)
     module = build_head("hsam", num_classes=K + 1, loaded=loaded, stage2_layers=None)
     assert len(module.transformer2.layers) == 2
-    cfg = {k: v for k, v in module.config.items() if k != "stage2_layers"}  # what an old file says
-    meta = HeadMeta(kind="hsam", config=cfg, num_classes=K + 1, class_ids=tuple(range(1, K + 1)),
-                    class_names=tuple(f"c{i}" for i in range(1, K + 1)), backbone=loaded.name,
-                    weights_hash=loaded.weights_hash, compute_id=loaded.compute_id, preprocess="",
-                    intensity={}, axis=0, embedding_shape=tuple(loaded.spec.embedding_shape),
-                    input_size=int(loaded.spec.input_size), training_slices=(0,))
-    path = save_tensor_file(tmp_path / "old.head", {"format": HEAD_FORMAT, "meta": meta.to_json(),
-                                                    "state": module.state_dict()})
+    path = save_as_old_head_file(tmp_path / "old.head", module, loaded, drop="stage2_layers")
     back = load_head(path, loaded=loaded)
     assert len(back.module.transformer2.layers) == 2 and back.meta.config["stage2_layers"] is None
     emb = torch.randn(1, *loaded.spec.embedding_shape, generator=torch.Generator().manual_seed(1))

@@ -15,6 +15,7 @@ from ._contract import (
     check_round_trip_and_refusal,
     check_training_lowers_the_loss,
     check_windows_are_placed,
+    save_as_old_head_file,
 )
 
 
@@ -133,19 +134,11 @@ def test_one_wrong_patch_blends_into_its_neighbours_instead_of_a_square_step(loa
 def test_a_head_file_written_before_prompt_upsample_loads_with_nearest(tmp_path, loaded):
     """Files from before the bilinear default recorded no ``prompt_upsample``: they were trained on
     nearest-upsampled patch maps and load with them, giving the masks they gave then."""
-    from napari_medsam.core.finetune import HEAD_FORMAT, HeadMeta, load_head
-    from napari_medsam.core.tensorfile import save_tensor_file
+    from napari_medsam.core.finetune import load_head
 
     torch.manual_seed(0)
     module = build_head("selfprompt", num_classes=K, loaded=loaded, prompt_upsample="nearest")
-    cfg = {k: v for k, v in module.config.items() if k != "prompt_upsample"}  # what an old file says
-    meta = HeadMeta(kind="selfprompt", config=cfg, num_classes=K, class_ids=tuple(range(1, K)),
-                    class_names=tuple(f"c{i}" for i in range(1, K)), backbone=loaded.name,
-                    weights_hash=loaded.weights_hash, compute_id=loaded.compute_id, preprocess="",
-                    intensity={}, axis=0, embedding_shape=tuple(loaded.spec.embedding_shape),
-                    input_size=int(loaded.spec.input_size), training_slices=(0,))
-    path = save_tensor_file(tmp_path / "old.head", {"format": HEAD_FORMAT, "meta": meta.to_json(),
-                                                    "state": module.state_dict()})
+    path = save_as_old_head_file(tmp_path / "old.head", module, loaded, drop="prompt_upsample")
     back = load_head(path, loaded=loaded)
     assert back.meta.config["prompt_upsample"] == "nearest"
     emb = torch.randn(1, *loaded.spec.embedding_shape, generator=torch.Generator().manual_seed(1))
