@@ -131,20 +131,12 @@ def lat_text(ms: list[float]) -> str:
 
 
 def mni_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """The MNI152 T1 template and its labels (1 grey matter, 2 white matter), as nibabel reads them."""
-    import nibabel as nib
+    """The MNI152 T1 template and its labels (1 grey matter, 2 white matter): ``bench_heads.load_mni``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_heads import load_mni
 
-    from napari_medsam._bench import _nilearn_data
-
-    d = _nilearn_data()
-    t1 = np.asanyarray(nib.load(d / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz").dataobj)
-    gm = np.asanyarray(nib.load(d / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").dataobj, dtype=np.float32)
-    wm = np.asanyarray(nib.load(d / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").dataobj, dtype=np.float32)
-    labels = np.zeros(t1.shape, np.uint8)
-    brain = (gm + wm) > 0.5
-    labels[brain & (gm >= wm)] = 1
-    labels[brain & (wm > gm)] = 2
-    return np.asarray(t1), labels
+    image, labels = load_mni()
+    return np.asarray(image.data[...]), labels
 
 
 def main() -> int:  # noqa: C901 - one linear script
