@@ -241,15 +241,17 @@ class VolumeEncoder:
         """What a background call runs between two encoder blocks (the lock is held there)."""
         wanted = set(chunk)
 
-        def check() -> None:
+        def stop_if_cancelled() -> None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("embedding stopped; embedded slices stay cached")
+
+        def check() -> None:
+            stop_if_cancelled()
             if yield_to is None or not yield_to():
                 return
             while yield_to() and not (wanted & self._wanted.keys()):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("embedding stopped; embedded slices stay cached")
                 self._cond.wait(0.01)  # releases the lock: a foreground get() may embed meanwhile
+                stop_if_cancelled()
             if all(self.is_cached(i) for i in chunk):
                 raise _Abandon
 
