@@ -103,3 +103,22 @@ def test_real_box_on_mni_brain(litemedsam, mni):
         scores.append(dice(res.mask, gt))
     assert np.mean(scores) > 0.55, scores
     assert min(scores) > 0.4, scores
+
+
+def test_decode_all_gives_every_output_the_first_being_decodes(enc):
+    from napari_medsam.core.segment import decode_all
+
+    tf = enc.transform()
+    emb = enc.get(3)
+    for p in (Prompt2D.from_box((5, 4, 30, 20)), Prompt2D(points=np.array([[12.0, 9.0]], np.float32),
+                                                          labels=np.ones(1, np.int64), box=(5, 4, 30, 20))):
+        outs = decode_all(enc.loaded, emb, tf, p, return_prob=True)
+        assert len(outs) == enc.loaded.model.mask_decoder.num_mask_tokens
+        one = decode(enc.loaded, emb, tf, [p], multimask=False)[0]
+        np.testing.assert_allclose(outs[0].logits, one.logits, atol=1e-4)
+        assert outs[0].iou == pytest.approx(one.iou, abs=1e-4)
+        many = decode(enc.loaded, emb, tf, [p], multimask=True)[0]
+        best = max(outs[1:], key=lambda r: r.iou)
+        np.testing.assert_allclose(best.logits, many.logits, atol=1e-4)
+        for r in outs:
+            assert r.mask.shape == (45, 31) and r.prob.shape == (45, 31)

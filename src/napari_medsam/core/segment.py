@@ -165,6 +165,48 @@ def decode(loaded: Any, embedding: Any, tf: SliceTransform, prompts: Sequence[Pr
     return [r for r in results if r is not None]
 
 
+def decode_all(loaded: Any, embedding: Any, tf: SliceTransform, prompt: Prompt2D, *,
+               return_prob: bool = False) -> list[MaskResult]:
+    """Every output of the mask decoder for one object: index 0 is the single-mask output (what
+    :func:`decode` gives for a box), 1.. the multimask outputs, each with its predicted IoU.
+
+    One decoder call. For callers that choose among the candidates by something other than the
+    predicted IoU (propagation picks the one most like the previous slice's mask).
+    """
+    import torch
+
+    from .device import autocast
+
+    validate_prompt(prompt, tf.original)
+    dev = loaded.device
+    pe = loaded.model.prompt_encoder
+    pxy, bxy = _rc_to_xy(tf, np.asarray(prompt.points, np.float32).reshape(-1, 2),
+                         _clipped_box(prompt.box, tf.original) if prompt.box is not None else None)
+    with torch.inference_mode(), autocast(dev, loaded.dtype):
+        points = None
+        if prompt.n_points:
+            points = (torch.from_numpy(pxy[None]).to(dev),
+                      torch.from_numpy(np.asarray(prompt.labels, np.int64).reshape(1, -1)).to(dev))
+        boxes = torch.from_numpy(bxy).to(dev) if bxy is not None else None
+        mask_in = None
+        if prompt.mask_logits is not None:
+            mask_in = torch.from_numpy(np.asarray(prompt.mask_logits, np.float32))[None, None].to(dev)
+        sparse, dense = pe(points, boxes, mask_in)
+        logits, iou = loaded.model.mask_decoder.predict_masks(embedding, pe.get_dense_pe(), sparse, dense)
+        low = logits[0].float()  # (M, L, L)
+        iou = iou[0].float().cpu().numpy()
+        if loaded.spec.pipeline == "medsam":  # as in decode: bilinear(sigmoid(logits)) > 0.5
+            prob = tf.logits_to_original(torch.sigmoid(low)).cpu().numpy()  # (M, H, W)
+            masks = prob > 0.5
+        else:
+            full = tf.logits_to_original(low)  # (M, H, W)
+            masks = full.cpu().numpy() > loaded.spec.mask_threshold
+            prob = torch.sigmoid(full).cpu().numpy() if return_prob else None
+    low_np = low.cpu().numpy()
+    return [MaskResult(mask=masks[k], logits=low_np[k], iou=float(iou[k]),
+                       prob=prob[k] if return_prob and prob is not None else None) for k in range(len(masks))]
+
+
 def segment_slice(encoder: Any, index: int, prompts: Sequence[Prompt2D], **kw: Any) -> list[MaskResult]:
     """Masks for ``prompts`` on slice ``index`` of a :class:`~napari_medsam.core.encoder.VolumeEncoder`."""
     return decode(encoder.loaded, encoder.get(index), encoder.transform(), prompts, **kw)
