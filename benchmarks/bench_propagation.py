@@ -273,6 +273,87 @@ def tune(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.n
             print(f"  {name}/{PLANES[axis]} {'+' if step > 0 else '-'} end {edge}: " + " | ".join(cells))
 
 
+def parse_carry(text: str) -> dict:
+    """``"choose=previous,carry_point=1"`` -> PropagationParams overrides of the carry."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        default = getattr(PropagationParams(), key)
+        if isinstance(default, bool) or default is None:
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def trace(run: Propagation, gt: np.ndarray, axis: int) -> dict:
+    """Per-slice Dice of a run against the structure, outwards from the seed in each direction, and
+    where it drifted: the first slice inside the true extent whose Dice fell below half the seed's."""
+    other = tuple(a for a in range(3) if a != axis)
+    true = np.flatnonzero(gt.any(axis=other))
+    (z0,) = run.seeds
+    d = lambda m, z: 2 * int((m & np.take(gt, z, axis=axis)).sum()) / max(int(m.sum() + np.take(gt, z, axis=axis).sum()), 1)  # noqa: E731
+    seed = d(run.masks[z0], z0)
+    out = {"seed": seed}
+    for step, edge in ((-1, int(true[0])), (1, int(true[-1]))):
+        z, cells, drift = z0 + step, [], None
+        while 0 <= z < gt.shape[axis] and (z in run.masks or (z - edge) * step <= 0):
+            if z in run.masks:
+                v = d(run.masks[z], z)
+                cells.append(str(min(int(v * 10), 9)))
+                if drift is None and (z - edge) * step <= 0 and v < seed / 2:
+                    drift = z
+            else:
+                cells.append(".")
+            if z == edge:
+                cells.append("|")
+            z += step
+        out[step] = ("".join(cells), drift, abs(edge - z0))
+    return out
+
+
+def bench_variants(args: argparse.Namespace) -> None:
+    """One permissive run per case for each carry variant: per-slice Dice outwards from the seed
+    (a digit: Dice x 10; '.': no mask; '|': the true end), where it drifted, and the best joint-grid
+    rule and the default rule simulated on those runs."""
+    mni = load_mni()
+    structs = structures(mni)
+    if args.structures:
+        structs = {k: v for k, v in structs.items() if k in args.structures.split(",")}
+    loaded = load_model(args.model, device=args.device)
+    cache = EmbeddingCache(args.cache) if args.cache else EmbeddingCache(disk=False)
+    planes = [int(p) for p in args.planes.split(",")]
+    variants = args.variants.split(";")
+    encs = {axis: VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache) for axis in planes}
+    for text in variants:
+        carry = parse_carry(text)
+        t0 = time.perf_counter()
+        permissive = []
+        print(f"\n== carry {carry or 'default'}")
+        for axis in planes:
+            for name, gt in structs.items():
+                z, box = seed_box(gt, axis)
+                run = drain(propagate(encs[axis], {z: Prompt2D.from_box(box)},
+                                      params=PropagationParams.permissive(**carry)))
+                permissive.append((name, axis, run))
+                t = trace(run, gt, axis)
+                print(f"  {name}/{PLANES[axis]} seed Dice {t['seed']:.2f}; "
+                      + "; ".join(f"{'-+'[step > 0]} drift at {t[step][1]} (end {t[step][2]} away) {t[step][0]}"
+                                  for step in (-1, 1)))
+        rows = joint_grid(permissive, structs)
+        best = max(rows, key=lambda r: (r[0], r[1]))
+        default = PropagationParams(**carry)
+        res = [evaluate(simulate(run, default), structs[name], axis) for name, axis, run in permissive]
+        ceiling = [evaluate(run.masks, structs[name], axis) for name, axis, run in permissive]
+        print(f"  permissive: {summary(ceiling)}")
+        print(f"  default stops: {summary(res)}")
+        print(f"  best grid rule: ends within 2 {best[0]}/{2 * len(permissive)}, Dice {best[1]:.3f}, "
+              f"beyond {best[2]}, missed {best[3]}: {best[4]}")
+        print(f"  {time.perf_counter() - t0:.0f} s")
+
+
 def bench_seeds(args: argparse.Namespace) -> None:
     """The 2D Dice of the one-box seed mask on its slice, per structure and plane: the ceiling of
     what propagating it can reach."""
@@ -282,16 +363,36 @@ def bench_seeds(args: argparse.Namespace) -> None:
     structs = structures(mni)
     loaded = load_model(args.model, device=args.device)
     cache = EmbeddingCache(args.cache) if args.cache else EmbeddingCache(disk=False)
+    from napari_medsam.core.propagation import _contrast, _deepest_point
+    from napari_medsam.core.segment import decode_all
+
     print(f"model {loaded.name} on {loaded.device.type} ({loaded.dtype})\n| structure | plane | seed slice | "
-          "structure px | mask px | seed 2D Dice |\n|---|---|---|---|---|---|")
+          "structure px | mask px | seed 2D Dice | outputs 0-3: Dice (pred. IoU, contrast) | by IoU | by contrast "
+          "| box + own mask | box + point | box +5 % |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for axis in [int(p) for p in args.planes.split(",")]:
         enc = VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache)
+        tf = enc.transform()
         for name, gt in structs.items():
             z, box = seed_box(gt, axis)
-            m = segment_slice(enc, z, [Prompt2D.from_box(box)])[0].mask
             g = np.take(gt, z, axis=axis)
-            print(f"| {name} | {PLANES[axis]} | {z} | {int(g.sum())} | {int(m.sum())} | "
-                  f"{2 * int((m & g).sum()) / max(int(m.sum() + g.sum()), 1):.2f} |")
+            dice = lambda m, g=g: 2 * int((m & g).sum()) / max(int(m.sum() + g.sum()), 1)  # noqa: E731
+            first = segment_slice(enc, z, [Prompt2D.from_box(box)])[0]
+            img = enc.intensity.apply(enc.raw_slice(z))
+            cands = decode_all(loaded, enc.get(z), tf, Prompt2D.from_box(box))
+            cells = " ".join(f"{dice(c.mask):.2f} ({c.iou:.2f}, {_contrast(img, c.mask, box):.2f})" for c in cands)
+            by_iou = max(cands, key=lambda c: c.iou)
+            by_con = max(cands, key=lambda c: _contrast(img, c.mask, box) if c.mask.any() else -1)
+            own = segment_slice(enc, z, [Prompt2D(box=box, mask_logits=first.logits)])[0]
+            pt = _deepest_point(first.mask) if first.mask.any() else np.array([(box[0] + box[2]) / 2,
+                                                                                (box[1] + box[3]) / 2])
+            point = segment_slice(enc, z, [Prompt2D(points=pt[None].astype(np.float32), labels=np.ones(1, np.int64),
+                                                    box=box)])[0]
+            side = max(box[2] - box[0], box[3] - box[1])
+            m5 = 0.05 * side
+            grown = segment_slice(enc, z, [Prompt2D.from_box((box[0] - m5, box[1] - m5, box[2] + m5, box[3] + m5))])[0]
+            print(f"| {name} | {PLANES[axis]} | {z} | {int(g.sum())} | {int(first.mask.sum())} | "
+                  f"{dice(first.mask):.2f} | {cells} | {dice(by_iou.mask):.2f} | {dice(by_con.mask):.2f} | "
+                  f"{dice(own.mask):.2f} | {dice(point.mask):.2f} | {dice(grown.mask):.2f} |")
 
 
 def bench_speed(args: argparse.Namespace) -> None:
@@ -327,6 +428,8 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--seeds", action="store_true", help="only the seed slices' 2D Dice")
+    ap.add_argument("--variants", default="", help="carry variants to compare, ';'-separated, each "
+                    "'key=value,...' of PropagationParams (e.g. 'choose=first;choose=previous,carry_point=1')")
     ap.add_argument("--slice", type=int, default=93)
     ap.add_argument("--reach", type=int, default=10)
     args = ap.parse_args()
@@ -334,6 +437,8 @@ def main() -> None:
         bench_speed(args)
     elif args.seeds:
         bench_seeds(args)
+    elif args.variants:
+        bench_variants(args)
     else:
         bench_stops(args)
 

@@ -162,3 +162,122 @@ def test_real_propagation_on_mni_brain(litemedsam, mni):
     ref = np.stack([mni["brain"][:, k, :] for k in zs])
     assert set(out) <= set(zs)
     assert dice(pred, ref) > 0.65
+
+
+# --- what is carried from slice to slice (issue 16) ---------------------------------------------
+
+def _scripted(monkeypatch, enc, outputs):
+    """Make ``enc`` and the decoder scripted: ``outputs(z, prompt)`` -> the decoder's masks on slice
+    z (index 0 the single-mask output). Returns the list of (z, prompt) the decoder was asked."""
+    import torch
+
+    from napari_medsam.core import propagation as prop
+    from napari_medsam.core.segment import MaskResult
+
+    shape = tuple(enc.get(0).shape)
+    monkeypatch.setattr(enc, "get", lambda z: torch.full(shape, float(z)))
+    asked = []
+
+    def result(m):
+        return MaskResult(mask=m, logits=np.where(np.resize(m, (64, 64)), 1.0, -1.0).astype(np.float32),
+                          iou=0.9, prob=m.astype(np.float32))
+
+    def fake_all(loaded, emb, tf, prompt, return_prob=False):
+        z = int(emb.flatten()[0])
+        asked.append((z, prompt))
+        return [result(m) for m in outputs(z, prompt)]
+
+    monkeypatch.setattr(prop, "decode_all", fake_all)
+    monkeypatch.setattr(prop, "decode", lambda loaded, emb, tf, prompts, **kw: fake_all(loaded, emb, tf, prompts[0])[:1])
+    return asked
+
+
+def _square(r0, c0, r1, c1):
+    m = np.zeros((45, 31), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+OBJECT = {z: _square(8, 4, 20, 14) for z in range(2, 7)}  # the structure: slices 2..6
+OTHER = _square(26, 18, 38, 28)  # a neighbour on every slice, not touching it
+
+
+def test_connect_drops_pieces_not_joined_to_the_object_and_stops_at_its_end(monkeypatch, enc):
+    """The decoder also marks a separate neighbour (a vessel beside a tumour): carried as one mask,
+    its box takes in the neighbour and the run never ends; keeping the pieces joined to the previous
+    mask stops where the object ends."""
+    _scripted(monkeypatch, enc, lambda z, p: [OBJECT.get(z, np.zeros((45, 31), bool)) | OTHER])
+    seed = {4: Prompt2D.from_box((8, 4, 20, 14))}
+    old = drain(propagate(enc, seeds=seed, params=dataclasses.replace(OPEN, connect=False)))
+    new = drain(propagate(enc, seeds=seed, params=dataclasses.replace(OPEN, connect=True)))
+    assert set(old) == set(range(9))  # ran to both ends of the volume on the neighbour
+    assert set(new) == set(range(2, 7))
+    for z in new.proposals:
+        np.testing.assert_array_equal(new[z], OBJECT[z])
+    assert {s.reason for s in new.stops} == {"vanished"}
+
+
+def test_choose_previous_keeps_the_output_most_like_the_previous_mask(monkeypatch, enc):
+    """The decoder's first output jumps to the neighbour on slice 5; another output is the object."""
+    def outputs(z, p):
+        obj = OBJECT.get(z, np.zeros((45, 31), bool))
+        return [OTHER if z == 5 else obj, obj, OTHER | obj]
+
+    _scripted(monkeypatch, enc, outputs)
+    seed = {4: Prompt2D.from_box((8, 4, 20, 14))}
+    first = drain(propagate(enc, seeds=seed, params=dataclasses.replace(OPEN, choose="first")))
+    prev = drain(propagate(enc, seeds=seed, params=dataclasses.replace(OPEN, choose="previous")))
+    np.testing.assert_array_equal(first[5], OTHER)
+    for z in range(2, 7):
+        np.testing.assert_array_equal(prev[z], OBJECT[z])
+
+
+def test_carry_point_is_a_positive_point_deep_inside_the_previous_mask(monkeypatch, enc):
+    ring = _square(6, 4, 30, 26) & ~_square(10, 8, 26, 22)  # its centroid lies in the hole
+    asked = _scripted(monkeypatch, enc, lambda z, p: [ring])
+    drain(propagate(enc, {4: Prompt2D.from_box((6, 4, 30, 26))},
+                    params=dataclasses.replace(OPEN, carry_point=True, max_slices=1)))
+    carried = [p for z, p in asked if z != 4]
+    assert carried
+    for p in carried:
+        assert p.box is not None and p.n_points == 1 and p.labels.tolist() == [1]
+        r, c = np.round(p.points[0]).astype(int)
+        assert ring[r, c]
+
+
+def test_choose_rejects_unknown_names(enc):
+    with pytest.raises(PromptError, match="choose"):
+        drain(propagate(enc, {4: Prompt2D.from_box((5, 4, 30, 20))}, params=dataclasses.replace(OPEN, choose="best")))
+
+
+def test_contrast_deepest_point_and_connected():
+    from napari_medsam.core.propagation import _connected, _contrast, _deepest_point
+
+    img = np.zeros((20, 20), np.float32)
+    img[5:15, 5:15] = 10.0
+    exact = img > 5
+    assert _contrast(img, exact, None) == pytest.approx(1.0)
+    assert _contrast(img, _square(0, 0, 20, 10)[:20, :20], None) < 0.5
+    assert _contrast(img, np.zeros_like(exact), None) == 0.0
+    assert _contrast(img, exact, (5, 5, 15, 15)) == 0.0  # the box holds only the object: nothing split
+    L = np.zeros((20, 20), bool)
+    L[2:18, 2:6] = True
+    L[14:18, 2:18] = True
+    r, c = _deepest_point(L).astype(int)
+    assert L[r, c]
+    pieces = np.zeros((20, 20), bool)
+    pieces[1:4, 1:4] = True
+    pieces[10:15, 10:15] = True
+    near = np.zeros((20, 20), bool)
+    near[12, 12] = True
+    kept = _connected(pieces, near)
+    assert kept[10:15, 10:15].all() and not kept[1:4, 1:4].any()
+    assert not _connected(pieces, ~pieces & ~_grow(pieces, 1)).any()
+
+
+def test_legacy_carries_the_first_output_as_a_box():
+    legacy = PropagationParams.legacy()
+    assert (legacy.choose, legacy.seed_choose, legacy.carry_point, legacy.connect) == ("first", "first", False, False)
+    default, open_ = PropagationParams(), PropagationParams.permissive()
+    for key in ("choose", "seed_choose", "carry_point", "connect", "margin", "margin_frac", "use_logits"):
+        assert getattr(open_, key) == getattr(default, key)  # tuning simulates the default's carry

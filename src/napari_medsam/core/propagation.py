@@ -30,7 +30,7 @@ import numpy as np
 from .errors import Cancelled, PromptError
 from .preprocess import SliceTransform
 from .progress import Progress, ProgressGen
-from .segment import MaskResult, Prompt2D, box_of, decode
+from .segment import MaskResult, Prompt2D, box_of, decode, decode_all
 
 __all__ = ["Propagation", "PropagationParams", "SliceScore", "StopInfo", "parse_range", "plan_update", "propagate"]
 
@@ -43,7 +43,17 @@ class PropagationParams:
     grows by 3 at 256 px); ``margin_frac``: ... or this fraction of the box's longer side, whichever
     is larger, so that growing objects are not clipped by their previous box; ``use_logits``: feed
     the previous low-res logits as a mask prompt (None: for models trained with mask prompts);
-    ``max_slices``: the farthest distance from a seed (None: no limit).
+    ``max_slices``: the farthest distance from a seed (None: no limit); ``choose``: which of the
+    decoder's outputs is kept on a propagated slice: ``"first"`` the single-mask output,
+    ``"iou"`` the best predicted IoU of all, ``"previous"`` the one with the highest IoU with the
+    previous slice's mask, ``"feature"`` the one whose pooled embedding is most like the seed's,
+    ``"previous+feature"`` the sum of both, ``"contrast"`` the one that best splits the prompt box's
+    intensities in two (Otsu's criterion); ``seed_choose``: the same for the seed slice (there is
+    no previous mask: ``"previous"`` falls back to the predicted IoU); ``carry_point``: also give a
+    positive point at the previous mask's deepest pixel (the maximum of its distance transform);
+    ``connect``: keep only the pieces of a mask that touch the previous mask grown by the margin
+    (on a seed: that touch its box or positive points), so a separate neighbour the decoder also
+    marked is neither written nor carried.
 
     Stopping (a slice that fails one is not written, and its run ends):
     ``min_area_frac`` / ``min_area_px``: the mask vanished (below this fraction of the seed's area
@@ -70,6 +80,10 @@ class PropagationParams:
     # change no run end on MNI and stay as guards for other scans (a leak onto a vessel).
     margin: float = 3.0
     margin_frac: float = 0.05
+    choose: str = "first"
+    seed_choose: str = "first"
+    carry_point: bool = False
+    connect: bool = False
     min_area_frac: float = 0.0
     min_area_px: int = 4
     min_iou: float | None = 0.35
@@ -83,14 +97,16 @@ class PropagationParams:
 
     @classmethod
     def legacy(cls, **kw: Any) -> PropagationParams:
-        """The earlier rule: stop on vanishing area (2 % of the seed's) or low predicted IoU only."""
-        return cls(**{"min_area_frac": 0.02, "min_area_ratio": None, "max_area_ratio": None, "min_inside": None,
-                      "max_intensity_z": None, "min_feature": None, **kw})
+        """The earlier propagation: the single-mask output carried as a box, stopping on vanishing
+        area (2 % of the seed's) or low predicted IoU only."""
+        return cls(**{**LEGACY_CARRY, "min_area_frac": 0.02, "min_area_ratio": None, "max_area_ratio": None,
+                      "min_inside": None, "max_intensity_z": None, "min_feature": None, **kw})
 
     @classmethod
     def permissive(cls, **kw: Any) -> PropagationParams:
-        """Stops only where the mask vanishes: every slice scored, for tuning (see benchmarks)."""
-        return cls.legacy(**{"min_iou": None, "min_area_frac": 0.0, "min_area_px": 1, **kw})
+        """The default carry with no stop but a vanishing mask: every slice scored, for tuning
+        (see benchmarks; a stricter rule only truncates such a run)."""
+        return cls(**{**OPEN_STOPS, **kw})
 
     def stop_reason(self, s: SliceScore, seed_area: int) -> str | None:
         """Why slice score ``s`` ends its run (None: keep going)."""
@@ -108,6 +124,15 @@ class PropagationParams:
             if limit is not None and np.isfinite(value) and (value > limit if upper else value < limit):
                 return reason
         return None
+
+
+#: How :meth:`PropagationParams.legacy` carries a mask: the decoder's single-mask output, as a box.
+LEGACY_CARRY: dict[str, Any] = {"choose": "first", "seed_choose": "first", "carry_point": False, "connect": False}
+#: The stop criteria of :meth:`PropagationParams.permissive`: all off but a vanishing mask.
+OPEN_STOPS: dict[str, Any] = {"min_iou": None, "min_area_frac": 0.0, "min_area_px": 1, "min_area_ratio": None,
+                              "max_area_ratio": None, "min_inside": None, "max_intensity_z": None,
+                              "min_feature": None}
+CHOICES = ("first", "iou", "previous", "feature", "previous+feature", "contrast")
 
 
 @dataclass(frozen=True)
@@ -220,6 +245,8 @@ def parse_range(text: str, n: int, *, inclusive: bool = False) -> tuple[int, int
 
 def _step_prompt(prev: MaskResult, tf: SliceTransform, params: PropagationParams,
                  use_logits: bool) -> tuple[Prompt2D, float] | None:
+    """The next slice's prompt from the previous mask: its box grown by the margin, plus (options)
+    a positive point where the mask is deepest and its logits as a mask prompt."""
     tight = box_of(prev.mask)
     if tight is None:
         return None
@@ -228,7 +255,101 @@ def _step_prompt(prev: MaskResult, tf: SliceTransform, params: PropagationParams
     box = box_of(prev.mask, margin_px)
     if box is None:
         return None
-    return Prompt2D(box=box, mask_logits=prev.logits if use_logits else None), margin_px
+    points, labels = np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
+    if params.carry_point:
+        points, labels = _deepest_point(prev.mask)[None].astype(np.float32), np.ones((1,), np.int64)
+    return Prompt2D(points=points, labels=labels, box=box, mask_logits=prev.logits if use_logits else None), margin_px
+
+
+def _deepest_point(mask: np.ndarray) -> np.ndarray:
+    """``(row, col)`` of the mask's pixel farthest from its border (the maximum of the distance
+    transform): a point surely inside even for a thin or curved object, unlike its centroid."""
+    from scipy import ndimage as ndi
+
+    dt = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    return np.array(np.unravel_index(int(np.argmax(dt)), dt.shape), np.float64)
+
+
+def _connected(mask: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """The pieces of ``mask`` (8-connected) that touch ``near``: what stays joined to the object in 3D."""
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask if n == 0 or (mask & near).any() else np.zeros_like(mask)
+    keep = np.unique(lab[near & mask])
+    return np.isin(lab, keep[keep > 0])
+
+
+def _prompted(p: Prompt2D, shape: tuple[int, int]) -> np.ndarray:
+    """Where a seed's prompt says the object is: inside its box, or at its positive points."""
+    near = np.zeros(shape, bool)
+    if p.box is not None:
+        r0, c0, r1, c1 = (int(round(v)) for v in p.box)
+        near[max(r0, 0):max(r1, r0 + 1), max(c0, 0):max(c1, c0 + 1)] = True
+    else:
+        for (r, c), lab in zip(np.asarray(p.points).reshape(-1, 2), np.asarray(p.labels).reshape(-1), strict=True):
+            if lab == 1:
+                near[min(max(int(round(r)), 0), shape[0] - 1), min(max(int(round(c)), 0), shape[1] - 1)] = True
+    return near if near.any() else np.ones(shape, bool)
+
+
+def _keep(res: MaskResult, kept: np.ndarray) -> MaskResult:
+    """``res`` with its mask (and probabilities) cut down to ``kept``."""
+    if np.array_equal(kept, res.mask):
+        return res
+    prob = None if res.prob is None else np.where(kept, res.prob, np.minimum(res.prob, 0.5)).astype(np.float32)
+    return MaskResult(mask=kept, logits=res.logits, iou=res.iou, prob=prob)
+
+
+def _contrast(img: np.ndarray, mask: np.ndarray, box: tuple[float, float, float, float] | None) -> float:
+    """How well ``mask`` splits the box's intensities in two (Otsu's criterion: between-class over
+    total variance, 0..1); the whole slice when there is no box."""
+    if box is not None:
+        r0, c0, r1, c1 = (int(round(v)) for v in box)
+        img, mask = img[max(r0, 0):r1, max(c0, 0):c1], mask[max(r0, 0):r1, max(c0, 0):c1]
+    n, k = mask.size, int(mask.sum())
+    if k == 0 or k == n:
+        return 0.0
+    total = float(img.var())
+    if total <= 0:
+        return 0.0
+    w = k / n
+    return float(w * (1 - w) * (img[mask].mean() - img[~mask].mean()) ** 2 / total)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 0.0
+
+
+def _choose(cands: list[MaskResult], how: str, *, prev: np.ndarray | None, seed_feature: np.ndarray | None,
+            embedding: Any, img: np.ndarray, box: tuple[float, float, float, float] | None) -> MaskResult:
+    """The decoder output to keep (see :attr:`PropagationParams.choose`); an empty one never wins."""
+    if how == "first" or len(cands) == 1:
+        return cands[0]
+
+    def feature(c: MaskResult) -> float:
+        v = _pooled_feature(embedding, c.logits) if seed_feature is not None else None
+        return float(v @ seed_feature) if v is not None else 0.0
+
+    def score(c: MaskResult) -> float:
+        if not c.mask.any():
+            return -np.inf
+        if how == "iou":
+            return c.iou
+        if how == "contrast":
+            return _contrast(img, c.mask, box)
+        overlap = _iou(c.mask, prev) if prev is not None else c.iou
+        if how == "previous":
+            return overlap + 1e-3 * c.iou  # ties: the decoder's own choice
+        if how == "feature":
+            return feature(c) + 1e-3 * c.iou
+        if how == "previous+feature":
+            return overlap + feature(c)
+        raise PromptError(f"choose must be one of {', '.join(CHOICES)}; got {how!r}")
+
+    return max(cands, key=score)
 
 
 def _grow(mask: np.ndarray, px: float) -> np.ndarray:
@@ -340,9 +461,21 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
 
     contributions: dict[int, list[tuple[int, np.ndarray, SliceScore]]] = {}
     seed_info: dict[int, _Seed] = {}
+    def candidates(emb: Any, prompt: Prompt2D, how: str) -> list[MaskResult]:
+        if how == "first":
+            return decode(encoder.loaded, emb, tf, [prompt], return_prob=True)
+        return decode_all(encoder.loaded, emb, tf, prompt, return_prob=True)
+
+    for how in (params.choose, params.seed_choose):
+        if how not in CHOICES:
+            raise PromptError(f"choose must be one of {', '.join(CHOICES)}; got {how!r}")
     for z in order:
         emb = encoder.get(z)
-        res = decode(encoder.loaded, emb, tf, [seeds[z]], return_prob=True)[0]
+        res = _choose(candidates(emb, seeds[z], params.seed_choose), params.seed_choose, prev=None,
+                      seed_feature=None, embedding=emb, img=encoder.intensity.apply(encoder.raw_slice(z)),
+                      box=seeds[z].box)
+        if params.connect:
+            res = _keep(res, _connected(res.mask, _prompted(seeds[z], res.mask.shape)))
         mean, std = stats(z, res.mask)
         feat = _pooled_feature(emb, res.logits)
         seed_info[z] = _Seed(area=max(int(res.mask.sum()), 1), mean=mean, std=std, feature=feat, result=res)
@@ -365,7 +498,11 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
             prompt, margin_px = nxt
             z += step
             emb = encoder.get(z)
-            res = decode(encoder.loaded, emb, tf, [prompt], return_prob=True)[0]
+            res = _choose(candidates(emb, prompt, params.choose), params.choose, prev=prev.mask,
+                          seed_feature=seed.feature, embedding=emb,
+                          img=encoder.intensity.apply(encoder.raw_slice(z)), box=prompt.box)
+            if params.connect:
+                res = _keep(res, _connected(res.mask, _grow(prev.mask, margin_px)))
             done += 1
             yield Progress(done, total, "propagating", {"slice": z})
             area = int(res.mask.sum())
