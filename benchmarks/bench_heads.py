@@ -22,6 +22,8 @@ Prints a markdown table and writes it to ``--out``::
 Heads use their general defaults (``TrainParams()``); the rows ``cnn no-image``, ``cnn no-aug``,
 ``cnn +flips`` and ``cnn 32-cell windows`` are ablations of the cnn head's image skips, its
 augmentation and its training-window size (32 cells: the default before 3/8 of the grid, 24);
+``cnn edge windows`` and ``hsam edge windows`` draw the windows' starts with a margin of half a window
+(``TrainParams.crop_margin=0.5``), so that they reach the grid's edges about 1 time in 5;
 ``hsam no-mask-attention`` switches off, ``hsam +masa``, ``hsam +hierarchical`` and
 ``hsam 2-layer stage 2`` switch on, one part of H-SAM's decoder each (the hsam default has mask
 attention only and one stage-2 layer); ``hsam all parts`` is H-SAM's full decoder. Ablations run at ``--ablation-ks`` only. ``--seeds 0,1,2`` trains every
@@ -189,6 +191,7 @@ VARIANTS = {
     "cnn no-aug": ("cnn", {}, {"augment": False}),
     "cnn +flips": ("cnn", {}, {"flip": True}),
     "cnn 32-cell windows": ("cnn", {}, {"crop": 32}),
+    "cnn edge windows": ("cnn", {}, {"crop_margin": 0.5}),
     "autosam": ("autosam", {}, {}),
     "hsam": ("hsam", {}, {}),
     "hsam no-mask-attention": ("hsam", {"mask_attention": False}, {}),
@@ -196,6 +199,7 @@ VARIANTS = {
     "hsam +hierarchical": ("hsam", {"hierarchical": True}, {}),
     "hsam 2-layer stage 2": ("hsam", {"stage2_layers": 2}, {}),
     "hsam all parts": ("hsam", {"masa": True, "hierarchical": True, "stage2_layers": 2}, {}),
+    "hsam edge windows": ("hsam", {}, {"crop_margin": 0.5}),
     "selfprompt": ("selfprompt", {}, {}),
 }
 #: the prefixes of ablation rows (run at --ablation-ks only)

@@ -141,6 +141,36 @@ def test_training_learns(data, loaded):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
 
+def test_crop_margin_reaches_the_edges_more_often():
+    # 64-cell grid, 24-cell windows: starts 0..40. Without margin the first row is drawn 1 time in 41;
+    # with a margin of 12 cells, 13 in 65 (clamped draws), and every window stays inside the grid
+    from napari_medsam.core.finetune import _crop
+
+    emb, tgt = torch.zeros(2, 64, 64), torch.zeros(3, 256, 256)
+
+    def starts(margin, seed=0, n=2000):
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(n):
+            e, _img, t, rc = _crop(emb, None, tgt, (64, 60), 24, gen, margin)
+            assert e.shape[-2:] == (24, 24) and t.shape[-2:] == (96, 96)
+            out.append(rc)
+        return np.asarray(out)
+
+    plain, edged = starts(0), starts(12)
+    assert plain.min() == 0 and plain[:, 0].max() == 40 and plain[:, 1].max() == 36  # cols: 60 valid cells
+    assert edged.min() == 0 and edged[:, 0].max() == 40 and edged[:, 1].max() == 36
+    at_edge = lambda s: float(np.mean((s[:, 0] == 0) | (s[:, 0] == 40)))  # noqa: E731
+    assert at_edge(plain) < 0.08  # about 2 / 41
+    assert 0.33 < at_edge(edged) < 0.47  # about 26 / 65
+    # margin 0 is the old sampler (one uniform draw of 0..hi per axis): the same windows for the same seed
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = [_crop(emb, None, tgt, (64, 60), 24, gen_a, 0)[3] for _ in range(20)]
+    b = [(int(torch.randint(0, 41, (1,), generator=gen_b)), int(torch.randint(0, 37, (1,), generator=gen_b)))
+         for _ in range(20)]
+    assert a == b
+
+
 @pytest.mark.parametrize(("crop", "expected"), [(None, 6), (10, 10), (0, None)])
 def test_training_windows(data, loaded, monkeypatch, crop, expected):
     # default: windows of 3/8 of the grid side (6 of the tiny model's 16 cells), two per slice
@@ -149,8 +179,8 @@ def test_training_windows(data, loaded, monkeypatch, crop, expected):
     seen = []
     real = ft._crop
 
-    def spy(emb, img, tgt, valid, size, gen):
-        out = real(emb, img, tgt, valid, size, gen)
+    def spy(emb, img, tgt, valid, size, gen, *rest):
+        out = real(emb, img, tgt, valid, size, gen, *rest)
         seen.append((size, tuple(out[0].shape[-2:]), tuple(out[2].shape[-2:])))
         return out
 
