@@ -51,7 +51,11 @@ class PreviewMixin:
             return
         if self._prompt_time is None:
             self._prompt_time = time.perf_counter()
-        self._schedule_preview()
+        # A finished prompt (a box released, a click) is one event: run at once instead of after the
+        # debounce, which waited behind the canvas repaint the new shape triggers (~50 ms measured;
+        # benchmarks/bench_gui.py). A preview already running marks itself dirty and re-runs.
+        self._preview_timer.stop()
+        self._run_preview()
 
     def _on_view_changed(self, event: Any = None) -> None:
         self._follow_prefetch()
