@@ -44,10 +44,13 @@ from napari_medsam.core.build import load_model
 from napari_medsam.core.embeddings import EmbeddingCache
 from napari_medsam.core.encoder import VolumeEncoder
 from napari_medsam.core.progress import drain
-from napari_medsam.core.propagation import Propagation, PropagationParams, propagate
+from napari_medsam.core.propagation import LEGACY_CARRY, Propagation, PropagationParams, propagate
 from napari_medsam.core.segment import Prompt2D, box_of
 
 PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
+#: The stop rule first tuned for issue 16 (with the box carry), kept to compare carries.
+FIRST_ISSUE16_STOPS = {"min_iou": 0.35, "min_area_frac": 0.0, "min_area_px": 4, "min_area_ratio": 0.15,
+                       "max_area_ratio": 2.5, "min_inside": 0.6, "max_intensity_z": 2.0, "min_feature": 0.35}
 
 
 def load_mni() -> dict[str, np.ndarray]:
@@ -145,7 +148,9 @@ def bench_stops(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device=args.device)
     cache = EmbeddingCache(args.cache) if args.cache else EmbeddingCache(disk=False)
     planes = [int(p) for p in args.planes.split(",")]
-    rules = {"before (area, IoU)": PropagationParams.legacy(), "after (default)": PropagationParams()}
+    rules = {"before (area, IoU)": PropagationParams.legacy(),
+             "first stop rule of issue 16, box carry": PropagationParams(**LEGACY_CARRY, **FIRST_ISSUE16_STOPS),
+             "after (default)": PropagationParams()}
     results: dict[str, list] = {k: [] for k in rules}
     permissive: list[tuple[str, int, Propagation]] = []
     t_all = time.perf_counter()
@@ -154,11 +159,12 @@ def bench_stops(args: argparse.Namespace) -> None:
         for name, gt in structs.items():
             z, box = seed_box(gt, axis)
             for label, params in rules.items():
-                out = drain(propagate(enc, {z: Prompt2D.from_box(box)}, params=params))
+                out = drain(propagate(enc, {z: Prompt2D.from_box(box)}, params=params, **bounded(gt, axis, args.bound)))
                 results[label].append((name, PLANES[axis], evaluate(out.masks, gt, axis), out))
             if args.tune:
                 permissive.append((name, axis, drain(propagate(enc, {z: Prompt2D.from_box(box)},
-                                                               params=PropagationParams.permissive()))))
+                                                               params=PropagationParams.permissive(),
+                                                               **bounded(gt, axis, args.bound)))))
     print(f"model {loaded.name} on {loaded.device.type} ({loaded.dtype}); {time.perf_counter() - t_all:.0f} s in all")
     for label, rows in results.items():
         print(f"\n{label}\n| structure | plane | true slices | labelled | beyond | missed | ends (lo / hi) "
@@ -314,6 +320,14 @@ def trace(run: Propagation, gt: np.ndarray, axis: int) -> dict:
     return out
 
 
+def bounded(gt: np.ndarray, axis: int, bound: int | None) -> dict:
+    """``propagate``'s start/stop for ``--bound``: the true extent +- bound slices ({}: no bound)."""
+    if bound is None:
+        return {}
+    true = np.flatnonzero(gt.any(axis=tuple(a for a in range(3) if a != axis)))
+    return {"start": max(int(true[0]) - bound, 0), "stop": min(int(true[-1]) + bound + 1, gt.shape[axis])}
+
+
 def bench_variants(args: argparse.Namespace) -> None:
     """One permissive run per case for each carry variant: per-slice Dice outwards from the seed
     (a digit: Dice x 10; '.': no mask; '|': the true end), where it drifted, and the best joint-grid
@@ -336,7 +350,7 @@ def bench_variants(args: argparse.Namespace) -> None:
             for name, gt in structs.items():
                 z, box = seed_box(gt, axis)
                 run = drain(propagate(encs[axis], {z: Prompt2D.from_box(box)},
-                                      params=PropagationParams.permissive(**carry)))
+                                      params=PropagationParams.permissive(**carry), **bounded(gt, axis, args.bound)))
                 permissive.append((name, axis, run))
                 t = trace(run, gt, axis)
                 print(f"  {name}/{PLANES[axis]} seed Dice {t['seed']:.2f}; "
@@ -430,6 +444,8 @@ def main() -> None:
     ap.add_argument("--seeds", action="store_true", help="only the seed slices' 2D Dice")
     ap.add_argument("--variants", default="", help="carry variants to compare, ';'-separated, each "
                     "'key=value,...' of PropagationParams (e.g. 'choose=first;choose=previous,carry_point=1')")
+    ap.add_argument("--bound", type=int, default=None, help="propagate only within the true "
+                    "extent +- this many slices (fewer slices to embed; 'beyond' counts at most this many a run end)")
     ap.add_argument("--slice", type=int, default=93)
     ap.add_argument("--reach", type=int, default=10)
     args = ap.parse_args()
