@@ -2,7 +2,7 @@
 
 Data: the MNI152 2009 template shipped with nilearn, labels 0 background / 1 grey matter / 2 white
 matter (the argmax of nilearn's GM / WM maps where GM + WM > 0.5, as ``bench_heads.py``; nilearn
-0.14 ships no CSF map). Backbone: the bundled LiteMedSAM (fp32, CPU). The candidate pool is every
+0.14 ships no CSF map). Backbone: the bundled LiteMedSAM (CPU; fp32 unless ``--precision``). The candidate pool is every
 ``--pool-every``-th brain slice along the plane's axis (only those are embedded); every round the
 annotator reviews one slice of the pool and corrects it fully to the ground truth (the voxels
 they change are the round's proposal against the truth on that slice), then a round of
@@ -16,6 +16,11 @@ from the previous round's head) and re-predicts the rest of the pool. Reported: 
     the default strategy (:func:`napari_medsam.core.uncertainty.coverage_ranking`): the middle
     slice of the largest gap between reviewed slices and the ends of the foreground the head
     predicts; between gaps of equal length, the one whose middle slice has the higher entropy;
+``coverage-score``, ``coverage-spread``, ``coverage-lower``
+    ``coverage`` with the tie-break between gaps of equal length named
+    (:data:`napari_medsam.core.uncertainty.COVERAGE_TIES`): the higher entropy of the gap's middle
+    slice (the default's), the larger summed distance of that slice to the reviewed ones, or the gap
+    nearer slice 0 (as ``even``);
 ``coverage-third``
     the same, but the slice of highest entropy within the middle third of the gap;
 ``coverage-area``
@@ -45,6 +50,12 @@ here joined with its mirror image across the midline, both hemispheres: the temp
 symmetric 2009 one); the pool stays every n-th *brain* slice, so it holds slices without the
 structure, and Dice is the structure's, pooled over the unreviewed pool slices (false positives
 on empty slices count).
+
+Strategies that have reviewed the same slices in the same order share those rounds (one torch
+thread makes a round reproducible; a branch that parts replays the shared slices and checks that
+the replayed Dice is the recorded one), so ``even`` and a ``coverage`` that picks as it does cost
+one run. ``--precision auto`` runs LiteMedSAM in bf16 on a CPU with avx512_bf16 or AMX (the
+header names the precision); the default stays fp32, as the earlier tables were.
 
 Heads: any kind of :data:`napari_medsam.core.heads.HEADS`; unless ``--max-steps`` names one, each
 kind trains :data:`DEFAULT_STEPS` steps per round (the SAM-decoder heads cost ~3x a cnn step).
@@ -115,62 +126,114 @@ def next_even(pool: list[int], reviewed: set[int]) -> int:
     return pool[(a + b) // 2]
 
 
-def run_strategy(enc, truth, pool, axis, head, strategy, rounds, max_steps, seed, *,
-                 class_names=None, first=None, tag=""):
+#: ``coverage`` with its tie-break between runs of equal length named (``coverage`` alone: the default's)
+COVERAGE_VARIANTS = {"coverage-score": "score", "coverage-spread": "spread", "coverage-lower": "lower"}
+
+
+def _next_pick(loop, strategy, pool, rest, rng, labels, axis):
+    from napari_medsam.core.uncertainty import coverage_ranking
+
+    if strategy in (*SCORE_STRATEGIES, "coverage"):
+        ranked = loop.suggest(1, strategy=strategy, min_gap=1)
+    elif strategy in COVERAGE_VARIANTS:
+        ranked = coverage_ranking(loop.scores["entropy"], 1, extent=loop.foreground_extent(),
+                                  exclude=loop.reviewed(), min_gap=1, tie=COVERAGE_VARIANTS[strategy])
+    elif strategy in ("coverage-third", "coverage-area"):
+        mass = None
+        if strategy == "coverage-area":
+            mass = loop.scores["foreground"].copy()
+            for s in loop.reviewed():
+                mass[s] = np.count_nonzero(np.moveaxis(labels, axis, 0)[s])
+        ranked = coverage_ranking(loop.scores["entropy"], 1, extent=loop.foreground_extent(),
+                                  exclude=loop.reviewed(), min_gap=1, window=1 / 3, mass=mass)
+    elif strategy == "even":
+        return next_even(pool, set(loop.reviewed()))
+    else:
+        return int(rng.choice(rest))
+    return ranked[0][0] if ranked else int(rng.choice(rest))
+
+
+def run_strategies(enc, truth, pool, axis, head, strategies, rounds, max_steps, seed, *,
+                   class_names=None, first=None, tag=""):
+    """The loop for each of ``strategies`` (one training seed): ``{strategy: curve}``.
+
+    Strategies that have picked the same slices so far share their rounds: with the same reviewed
+    slices in the same order and the same seed a round trains and predicts the same (one torch
+    thread), so the shared rounds are run once; when their next picks differ, each new branch
+    replays the common slices from a fresh loop and goes on alone.
+    """
     from napari_medsam.app.loop import ReviewLoop, RoundParams
     from napari_medsam.core.finetune import TrainParams
     from napari_medsam.core.progress import drain
-    from napari_medsam.core.uncertainty import coverage_ranking
 
     class_names = class_names or {1: "GM", 2: "WM"}
     classes = tuple(sorted(class_names))
-    labels = np.zeros_like(truth)
-    loop = ReviewLoop(labels, axis=axis, class_names=class_names)
-    rng = np.random.default_rng(seed)
-    ranking = strategy if strategy in SCORE_STRATEGIES else "entropy"
-    params = RoundParams(train=TrainParams(head=head, max_steps=max_steps, seed=seed, threads=0), cv_folds=0,
-                         candidates=tuple(pool), strategy=ranking, min_gap=1)
     mv = lambda a: np.moveaxis(a, axis, 0)  # noqa: E731
-    pick = pool[len(pool) // 2] if first is None else first
-    out = []
-    for k in range(1, rounds + 1):
-        shown = mv(loop.proposals)[pick].copy()
-        changed = int(np.count_nonzero(shown != mv(truth)[pick]))
-        mv(labels)[pick] = mv(truth)[pick]
-        loop.on_user_edit([pick])
-        t0 = time.perf_counter()
-        rec = drain(loop.round_steps(enc, params))
-        secs = time.perf_counter() - t0
-        rest = [s for s in pool if not loop.is_reviewed(s)]
-        d = dice_per_class(mv(loop.proposals)[rest], mv(truth)[rest], classes)
-        whole = np.where(np.isin(np.arange(labels.shape[axis]), loop.reviewed())[:, None, None],
-                         mv(labels), mv(loop.proposals))[pool]  # what the user has: reviewed + proposals
-        d_all = float(np.mean(dice_per_class(whole, mv(truth)[pool], classes)))
-        out.append({"k": k, "slice": pick, "voxels_changed": changed,
-                    **{f"dice_{class_names[c].lower()}": v for c, v in zip(classes, d, strict=True)},
-                    "dice": float(np.mean(d)), "dice_pool": d_all, "round_s": round(secs, 2),
-                    "train_s": rec.metrics["train_seconds"], "cpu_s": round(time.process_time(), 1)})
-        print(f"  {PLANES[axis]} {head} {strategy} seed {seed} k={k} slice {pick}: dice {out[-1]['dice']:.4f} "
-              f"changed {changed} ({secs:.1f} s) pool {d_all:.4f}{tag}", file=sys.stderr, flush=True)
-        if k == rounds or not rest:
-            break
-        if strategy in (*SCORE_STRATEGIES, "coverage"):
-            ranked = loop.suggest(1, strategy=strategy, min_gap=1)
-            pick = ranked[0][0] if ranked else int(rng.choice(rest))
-        elif strategy in ("coverage-third", "coverage-area"):
-            mass = None
-            if strategy == "coverage-area":
-                mass = loop.scores["foreground"].copy()
-                for s in loop.reviewed():
-                    mass[s] = np.count_nonzero(mv(labels)[s])
-            ranked = coverage_ranking(loop.scores["entropy"], 1, extent=loop.foreground_extent(),
-                                      exclude=loop.reviewed(), min_gap=1, window=1 / 3, mass=mass)
-            pick = ranked[0][0] if ranked else int(rng.choice(rest))
-        elif strategy == "even":
-            pick = next_even(pool, set(loop.reviewed()))
-        else:
-            pick = int(rng.choice(rest))
-    return out
+    rngs = {st: np.random.default_rng(seed) for st in strategies}
+    results: dict[str, list] = {}
+    start = pool[len(pool) // 2] if first is None else first
+    branches = [(tuple(strategies), [start], [])]  # strategies, slices reviewed in order (last: next), curve so far
+    while branches:
+        group, picks, curve = branches.pop(0)
+        ranking = "tta" if "tta" in group else "entropy"  # the round scores tta only when asked
+        params = RoundParams(train=TrainParams(head=head, max_steps=max_steps, seed=seed, threads=0), cv_folds=0,
+                             candidates=tuple(pool), strategy=ranking, min_gap=1)
+        labels = np.zeros_like(truth)
+        loop = ReviewLoop(labels, axis=axis, class_names=class_names)
+        for i, p in enumerate(picks[:-1]):  # replay the slices this branch shares with the one it left
+            mv(labels)[p] = mv(truth)[p]
+            loop.on_user_edit([p])
+            drain(loop.round_steps(enc, params))
+            rest = [s for s in pool if not loop.is_reviewed(s)]
+            again = float(np.mean(dice_per_class(mv(loop.proposals)[rest], mv(truth)[rest], classes)))
+            if again != curve[i]["dice"]:  # the rounds are not reproducible here: sharing them is wrong
+                raise RuntimeError(f"replayed round k={i + 1} gave Dice {again} instead of {curve[i]['dice']}")
+        if len(picks) > 1:
+            print(f"  ({', '.join(group)} left {len(picks) - 1} shared rounds, replayed)", file=sys.stderr, flush=True)
+        curve = list(curve)
+        pick = picks[-1]
+        while True:
+            k = len(picks)
+            shown = mv(loop.proposals)[pick].copy()
+            changed = int(np.count_nonzero(shown != mv(truth)[pick]))
+            mv(labels)[pick] = mv(truth)[pick]
+            loop.on_user_edit([pick])
+            t0 = time.perf_counter()
+            rec = drain(loop.round_steps(enc, params))
+            secs = time.perf_counter() - t0
+            rest = [s for s in pool if not loop.is_reviewed(s)]
+            d = dice_per_class(mv(loop.proposals)[rest], mv(truth)[rest], classes)
+            whole = np.where(np.isin(np.arange(labels.shape[axis]), loop.reviewed())[:, None, None],
+                             mv(labels), mv(loop.proposals))[pool]  # what the user has: reviewed + proposals
+            d_all = float(np.mean(dice_per_class(whole, mv(truth)[pool], classes)))
+            fg = loop.scores["foreground"]
+            curve.append({"k": k, "slice": pick, "voxels_changed": changed, "extent": loop.foreground_extent(),
+                          "foreground": {int(s): float(fg[s]) for s in rest},
+                          **{f"dice_{class_names[c].lower()}": v for c, v in zip(classes, d, strict=True)},
+                          "dice": float(np.mean(d)), "dice_pool": d_all, "round_s": round(secs, 2),
+                          "train_s": rec.metrics["train_seconds"], "cpu_s": round(time.process_time(), 1)})
+            for st in group:
+                print(f"  {PLANES[axis]} {head} {st} seed {seed} k={k} slice {pick}: dice {curve[-1]['dice']:.4f} "
+                      f"changed {changed} ({secs:.1f} s) pool {d_all:.4f}{tag}", file=sys.stderr, flush=True)
+            if k == rounds or not rest:
+                for st in group:
+                    results[st] = curve
+                break
+            nxt = {st: _next_pick(loop, st, pool, rest, rngs[st], labels, axis) for st in group}
+            ways: dict[int, list[str]] = {}
+            for st in group:
+                ways.setdefault(nxt[st], []).append(st)
+            pick, *others = ways
+            for p in others:
+                branches.append((tuple(ways[p]), [*picks, p], list(curve)))
+            group = tuple(ways[pick])
+            picks.append(pick)
+    return {st: results[st] for st in strategies}
+
+
+def run_strategy(enc, truth, pool, axis, head, strategy, rounds, max_steps, seed, **kw):
+    """One strategy's curve (see :func:`run_strategies`)."""
+    return run_strategies(enc, truth, pool, axis, head, [strategy], rounds, max_steps, seed, **kw)[strategy]
 
 
 LOG_LINE = re.compile(r"^\s+(\w+) (\w+) ([\w-]+) seed (\d+) k=(\d+) slice (\d+): dice ([\d.]+) changed (\d+) "
@@ -332,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--structure", default="gmwm", choices=("gmwm", *STRUCTURES),
                     help="gmwm (default): GM/WM labels; or one structure filling part of the volume")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                    help="LiteMedSAM's precision (default fp32; auto: bf16 where the CPU has avx512_bf16 or AMX)")
     ap.add_argument("--cache-dir", default=None, help="embedding cache folder (default: the user cache)")
     ap.add_argument("--quick", action="store_true",
                     help="minutes, not hours: pool every 6th slice, 6 rounds, cnn at 60 steps with "
@@ -371,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.structure != "gmwm":
         truth = structure_labels(args.structure)
         class_names = {1: args.structure}
-    loaded = load_model("litemedsam", device="cpu", precision="fp32")
+    loaded = load_model("litemedsam", device="cpu", precision=args.precision)
+    from napari_medsam.core.device import resolve_precision
+
+    precision = "fp32" if resolve_precision(args.precision, torch.device("cpu")) is None else "bf16"
     strategies = [s for s in args.strategies.split(",") if s]
     per_head = {}
     if args.strategies_per_head:
@@ -396,22 +464,25 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         for head in heads:
             ms = steps[head]
-            for strategy in per_head.get(head, strategies):
-                n = max(args.train_seeds, args.seeds) if strategy == "random" else args.train_seeds
-                for seed in range(n):
-                    pool = pools.get(seed) or make_pool(brain, args.pool_every, seed, args.pool_jitter)
-                    first = first_pick(pool, np.moveaxis(truth, axis, 0), args.structure != "gmwm")
-                    tag = f" [{args.structure} offset {pool[0]}]" if (args.structure != "gmwm" or args.pool_jitter) else ""
-                    curve = run_strategy(enc, truth, pool, axis, head, strategy, args.rounds, ms, seed,
-                                         class_names=class_names, first=first, tag=tag)
-                    results.append({"axis": axis, "plane": PLANES[axis], "head": head, "strategy": strategy,
-                                    "seed": seed, "structure": args.structure, "offset": pool[0],
-                                    "pool": len(pool), "max_steps": ms, "curve": curve})
+            names = per_head.get(head, strategies)
+            n_of = {st: max(args.train_seeds, args.seeds) if st == "random" else args.train_seeds for st in names}
+            runs = []
+            for seed in range(max(n_of.values())):
+                group = [st for st in names if n_of[st] > seed]
+                pool = pools.get(seed) or make_pool(brain, args.pool_every, seed, args.pool_jitter)
+                first = first_pick(pool, np.moveaxis(truth, axis, 0), args.structure != "gmwm")
+                tag = f" [{args.structure} offset {pool[0]}]" if (args.structure != "gmwm" or args.pool_jitter) else ""
+                curves = run_strategies(enc, truth, pool, axis, head, group, args.rounds, ms, seed,
+                                        class_names=class_names, first=first, tag=tag)
+                runs += [{"axis": axis, "plane": PLANES[axis], "head": head, "strategy": st, "seed": seed,
+                          "structure": args.structure, "offset": pool[0], "pool": len(pool), "max_steps": ms,
+                          "curve": curves[st]} for st in group]
+            results += sorted(runs, key=lambda r: (names.index(r["strategy"]), r["seed"]))
     total = time.perf_counter() - t_start
     cpu = time.process_time() - cpu_start
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     what = "GM/WM" if args.structure == "gmwm" else f"{args.structure} (both sides, one class)"
-    header = (f"MNI152 2009 (nilearn) {what}; LiteMedSAM fp32 on CPU, torch {torch.__version__}, {args.threads} "
+    header = (f"MNI152 2009 (nilearn) {what}; LiteMedSAM {precision} on CPU, torch {torch.__version__}, {args.threads} "
               f"thread(s) on {platform.machine()}; pool: every {args.pool_every}-th brain slice"
               f"{' (offset jittered by seed)' if args.pool_jitter else ''}; one slice reviewed per round, "
               f"corrected to the truth; {total / 60:.0f} min wall, {cpu / 60:.0f} min CPU; load average at the end {load}")

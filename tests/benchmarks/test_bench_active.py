@@ -85,3 +85,25 @@ def test_ventricles_fill_part_of_the_brain_on_both_sides():
         other = tuple(a for a in range(3) if a != axis)
         brain, inside = gmwm.any(axis=other), v.any(axis=other).astype(bool)
         assert 0 < inside.sum() < 0.7 * brain.sum()  # the pool holds slices without it
+
+
+@pytest.mark.slow
+def test_strategies_that_pick_alike_share_rounds_and_match_their_runs_alone(mni):
+    # one run of several strategies shares the rounds while their picks agree and replays the shared
+    # slices when they part; every curve must be the one the strategy gives alone (same seed)
+    from napari_medsam.core.build import load_model
+    from napari_medsam.core.encoder import VolumeEncoder
+
+    t1 = np.asarray(mni["t1"], np.float32)[::4, ::4, ::4]
+    gm, wm = mni["gm"][::4, ::4, ::4], mni["wm"][::4, ::4, ::4]
+    truth = np.where(gm + wm > 0.5, np.where(wm > gm, 2, 1), 0).astype(np.uint8)
+    enc = VolumeEncoder(load_model("test_tiny_lite", device="cpu", precision="fp32"), t1, axis=1)
+    brain = [i for i in range(truth.shape[1]) if truth[:, i].any()]
+    pool = bench_active.make_pool(brain, 4)
+    names = ["even", "coverage-lower", "random"]
+    together = bench_active.run_strategies(enc, truth, pool, 1, "linear", names, 3, 10, 0)
+    assert list(together) == names
+    assert [c["slice"] for c in together["random"]][1:] != [c["slice"] for c in together["even"]][1:]
+    for name in ("even", "random"):
+        alone = bench_active.run_strategy(enc, truth, pool, 1, "linear", name, 3, 10, 0)
+        assert [(c["slice"], c["dice"]) for c in alone] == [(c["slice"], c["dice"]) for c in together[name]]

@@ -12,6 +12,8 @@ from napari_medsam.core.errors import MedSamError
 from napari_medsam.core.finetune import TrainParams, collect_training_data, fine_tune
 from napari_medsam.core.progress import drain
 from napari_medsam.core.uncertainty import (
+    COVERAGE_TIE,
+    COVERAGE_TIES,
     DEFAULT_SCORE,
     DEFAULT_STRATEGY,
     SCORES,
@@ -97,6 +99,29 @@ def test_coverage_splits_the_longest_gap_first_and_picks_the_unsure_slice_near_i
     assert got[:10] and all(10 <= s <= 20 for s in got[:10]) and 12 not in got and len(got) == 29
     assert coverage_ranking(scores, 1, extent=(40, 50))[0][0] == 15  # nothing inside: all (12 is not one)
     assert coverage_ranking([], 3) == [] and coverage_ranking([math.nan] * 3, 2) == []
+
+
+def test_coverage_tie_breaks_between_runs_of_equal_length():
+    # reviewed 5 and 16 of 0..26: the runs (5, 16) and (16, 27) are both 11 long, (-1, 5) is 6
+    flat = np.zeros(27)
+    first = {tie: coverage_ranking(flat, 1, exclude=[5, 16], tie=tie)[0][0] for tie in COVERAGE_TIES}
+    # spread: the pick farther from the reviewed slices (21: 16 + 5 away; 10: 5 + 6) goes first;
+    # lower: the run nearer slice 0; score: all scores equal, so the lower slice too
+    assert first == {"spread": 21, "lower": 10, "score": 10}
+    rising = np.arange(27) / 100  # now the higher slices score higher: only score follows that
+    assert coverage_ranking(rising, 1, exclude=[5, 16], tie="score")[0][0] == 21
+    assert coverage_ranking(rising[::-1].copy(), 1, exclude=[5, 16], tie="score")[0][0] == 10
+    assert coverage_ranking(rising[::-1].copy(), 1, exclude=[5, 16], tie="spread")[0][0] == 21
+    assert coverage_ranking(rising, 1, exclude=[5, 16], tie="lower")[0][0] == 10
+    # a longer run still wins over any tie-break: reviewed 5 and 17, (5, 17) is 12 long, (17, 27) 10
+    assert all(coverage_ranking(flat, 1, exclude=[5, 17], tie=t)[0][0] == 11 for t in COVERAGE_TIES)
+    # lower reproduces bisection with the lower half first, as evenly spaced slices do
+    assert [s for s, _ in coverage_ranking(rising, 5, tie="lower")] == [13, 6, 20, 2, 9]
+    # spread: the middle first; then both halves are equally long and equally far from it: the lower one
+    assert [s for s, _ in coverage_ranking(flat, 3, tie="spread")] == [13, 6, 20]
+    assert COVERAGE_TIE in COVERAGE_TIES
+    with pytest.raises(MedSamError, match="score, spread, lower"):
+        coverage_ranking(flat, 1, tie="entropy")
 
 
 def test_foreground_extent_ignores_specks_and_keeps_reviewed_slices():

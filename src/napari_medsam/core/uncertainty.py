@@ -53,6 +53,12 @@ DEFAULT_STRATEGY = "coverage"
 #: ``coverage`` picks the most uncertain slice inside the middle part of a gap, this share of its
 #: length (0: the middle slice; 1/3 measured no better, see docs/benchmarks.md)
 COVERAGE_WINDOW = 0.0
+#: how ``coverage`` orders runs of equal length: ``score`` (the run whose pick is the most
+#: uncertain first), ``spread`` (the run whose pick is farthest from the reviewed slices, summed
+#: over them, first) or ``lower`` (the run nearer the start of the axis first, as evenly spaced
+#: slices do); ties left over go to the lower slice
+COVERAGE_TIES = ("score", "spread", "lower")
+COVERAGE_TIE = "score"
 #: a slice belongs to the foreground extent when its predicted foreground is at least this share
 #: of the largest slice's (stray specks on empty slices do not stretch the extent)
 EXTENT_SHARE = 0.02
@@ -182,7 +188,8 @@ def foreground_extent(foreground: Mapping[int, float] | Sequence[float] | np.nda
 def coverage_ranking(scores: Mapping[int, float] | Sequence[float] | np.ndarray, n: int, *,
                      extent: tuple[int, int] | None = None, exclude: Iterable[int] = (), min_gap: int = 2,
                      window: float = COVERAGE_WINDOW,
-                     mass: Mapping[int, float] | Sequence[float] | np.ndarray | None = None) -> list[tuple[int, float]]:
+                     mass: Mapping[int, float] | Sequence[float] | np.ndarray | None = None,
+                     tie: str = COVERAGE_TIE) -> list[tuple[int, float]]:
     """``n`` slices that cover the volume, in the order they split it, as ``(slice, score)``.
 
     ``scores``: ``{slice: score}`` or one per slice; the finite ones are the candidates (NaN: not
@@ -190,13 +197,17 @@ def coverage_ranking(scores: Mapping[int, float] | Sequence[float] | np.ndarray,
     the excluded slices' span); candidates outside it are picked only when none inside is left;
     ``exclude``: the reviewed slices. Gaps are counted in candidate slices (a pool of every 4th
     slice is split like a volume of every slice), between reviewed slices and one step beyond
-    each end of the extent. Each pick: the longest gap (ties: the one whose pick scores highest),
+    each end of the extent. Each pick: the longest gap (ties, :data:`COVERAGE_TIES`: ``score``, the
+    one whose pick scores highest; ``spread``, the one whose pick has the largest summed distance to
+    the reviewed slices inside the extent, counted in candidates; ``lower``, the one nearer slice 0),
     inside it the highest-scoring candidate within the middle ``window`` of its length (0: the
     middle one), ties to the middle, then to the lower slice; picks and reviewed slices are at least ``min_gap`` apart
     unless no other candidate is left. ``mass``: what each slice counts for when gaps are measured
     (e.g. its foreground pixels: a gap of large slices is split before one of small slices;
     None: every slice counts one; a missing or non-finite mass counts as the mean of the others).
     """
+    if tie not in COVERAGE_TIES:
+        raise MedSamError(f"unknown coverage tie-break {tie!r}; choose one of: {', '.join(COVERAGE_TIES)}")
     skip = {int(s) for s in exclude}
     cands = {s: v for s, v in _items(scores) if s not in skip and math.isfinite(v)}
     if extent is not None:
@@ -221,9 +232,9 @@ def coverage_ranking(scores: Mapping[int, float] | Sequence[float] | np.ndarray,
     for pool in (inside, outside):
         while pool and len(picked) < n:
             anchors = {s for s in taken if lo <= s <= hi}
-            best = _best_in_gaps(pool, anchors, taken, gap, window, weight)
+            best = _best_in_gaps(pool, anchors, taken, gap, window, weight, tie)
             if best is None:
-                best = _best_in_gaps(pool, anchors, taken, 1, window, weight)
+                best = _best_in_gaps(pool, anchors, taken, 1, window, weight, tie)
             s = best if best is not None else min(pool)
             picked.append((s, pool.pop(s)))
             taken.add(s)
@@ -231,7 +242,7 @@ def coverage_ranking(scores: Mapping[int, float] | Sequence[float] | np.ndarray,
 
 
 def _best_in_gaps(pool: dict[int, float], anchors: set[int], taken: set[int], gap: int, window: float,
-                  weight: Mapping[int, float] | None = None) -> int | None:
+                  weight: Mapping[int, float] | None = None, tie: str = COVERAGE_TIE) -> int | None:
     """The pick of :func:`coverage_ranking` among ``pool`` split by ``anchors`` (None: none allowed)."""
     order = sorted({*pool, *anchors})
     m = [1.0 if weight is None else float(weight[s]) for s in order]
@@ -250,7 +261,13 @@ def _best_in_gaps(pool: dict[int, float], anchors: set[int], taken: set[int], ga
         half = window * (b - a) / 2
         win = [s for s in ok if abs(x[s] - mid) <= half + 1e-9] or [min(ok, key=lambda s: (abs(x[s] - mid), s))]
         s = max(win, key=lambda s: (pool[s], -abs(x[s] - mid), -s))
-        key = (round(b - a, 9), pool[s], -s)
+        if tie == "score":
+            second = pool[s]
+        elif tie == "spread":
+            second = round(sum(abs(x[s] - x[t]) for t in anchors), 9)
+        else:
+            second = 0.0
+        key = (round(b - a, 9), second, -s)
         if best_key is None or key > best_key:
             best_key, best = key, s
     return best
@@ -262,6 +279,6 @@ def _items(values: Mapping[int, float] | Sequence[float] | np.ndarray) -> list[t
     return [(i, float(v)) for i, v in enumerate(np.asarray(values, dtype=np.float64).ravel())]
 
 
-__all__ = ["COVERAGE_WINDOW", "DEFAULT_SCORE", "DEFAULT_STRATEGY", "EXTENT_SHARE", "FOREGROUND", "SCORES",
+__all__ = ["COVERAGE_TIE", "COVERAGE_TIES", "COVERAGE_WINDOW", "DEFAULT_SCORE", "DEFAULT_STRATEGY", "EXTENT_SHARE", "FOREGROUND", "SCORES",
            "STRATEGIES", "TTA_SHIFTS", "check_score", "check_strategy", "coverage_ranking", "disagreement_score",
            "foreground_extent", "rank_slices", "slice_scores", "tta_scores"]
