@@ -90,3 +90,32 @@ def test_propagate_within_a_typed_slice_range(viewer, widgets, qtbot):
     annot.propagate()
     wait_job(qtbot, annot.propagate_job)
     assert spans[-1] is None  # empty: every slice
+
+
+def test_range_ends_from_the_slice_in_view(viewer, widgets, qtbot):
+    annot, labels = _volume_in_the_dock(viewer, widgets)
+    spans = []
+
+    def fixed(req, seeds, params=None, *, cancel=None, span=None):
+        spans.append(span)
+        yield from ()
+        return {}
+
+    annot.session.propagate_steps = fixed
+    annot.session.commit(5, _square(2, 12), 1, target=labels, view=volume_view(labels.data.shape, 0, 5))
+
+    def go_to(z):
+        viewer.dims.current_step = (z, *viewer.dims.current_step[1:])
+
+    go_to(8)
+    annot.range_to_button.click()
+    assert annot.range_edit.text() == ":8"
+    go_to(2)
+    annot.range_from_button.click()
+    assert annot.range_edit.text() == "2:8"
+    go_to(10)
+    annot.range_from_button.click()  # past the end: the two ends swap
+    assert annot.range_edit.text() == "8:10"
+    annot.propagate()
+    wait_job(qtbot, annot.propagate_job)
+    assert spans == [(8, 11)]

@@ -82,6 +82,21 @@ class EditsMixin:
             desc=f"Propagating {cls.name}", on_progress=self._on_job_progress, on_returned=returned,
             on_finished=self._on_propagate_finished, show_bar=self.session.napari_progress))
 
+    def set_range_end(self, end: str) -> None:
+        """Put the slice in view (along the sliced axis) as the ``"start"`` or ``"stop"`` of *Propagate
+        within*, keeping the other end; the two are swapped if they come out reversed."""
+        image = self.image_layer
+        view = _layers.current_slice(self.viewer.dims, image) if image is not None else None
+        if view is None:
+            return
+        lo, sep, hi = self.range_edit.text().strip().partition(":")
+        if not sep:
+            lo = hi = ""
+        lo, hi = (str(view.index), hi.strip()) if end == "start" else (lo.strip(), str(view.index))
+        if lo.isdigit() and hi.isdigit() and int(lo) > int(hi):
+            lo, hi = hi, lo
+        self.range_edit.setText(f"{lo}:{hi}")
+
     def propagation_span(self, view: _layers.SliceView) -> tuple[int, int] | None | bool:
         """The half-open slice range typed in *Propagate within* (None: the whole volume; False: the
         text is not a range, and the hint says why)."""

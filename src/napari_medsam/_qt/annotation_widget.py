@@ -76,6 +76,8 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self.negative_button.toggled.connect(self._on_negative_toggled)
         self.commit_button.clicked.connect(self.commit)
         self.propagate_button.clicked.connect(self.propagate)
+        self.range_from_button.clicked.connect(lambda *_: self.set_range_end("start"))
+        self.range_to_button.clicked.connect(lambda *_: self.set_range_end("stop"))
         self.clear_button.clicked.connect(self.clear_slice)
         self.undo_button.clicked.connect(self.undo)
         self.cancel_button.clicked.connect(self.cancel)
