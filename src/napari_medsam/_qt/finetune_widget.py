@@ -221,8 +221,8 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
             return
         kwargs = _layers.new_labels_kwargs(image, name=f"{image.name} {self.head.kind} prediction")
         kwargs["data"] = result.labels
+        kwargs["colormap"] = _layers.proposal_colormap()  # never the user's colours; set at once: one refresh
         layer = self.viewer.add_labels(**kwargs)
-        layer.colormap = _layers.proposal_colormap()  # never the colours of the user's labels
         self.prediction_layer = layer
         n = int(np.count_nonzero(result.labels))
         self.loss_label.setText(f"Segmented {len(result.slices)} slices in {result.seconds:.1f} s into a new "
