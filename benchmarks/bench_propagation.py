@@ -24,7 +24,9 @@ it is simulated exactly on the permissive run's slices), the best rules of a joi
 seven criteria (how the defaults were chosen) and each default criterion varied alone.
 
     python benchmarks/bench_propagation.py [--model litemedsam] [--cache DIR] [--planes 0,1,2]
-    python benchmarks/bench_propagation.py --seeds --cache DIR   # the seed slices' 2D Dice
+    python benchmarks/bench_propagation.py --seeds --cache DIR   # the seed slices' 2D Dice, per decoder output
+    python benchmarks/bench_propagation.py --variants "choose=first;choose=previous,connect=1" [--bound 4]
+        # one permissive run per case and carry: per-slice Dice traces, the default and best grid rule
     python benchmarks/bench_propagation.py --speed [--slice 93] [--reach 10]   # s/slice cold and warm
 """
 
