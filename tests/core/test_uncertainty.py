@@ -76,11 +76,12 @@ def test_rank_spreads_picks_and_skips_excluded_and_nan():
 def test_coverage_splits_the_longest_gap_first_and_picks_the_unsure_slice_near_its_middle():
     flat = np.zeros(21)
     assert [s for s, _ in coverage_ranking(flat, 5)] == [10, 4, 15, 7, 18]  # bisection; ties: lower slice
-    # reviewed 10: both halves are 11 long; the one whose middle scores higher goes first (15, not 4);
+    # reviewed 10: both halves are 11 long; with tie="score" the one whose middle scores higher goes first (15);
     # with a window, the highest score within the middle third (14..17), not the highest overall (20)
     rising = np.arange(21) / 100
-    assert coverage_ranking(rising, 2, exclude=[10]) == [(15, 0.15), (4, 0.04)]
-    assert coverage_ranking(rising, 2, exclude=[10], window=1 / 3) == [(17, 0.17), (6, 0.06)]
+    assert coverage_ranking(rising, 2, exclude=[10], tie="score") == [(15, 0.15), (4, 0.04)]
+    assert coverage_ranking(rising, 2, exclude=[10], window=1 / 3, tie="score") == [(17, 0.17), (6, 0.06)]
+    assert coverage_ranking(rising, 2, exclude=[10]) == [(4, 0.04), (15, 0.15)]  # the default: the lower run
     # a longer gap wins over a higher score
     spike = np.zeros(21)
     spike[18] = 1.0
@@ -119,7 +120,7 @@ def test_coverage_tie_breaks_between_runs_of_equal_length():
     assert [s for s, _ in coverage_ranking(rising, 5, tie="lower")] == [13, 6, 20, 2, 9]
     # spread: the middle first; then both halves are equally long and equally far from it: the lower one
     assert [s for s, _ in coverage_ranking(flat, 3, tie="spread")] == [13, 6, 20]
-    assert COVERAGE_TIE in COVERAGE_TIES
+    assert COVERAGE_TIE == "lower" and COVERAGE_TIE in COVERAGE_TIES
     with pytest.raises(MedSamError, match="score, spread, lower"):
         coverage_ranking(flat, 1, tie="entropy")
 

@@ -57,8 +57,8 @@ class ReviewWidget(DockWidget):
         self.labels_combo = LayerCombo(napari_viewer, self._accept_labels)
         self.head_combo, self.strategy_combo = _combo(head_kinds()), _combo(STRATEGIES)
         self.strategy_combo.setCurrentIndex(STRATEGIES.index(DEFAULT_STRATEGY))
-        self.strategy_combo.setToolTip("coverage: split the largest run of unreviewed slices first, the most "
-                                       "uncertain in its middle; or one uncertainty score alone")
+        self.strategy_combo.setToolTip("coverage: split the largest run of unreviewed slices inside the "
+                                       "predicted foreground first, at its middle; or one uncertainty score alone")
         self.steps_spin = qw.QSpinBox(minimum=1, maximum=100_000, value=TrainParams().max_steps,
                                       toolTip="training steps per round")
         self.auto_spin = qw.QSpinBox(minimum=0, maximum=100, specialValueText="off",

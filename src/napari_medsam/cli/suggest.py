@@ -34,8 +34,8 @@ def register(sub: Any) -> None:
     p.add_argument("--axis", type=int, default=None,
                    help="slice axis; must be the head's (default: the head's own axis)")
     p.add_argument("--strategy", "--score", dest="strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
-                   help=f"how to rank: coverage (split the largest gap between reviewed slices first, the most "
-                        f"uncertain in its middle) or one uncertainty score alone (default {DEFAULT_STRATEGY}; "
+                   help=f"how to rank: coverage (split the largest gap between reviewed slices inside the predicted "
+                        f"foreground first, at its middle) or one uncertainty score alone (default {DEFAULT_STRATEGY}; "
                         "see docs/benchmarks.md)")
     p.add_argument("--min-gap", type=positive_int, default=2,
                    help="suggested slices are at least this many slices apart (default 2: no neighbours)")

@@ -24,9 +24,10 @@ so a batch of suggestions is not three neighbours that look alike.
 Strategies (:data:`STRATEGIES`: how suggestions are ranked): one of the scores alone, or
 ``coverage`` (:func:`coverage_ranking`): the longest run of unreviewed slices between reviewed
 ones and the ends of the foreground the head predicts (:func:`foreground_extent`) is split at its
-middle first; uncertainty (:data:`DEFAULT_SCORE`) decides between runs of equal length (and, with
-``window > 0``, picks inside the middle part of a run); never a neighbour of a reviewed slice while
-anything else is left. Which strategy is the default
+middle first; between runs of equal length the one nearer slice 0 (:data:`COVERAGE_TIE`; with
+``tie="score"`` the one whose middle is more uncertain, :data:`DEFAULT_SCORE`, the default until
+measured worse); with ``window > 0`` the most uncertain slice inside the middle part of a run; never
+a neighbour of a reviewed slice while anything else is left. Which strategy is the default
 (:data:`DEFAULT_STRATEGY`) was measured: ``benchmarks/bench_active.py``, figures in
 docs/benchmarks.md (no score alone beat evenly spaced slices there).
 """
@@ -56,9 +57,11 @@ COVERAGE_WINDOW = 0.0
 #: how ``coverage`` orders runs of equal length: ``score`` (the run whose pick is the most
 #: uncertain first), ``spread`` (the run whose pick is farthest from the reviewed slices, summed
 #: over them, first) or ``lower`` (the run nearer the start of the axis first, as evenly spaced
-#: slices do); ties left over go to the lower slice
+#: slices do); ties left over go to the lower slice. ``lower`` is the default: the entropy
+#: tie-break kept coverage off the ends of the volume and below evenly spaced slices on GM/WM
+#: (docs/benchmarks.md, active learning, the tie-break)
 COVERAGE_TIES = ("score", "spread", "lower")
-COVERAGE_TIE = "score"
+COVERAGE_TIE = "lower"
 #: a slice belongs to the foreground extent when its predicted foreground is at least this share
 #: of the largest slice's (stray specks on empty slices do not stretch the extent)
 EXTENT_SHARE = 0.02
