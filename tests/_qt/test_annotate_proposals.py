@@ -29,6 +29,19 @@ def _volume_in_the_dock(viewer, widgets):
     return annot, labels
 
 
+def _record_spans(annot):
+    """Replace the session's propagation with one that records the span it was asked for."""
+    spans = []
+
+    def fixed(req, seeds, params=None, *, cancel=None, span=None):
+        spans.append(span)
+        yield from ()
+        return {}
+
+    annot.session.propagate_steps = fixed
+    return spans
+
+
 def test_repropagating_in_the_dock_replaces_only_unreviewed_proposals(viewer, widgets, qtbot):
     annot, labels = _volume_in_the_dock(viewer, widgets)
     assert annot.labels_layer is labels
@@ -69,14 +82,7 @@ def test_repropagating_in_the_dock_replaces_only_unreviewed_proposals(viewer, wi
 
 def test_propagate_within_a_typed_slice_range(viewer, widgets, qtbot):
     annot, labels = _volume_in_the_dock(viewer, widgets)
-    spans = []
-
-    def fixed(req, seeds, params=None, *, cancel=None, span=None):
-        spans.append(span)
-        yield from ()
-        return {}
-
-    annot.session.propagate_steps = fixed
+    spans = _record_spans(annot)
     annot.session.commit(3, _square(2, 12), 1, target=labels, view=volume_view(labels.data.shape, 0, 3))
     annot.range_edit.setText("2:abc")
     annot.propagate()
@@ -94,14 +100,7 @@ def test_propagate_within_a_typed_slice_range(viewer, widgets, qtbot):
 
 def test_range_ends_from_the_slice_in_view(viewer, widgets, qtbot):
     annot, labels = _volume_in_the_dock(viewer, widgets)
-    spans = []
-
-    def fixed(req, seeds, params=None, *, cancel=None, span=None):
-        spans.append(span)
-        yield from ()
-        return {}
-
-    annot.session.propagate_steps = fixed
+    spans = _record_spans(annot)
     annot.session.commit(5, _square(2, 12), 1, target=labels, view=volume_view(labels.data.shape, 0, 5))
 
     def go_to(z):
