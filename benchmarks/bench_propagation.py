@@ -142,14 +142,19 @@ def summary(rows: list[dict]) -> str:
             f"{np.mean([r['dice'] for r in rows]):.3f}")
 
 
-def bench_stops(args: argparse.Namespace) -> None:
+def setup(args: argparse.Namespace) -> tuple[dict, dict, object, EmbeddingCache, list[int]]:
+    """The MNI arrays, the structures asked for (``--structures``), the model, the cache, the planes."""
     mni = load_mni()
     structs = structures(mni)
     if args.structures:
         structs = {k: v for k, v in structs.items() if k in args.structures.split(",")}
     loaded = load_model(args.model, device=args.device)
     cache = EmbeddingCache(args.cache) if args.cache else EmbeddingCache(disk=False)
-    planes = [int(p) for p in args.planes.split(",")]
+    return mni, structs, loaded, cache, [int(p) for p in args.planes.split(",")]
+
+
+def bench_stops(args: argparse.Namespace) -> None:
+    mni, structs, loaded, cache, planes = setup(args)
     rules = {"before (area, IoU)": PropagationParams.legacy(),
              "first stop rule of issue 16, box carry": PropagationParams(**LEGACY_CARRY, **FIRST_ISSUE16_STOPS),
              "after (default)": PropagationParams()}
@@ -334,13 +339,7 @@ def bench_variants(args: argparse.Namespace) -> None:
     """One permissive run per case for each carry variant: per-slice Dice outwards from the seed
     (a digit: Dice x 10; '.': no mask; '|': the true end), where it drifted, and the best joint-grid
     rule and the default rule simulated on those runs."""
-    mni = load_mni()
-    structs = structures(mni)
-    if args.structures:
-        structs = {k: v for k, v in structs.items() if k in args.structures.split(",")}
-    loaded = load_model(args.model, device=args.device)
-    cache = EmbeddingCache(args.cache) if args.cache else EmbeddingCache(disk=False)
-    planes = [int(p) for p in args.planes.split(",")]
+    mni, structs, loaded, cache, planes = setup(args)
     variants = args.variants.split(";")
     encs = {axis: VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache) for axis in planes}
     for text in variants:

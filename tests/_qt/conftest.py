@@ -26,6 +26,18 @@ if sys.platform.startswith("linux") and "triton" not in sys.modules:
 PLUGIN = "napari-medsam"
 
 
+def finetune_dock(viewer, image, drawn, target, steps):
+    """A Fine-tune dock on ``image`` / ``drawn`` with head (or adapter) ``target`` chosen and ``steps`` epochs."""
+    _, fw = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    fw.image_combo.set_layer(image)
+    fw.labels_combo.set_layer(drawn)
+    index = fw.head_combo.findData(target)
+    assert index >= 0, target
+    fw.head_combo.setCurrentIndex(index)
+    fw.epochs_spin.setValue(steps)
+    return fw
+
+
 def wait_job(qtbot, job, timeout=120_000):
     if job is not None:
         qtbot.waitUntil(lambda: job.done, timeout=timeout)

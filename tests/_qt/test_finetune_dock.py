@@ -13,7 +13,7 @@ import pytest
 from napari_medsam import _layers
 from napari_medsam._qt._loss_plot import LossPlot, moving_average
 
-from .conftest import PLUGIN, wait_job
+from .conftest import finetune_dock, wait_job
 
 pytestmark = pytest.mark.gui
 
@@ -29,17 +29,6 @@ def _volume_and_labels(viewer):
     drawn = viewer.add_labels(truth, name="drawn", scale=(2.5, 0.8, 0.8))
     drawn.colormap = _layers.class_colormap(_layers.default_classes())
     return image, drawn
-
-
-def _finetune(viewer, image, drawn, target, steps):
-    _, fw = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
-    fw.image_combo.set_layer(image)
-    fw.labels_combo.set_layer(drawn)
-    index = fw.head_combo.findData(target)
-    assert index >= 0, target
-    fw.head_combo.setCurrentIndex(index)
-    fw.epochs_spin.setValue(steps)
-    return fw
 
 
 def test_moving_average_and_label(qtbot):
@@ -66,7 +55,7 @@ def test_moving_average_and_label(qtbot):
 
 def test_head_loss_label_and_prediction_colours(viewer, widgets, qtbot):
     image, drawn = _volume_and_labels(viewer)
-    fw = _finetune(viewer, image, drawn, "cnn", steps=3)
+    fw = finetune_dock(viewer, image, drawn, "cnn", steps=3)
     fw.train()
     wait_job(qtbot, fw.train_job)
     final = fw.head.meta.history["final_loss"]
@@ -92,7 +81,7 @@ def test_adapter_trains_applies_saves_removes_and_loads(viewer, widgets, qtbot, 
     plain = session.loaded
     assert "No adapter" in widgets.model.adapter_label.text()
     assert not widgets.model.adapter_remove_button.isEnabled()
-    fw = _finetune(viewer, image, drawn, "adapter:medsa", steps=2)
+    fw = finetune_dock(viewer, image, drawn, "adapter:medsa", steps=2)
     assert fw.epochs_label.text() == "Steps"
     seen = []
     original = fw._on_adapter_progress
@@ -137,7 +126,7 @@ def test_lora_adapter_and_cancel(viewer, widgets, qtbot):
     image, drawn = _volume_and_labels(viewer)
     session = widgets.model.session
     plain = session.loaded
-    fw = _finetune(viewer, image, drawn, "adapter:lora", steps=5000)
+    fw = finetune_dock(viewer, image, drawn, "adapter:lora", steps=5000)
     fw.train()
     qtbot.waitUntil(lambda: len(fw.loss_plot.values) >= 1, timeout=120_000)
     fw.cancel()

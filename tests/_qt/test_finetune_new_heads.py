@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .conftest import PLUGIN, wait_job
+from .conftest import finetune_dock, wait_job
 
 pytestmark = pytest.mark.gui
 
@@ -24,13 +24,7 @@ def test_dock_trains_segments_and_reloads(viewer, widgets, qtbot, tmp_path, kind
     for z in (1, 4):
         truth[z][vol[z] > 100] = 1
     drawn = viewer.add_labels(truth.copy(), name="drawn")
-    _, fw = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
-    fw.image_combo.set_layer(image)
-    fw.labels_combo.set_layer(drawn)
-    index = fw.head_combo.findData(kind)
-    assert index >= 0, kind
-    fw.head_combo.setCurrentIndex(index)
-    fw.epochs_spin.setValue(3)
+    fw = finetune_dock(viewer, image, drawn, kind, steps=3)
     fw.train()
     wait_job(qtbot, fw.train_job)
     assert fw.head is not None and fw.head.kind == kind
