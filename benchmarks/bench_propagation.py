@@ -46,7 +46,7 @@ from napari_medsam.core.build import load_model
 from napari_medsam.core.embeddings import EmbeddingCache
 from napari_medsam.core.encoder import VolumeEncoder
 from napari_medsam.core.progress import drain
-from napari_medsam.core.propagation import LEGACY_CARRY, Propagation, PropagationParams, propagate
+from napari_medsam.core.propagation import LEGACY_CARRY, OPEN_STOPS, Propagation, PropagationParams, propagate
 from napari_medsam.core.segment import Prompt2D, box_of
 
 PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
@@ -187,7 +187,7 @@ def bench_stops(args: argparse.Namespace) -> None:
         tune(permissive, structs)
 
 
-GRID = {"min_iou": (None, 0.1, 0.2, 0.3, 0.35, 0.4), "min_area_frac": (0.0, 0.01, 0.02),
+GRID = {"min_iou": (None, 0.1, 0.2, 0.3, 0.35, 0.4), "min_iou_rel": (None, 0.4, 0.5, 0.6, 0.7, 0.8), "min_area_frac": (0.0, 0.01, 0.02),
         "min_area_ratio": (None, 0.15, 0.25), "max_area_ratio": (None, 2.0, 2.5, 3.0), "min_inside": (None, 0.6),
         "max_intensity_z": (None, 2.0, 3.0), "min_feature": (None, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)}
 
@@ -287,15 +287,21 @@ def tune(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.n
 
 
 def parse_carry(text: str) -> dict:
-    """``"choose=previous,carry_point=1"`` -> PropagationParams overrides of the carry."""
+    """``"choose=previous,carry_point=1,min_iou_rel=0.6"`` -> PropagationParams overrides (carry and,
+    for the "default stops" line of ``--variants``, stop criteria; ``none`` switches one off)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(PropagationParams)}
     out: dict = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, _, value = item.partition("=")
-        default = getattr(PropagationParams(), key)
-        if isinstance(default, bool) or default is None:
+        kind = types[key]
+        if value.lower() == "none" and "None" in kind:
+            out[key] = None
+        elif kind.startswith("bool"):
             out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, float):
+        elif kind.startswith("float"):
             out[key] = float(value)
+        elif kind.startswith("int"):
+            out[key] = int(value)
         else:
             out[key] = value
     return out
@@ -337,13 +343,17 @@ def bounded(gt: np.ndarray, axis: int, bound: int | None) -> dict:
 
 def bench_variants(args: argparse.Namespace) -> None:
     """One permissive run per case for each carry variant: per-slice Dice outwards from the seed
-    (a digit: Dice x 10; '.': no mask; '|': the true end), where it drifted, and the best joint-grid
-    rule and the default rule simulated on those runs."""
+    (a digit: Dice x 10; '.': no mask; '|': the true end), where it drifted; the default stop rule
+    (with the variant's own stop overrides) and the best joint-grid rules simulated on those runs,
+    per case. The grid's best are taken at a mean 3D Dice not below the first variant's default
+    stops (list the baseline first)."""
     mni, structs, loaded, cache, planes = setup(args)
     variants = args.variants.split(";")
     encs = {axis: VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache) for axis in planes}
+    floor = None
     for text in variants:
         carry = parse_carry(text)
+        carry_only = {k: v for k, v in carry.items() if k not in OPEN_STOPS and k != "min_area_px"}
         t0 = time.perf_counter()
         permissive = []
         print(f"\n== carry {carry or 'default'}")
@@ -351,22 +361,63 @@ def bench_variants(args: argparse.Namespace) -> None:
             for name, gt in structs.items():
                 z, box = seed_box(gt, axis)
                 run = drain(propagate(encs[axis], {z: Prompt2D.from_box(box)},
-                                      params=PropagationParams.permissive(**carry), **bounded(gt, axis, args.bound)))
+                                      params=PropagationParams.permissive(**carry_only),
+                                      **bounded(gt, axis, args.bound)))
                 permissive.append((name, axis, run))
                 t = trace(run, gt, axis)
                 print(f"  {name}/{PLANES[axis]} seed Dice {t['seed']:.2f}; "
                       + "; ".join(f"{'-+'[step > 0]} drift at {t[step][1]} (end {t[step][2]} away) {t[step][0]}"
                                   for step in (-1, 1)))
-        rows = joint_grid(permissive, structs)
-        best = max(rows, key=lambda r: (r[0], r[1]))
         default = PropagationParams(**carry)
         res = [evaluate(simulate(run, default), structs[name], axis) for name, axis, run in permissive]
         ceiling = [evaluate(run.masks, structs[name], axis) for name, axis, run in permissive]
         print(f"  permissive: {summary(ceiling)}")
-        print(f"  default stops: {summary(res)}")
-        print(f"  best grid rule: ends within 2 {best[0]}/{2 * len(permissive)}, Dice {best[1]:.3f}, "
+        overrides = {k: v for k, v in carry.items() if k not in carry_only}
+        print(f"  default stops{' + ' + str(overrides) if overrides else ''}: {summary(res)}")
+        table(permissive, res)
+        for name, axis, run in permissive:
+            print(f"    {name}/{PLANES[axis]} stops: {simulate_stops(run, default)}")
+        rows = joint_grid(permissive, structs)
+        if floor is None:
+            floor = float(np.mean([r["dice"] for r in res]))
+        ok = sorted((r for r in rows if r[1] >= floor - 1e-9), key=lambda r: (-r[0], -r[1], r[2]))
+        best = max(rows, key=lambda r: (r[0], r[1]))
+        print(f"  best grid rule (any Dice): ends within 2 {best[0]}/{2 * len(permissive)}, Dice {best[1]:.3f}, "
               f"beyond {best[2]}, missed {best[3]}: {best[4]}")
+        print(f"  best 5 grid rules at mean 3D Dice >= {floor:.3f}:")
+        for within, dice, beyond, missed, p in ok[:5]:
+            print(f"    ends within 2: {within}/{2 * len(permissive)}, Dice {dice:.3f}, beyond {beyond}, "
+                  f"missed {missed}: {p}")
+        if ok:
+            rule = PropagationParams.permissive(**carry_only, **ok[0][4], min_area_px=4)
+            print("  the first of them, per case:")
+            table(permissive, [evaluate(simulate(run, rule), structs[name], axis) for name, axis, run in permissive])
         print(f"  {time.perf_counter() - t0:.0f} s")
+
+
+def table(permissive: list[tuple[str, int, Propagation]], res: list[dict]) -> None:
+    print("| structure | plane | true slices | labelled | beyond | missed | ends (lo / hi) | within 2 | 3D Dice |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for (name, axis, _), r in zip(permissive, res, strict=True):
+        print(fmt(name, PLANES[axis], r))
+    print(summary(res))
+
+
+def simulate_stops(run: Propagation, params: PropagationParams) -> str:
+    """Where and why ``params`` stops each direction of a permissive single-seed run."""
+    (z0,) = run.seeds
+    seed_area = run.scores[z0].area
+    out = []
+    for step in (-1, 1):
+        z = z0 + step
+        why = None
+        while z in run.masks:
+            why = params.stop_reason(run.scores[z], seed_area)
+            if why:
+                break
+            z += step
+        out.append(f"{'-+'[step > 0]} at {z} ({why or 'vanished/bound'})")
+    return "; ".join(out)
 
 
 def bench_seeds(args: argparse.Namespace) -> None:

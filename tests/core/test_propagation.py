@@ -179,8 +179,9 @@ def _scripted(monkeypatch, enc, outputs):
     asked = []
 
     def result(m):
+        m, iou = m if isinstance(m, tuple) else (m, 0.9)  # an output may come with its predicted IoU
         return MaskResult(mask=m, logits=np.where(np.resize(m, (64, 64)), 1.0, -1.0).astype(np.float32),
-                          iou=0.9, prob=m.astype(np.float32))
+                          iou=iou, prob=m.astype(np.float32))
 
     def fake_all(loaded, emb, tf, prompt, return_prob=False):
         z = int(emb.flatten()[0])
@@ -281,3 +282,133 @@ def test_legacy_carries_the_first_output_as_a_box():
     default, open_ = PropagationParams(), PropagationParams.permissive()
     for key in ("choose", "seed_choose", "carry_point", "connect", "margin", "margin_frac", "use_logits"):
         assert getattr(open_, key) == getattr(default, key)  # tuning simulates the default's carry
+
+
+# --- carries and stops relative to the seed (issue 16, third pass) ------------------------------
+
+def test_relative_iou_floor_judges_an_output_on_its_own_scale(monkeypatch, enc):
+    """The object's multimask output has a predicted IoU of ~0.2 everywhere (the single-mask output
+    ~0.8): chosen, the absolute floor (0.35) stops it at once; a floor relative to the seed's IoU
+    for the same output keeps it to where its IoU really falls (slice 7: 0.05 / 0.2)."""
+    empty = np.zeros((45, 31), bool)
+
+    def outputs(z, p):
+        obj = OBJECT.get(z, empty)
+        return [(obj if z == 4 else OTHER, 0.8), (obj if obj.any() else _square(8, 4, 12, 8), 0.2 if obj.any() else 0.05)]
+
+    _scripted(monkeypatch, enc, outputs)
+    seed = {4: Prompt2D.from_box((8, 4, 20, 14))}
+    carry = {"choose": "previous"}
+    absolute = drain(propagate(enc, seed, params=PropagationParams(**carry, min_iou=0.35, min_feature=None)))
+    relative = drain(propagate(enc, seed, params=PropagationParams(**carry, min_iou=None, min_iou_rel=0.5,
+                                                                   min_feature=None)))
+    assert set(absolute) == {4}
+    assert set(relative) == set(range(2, 7))
+    assert {s.output for z, s in relative.scores.items() if z != 4} == {1}
+    assert all(s.iou_rel == pytest.approx(1.0) for s in relative.scores.values())
+    assert {s.reason for s in relative.stops} == {"predicted IoU below the seed's"}
+    assert PropagationParams().min_iou_rel is None  # off by default until measured
+
+
+def test_box_limits_relative_to_the_seed(monkeypatch, enc):
+    """A decoder that leaks a pixel around its box on every slice: the carried box grows without
+    bound; capped at 1.5x the seed's box, or clipped to the seed's box grown by 25 %, it does not."""
+    def leak(z, p):
+        m = np.zeros((45, 31), bool)
+        r0, c0, r1, c1 = (int(round(v)) for v in p.box)
+        m[max(r0 - 1, 0):r1 + 1, max(c0 - 1, 0):c1 + 1] = True
+        return [m]
+
+    seed = {4: Prompt2D.from_box((16, 12, 24, 18))}  # seed mask rows 15..25, cols 11..19: 10 x 8
+    sizes = {}
+    for key, value in (("max_box_growth", None), ("max_box_growth", 1.5), ("box_within", 0.25)):
+        asked = _scripted(monkeypatch, enc, leak)
+        drain(propagate(enc, seed, params=dataclasses.replace(OPEN, **{key: value})))
+        boxes = [p.box for z, p in asked if z != 4]
+        sizes[(key, value)] = max(max(b[2] - b[0], b[3] - b[1]) for b in boxes)
+        if key == "box_within":
+            for r0, c0, r1, c1 in boxes:
+                assert r0 >= 15 - 2.5 - 1e-6 and r1 <= 25 + 2.5 + 1e-6 and c0 >= 11 - 2 - 1e-6 and c1 <= 19 + 2 + 1e-6
+    assert sizes[("max_box_growth", None)] > 20
+    assert sizes[("max_box_growth", 1.5)] <= 1.5 * 10 + 1e-6
+    assert sizes[("box_within", 0.25)] <= 10 * 1.5 + 1e-6
+
+
+def test_similar_carries_the_box_from_the_part_like_the_seed(monkeypatch, enc):
+    """The decoder adds a piece of other tissue (a different embedding) joined to the object on each
+    slice: carried whole, the box takes it in; with ``similar_q`` the box is carried from the part
+    whose embedding is like the seed mask's."""
+    import torch
+
+    from napari_medsam.core.propagation import _cells_to_original
+
+    tf = enc.transform()
+    g = 16
+    obj = _square(8, 4, 20, 14)
+    leak = _square(20, 4, 34, 14)  # below the object, touching it
+    cells_obj = np.zeros((g, g), bool)  # the cells whose pixels are the object's
+    for i in range(g):
+        for j in range(g):
+            one = np.zeros((g, g), bool)
+            one[i, j] = True
+            cells_obj[i, j] = (_cells_to_original(one, tf) & obj).any()
+    emb = np.zeros((1, 32, g, g), np.float32)
+    emb[0, 1][cells_obj] = 10.0
+    emb[0, 2][~cells_obj] = 10.0
+    asked = _scripted(monkeypatch, enc, lambda z, p: [obj if z == 4 else obj | leak])
+
+    def get(z):
+        e = torch.from_numpy(emb.copy())
+        e[0, 0, 0, 0] = float(z) * 1e-3  # the scripted decoder reads the slice from here (not an object cell)
+        return e
+
+    monkeypatch.setattr(enc, "get", get)
+    from napari_medsam.core import propagation as prop
+
+    def logits_of(m):  # model-frame logits that hold the mask's geometry (64 x 64, scale 64 / 45)
+        rows = np.minimum((np.arange(64) / tf.scale_rc[0]).astype(int), 44)
+        cols = np.minimum((np.arange(64) / tf.scale_rc[1]).astype(int), 30)
+        inside = (np.arange(64)[:, None] < tf.resized[0]) & (np.arange(64)[None] < tf.resized[1])
+        return np.where(m[np.ix_(rows, cols)] & inside, 1.0, -1.0).astype(np.float32)
+
+    def fake_all(loaded, e, tf_, prompt, return_prob=False):
+        z = round(float(e.flatten()[0]) * 1e3)
+        asked.append((z, prompt))
+        m = obj if z == 4 else obj | leak
+        return [prop.MaskResult(mask=m, logits=logits_of(m), iou=0.9, prob=m.astype(np.float32))]
+
+    monkeypatch.setattr(prop, "decode_all", fake_all)
+    monkeypatch.setattr(prop, "decode", lambda loaded, e, tf_, prompts, **kw: fake_all(loaded, e, tf_, prompts[0]))
+    seed = {4: Prompt2D.from_box((8, 4, 20, 14))}
+    for q, bottom in ((None, 34), (0.1, 20)):
+        asked.clear()
+        drain(propagate(enc, seed, params=dataclasses.replace(OPEN, similar_q=q, max_slices=2)))
+        carried = [p.box for z, p in asked if z not in (4,) and abs(z - 4) == 2]
+        assert carried
+        for box in carried:
+            assert bottom <= box[2] <= bottom + 3  # the box's bottom: the margin is 3 model px here
+
+
+def test_lookahead_keeps_the_output_whose_next_slice_agrees(monkeypatch, enc):
+    """On slice 5 output 0 is a copy of the previous mask whose box finds nothing on slice 6, output
+    1 the object, which moved and goes on: most like the previous mask keeps the decoy, the
+    look-ahead the object."""
+    empty = np.zeros((45, 31), bool)
+    here, moved = _square(8, 4, 20, 14), _square(8, 6, 20, 16)  # the object moves sideways on slice 5
+    truth = {2: here, 3: here, 4: here, 5: moved, 6: moved}
+
+    def outputs(z, p):
+        if z == 6 and p.box[1] < 5:  # the decoy's box (the previous mask's, no margin)
+            return [empty, empty]
+        obj = truth.get(z, empty)
+        return [here if z == 5 else obj, obj]
+
+    _scripted(monkeypatch, enc, outputs)
+    seed = {4: Prompt2D.from_box((8, 4, 20, 14))}
+    prev = drain(propagate(enc, seed, params=dataclasses.replace(OPEN, choose="previous", margin=0.0, margin_frac=0.0)))
+    ahead = drain(propagate(enc, seed, params=dataclasses.replace(OPEN, choose="lookahead", margin=0.0,
+                                                                  margin_frac=0.0)))
+    np.testing.assert_array_equal(prev[5], here)  # most like the previous mask: the decoy
+    assert 6 not in prev
+    np.testing.assert_array_equal(ahead[5], moved)
+    assert set(ahead) == set(range(2, 7))

@@ -53,7 +53,15 @@ class PropagationParams:
     positive point at the previous mask's deepest pixel (the maximum of its distance transform);
     ``connect``: keep only the pieces of a mask that touch the previous mask grown by the margin
     (on a seed: that touch its box or positive points), so a separate neighbour the decoder also
-    marked is neither written nor carried.
+    marked is neither written nor carried. ``choose="lookahead"`` keeps the output whose own box,
+    carried one slice further, gives a mask most like it there (one decoder call per output more).
+    Carried box limits, relative to the seed (None: off): ``max_box_growth``: the carried box's
+    height and width are at most this factor times the seed mask's box's (shrunk about its centre);
+    ``box_within``: the carried box is clipped to the seed mask's box grown by this fraction of its
+    sides; ``similar_q``: the box is carried from the part of the previous mask whose image
+    embedding is like the seed's: cells whose cosine similarity with the seed's pooled embedding is
+    at least the ``similar_q`` quantile of that similarity over the seed mask's own cells (when
+    that part is empty, the whole previous mask).
 
     Stopping (a slice that fails one is not written, and its run ends):
     ``min_area_frac`` / ``min_area_px``: the mask vanished (below this fraction of the seed's area
@@ -84,9 +92,13 @@ class PropagationParams:
     seed_choose: str = "first"
     carry_point: bool = False
     connect: bool = False
+    max_box_growth: float | None = None
+    box_within: float | None = None
+    similar_q: float | None = None
     min_area_frac: float = 0.0
     min_area_px: int = 4
     min_iou: float | None = 0.35
+    min_iou_rel: float | None = None
     use_logits: bool | None = None
     max_slices: int | None = None
     min_area_ratio: float | None = 0.15
@@ -114,6 +126,7 @@ class PropagationParams:
             return "vanished"
         checks = (
             (self.min_iou, s.iou, False, "predicted IoU"),
+            (self.min_iou_rel, s.iou_rel, False, "predicted IoU below the seed's"),
             (self.min_area_ratio, s.area_ratio, False, "area collapsed"),
             (self.max_area_ratio, s.area_ratio, True, "area grew"),
             (self.min_inside, s.inside, False, "jumped"),
@@ -127,12 +140,13 @@ class PropagationParams:
 
 
 #: How :meth:`PropagationParams.legacy` carries a mask: the decoder's single-mask output, as a box.
-LEGACY_CARRY: dict[str, Any] = {"choose": "first", "seed_choose": "first", "carry_point": False, "connect": False}
+LEGACY_CARRY: dict[str, Any] = {"choose": "first", "seed_choose": "first", "carry_point": False, "connect": False,
+                                "max_box_growth": None, "box_within": None, "similar_q": None}
 #: The stop criteria of :meth:`PropagationParams.permissive`: all off but a vanishing mask.
-OPEN_STOPS: dict[str, Any] = {"min_iou": None, "min_area_frac": 0.0, "min_area_px": 1, "min_area_ratio": None,
+OPEN_STOPS: dict[str, Any] = {"min_iou": None, "min_iou_rel": None, "min_area_frac": 0.0, "min_area_px": 1, "min_area_ratio": None,
                               "max_area_ratio": None, "min_inside": None, "max_intensity_z": None,
                               "min_feature": None}
-CHOICES = ("first", "iou", "previous", "feature", "previous+feature", "contrast")
+CHOICES = ("first", "iou", "previous", "feature", "previous+feature", "contrast", "lookahead")
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,8 @@ class SliceScore:
     """What one propagated slice looked like, from its run's seed.
 
     ``seed``: the seed slice of the run; ``distance``: slices from it; ``area``: mask pixels;
-    ``iou``: the decoder's predicted IoU; ``area_ratio``: area / the previous slice's area;
+    ``iou``: the decoder's predicted IoU; ``iou_rel``: it over the seed's for the same decoder
+    output; ``output``: which decoder output was kept (0 the single-mask one); ``area_ratio``: area / the previous slice's area;
     ``overlap``: IoU with the previous slice's mask; ``inside``: fraction of the mask inside the
     previous mask grown by the step margin; ``intensity_z``: distance of the mask's mean intensity
     from the seed's (or the previous slice's, the closer) in seed standard deviations;
@@ -153,6 +168,8 @@ class SliceScore:
     area: int
     iou: float
     area_ratio: float = 1.0
+    iou_rel: float = 1.0
+    output: int = 0
     overlap: float = 1.0
     inside: float = 1.0
     intensity_z: float = 0.0
@@ -243,22 +260,81 @@ def parse_range(text: str, n: int, *, inclusive: bool = False) -> tuple[int, int
     return start, stop
 
 
-def _step_prompt(prev: MaskResult, tf: SliceTransform, params: PropagationParams,
-                 use_logits: bool) -> tuple[Prompt2D, float] | None:
+def _step_prompt(prev: MaskResult, tf: SliceTransform, params: PropagationParams, use_logits: bool,
+                 focus: np.ndarray | None = None,
+                 seed_box: tuple[float, float, float, float] | None = None) -> tuple[Prompt2D, float] | None:
     """The next slice's prompt from the previous mask: its box grown by the margin, plus (options)
-    a positive point where the mask is deepest and its logits as a mask prompt."""
-    tight = box_of(prev.mask)
+    a positive point where the mask is deepest and its logits as a mask prompt.
+
+    ``focus``: the part of the previous mask the box is taken from (default: all of it; see
+    :attr:`PropagationParams.similar_q`); ``seed_box``: the seed mask's tight box, for the box limits
+    :attr:`~PropagationParams.max_box_growth` and :attr:`~PropagationParams.box_within`."""
+    src = prev.mask if focus is None or not focus.any() else focus
+    tight = box_of(src)
     if tight is None:
         return None
     side = max(tight[2] - tight[0], tight[3] - tight[1])  # original pixels
     margin_px = max(params.margin / min(tf.scale_rc), params.margin_frac * side)
-    box = box_of(prev.mask, margin_px)
+    box = box_of(src, margin_px)
     if box is None:
         return None
+    if seed_box is not None:
+        box = _limit_box(box, seed_box, params, src.shape)
+        if box is None:
+            return None
     points, labels = np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
     if params.carry_point:
-        points, labels = _deepest_point(prev.mask)[None].astype(np.float32), np.ones((1,), np.int64)
+        points, labels = _deepest_point(src)[None].astype(np.float32), np.ones((1,), np.int64)
     return Prompt2D(points=points, labels=labels, box=box, mask_logits=prev.logits if use_logits else None), margin_px
+
+
+def _limit_box(box: tuple[float, float, float, float], seed_box: tuple[float, float, float, float],
+               params: PropagationParams, shape: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """``box`` within the limits relative to the seed's box (None: nothing of it is left)."""
+    r0, c0, r1, c1 = box
+    sh, sw = max(seed_box[2] - seed_box[0], 1.0), max(seed_box[3] - seed_box[1], 1.0)
+    if params.max_box_growth is not None:
+        g = float(params.max_box_growth)
+        if r1 - r0 > g * sh:
+            mid = (r0 + r1) / 2
+            r0, r1 = mid - g * sh / 2, mid + g * sh / 2
+        if c1 - c0 > g * sw:
+            mid = (c0 + c1) / 2
+            c0, c1 = mid - g * sw / 2, mid + g * sw / 2
+    if params.box_within is not None:
+        f = float(params.box_within)
+        r0, r1 = max(r0, seed_box[0] - f * sh), min(r1, seed_box[2] + f * sh)
+        c0, c1 = max(c0, seed_box[1] - f * sw), min(c1, seed_box[3] + f * sw)
+    r0, c0, r1, c1 = max(r0, 0.0), max(c0, 0.0), min(r1, float(shape[0])), min(c1, float(shape[1]))
+    if r1 - r0 < 1 or c1 - c0 < 1:
+        return None
+    return r0, c0, r1, c1
+
+
+def _similarity(embedding: Any, feature: np.ndarray) -> np.ndarray:
+    """``(g, g)`` cosine similarity of each cell's image embedding with ``feature`` (unit length)."""
+    e = embedding[0].float().cpu().numpy().astype(np.float64)  # (C, g, g)
+    norm = np.linalg.norm(e, axis=0)
+    return np.einsum("chw,c->hw", e, feature) / np.maximum(norm, 1e-12)
+
+
+def _cells(logits: np.ndarray, g: int) -> np.ndarray:
+    """``(g, g)`` bool: the embedding cells that the mask (model-frame logits > 0) mostly covers."""
+    f = logits.shape[-1] // g
+    w = (logits > 0).astype(np.float32)
+    if f > 1:
+        w = w[: g * f, : g * f].reshape(g, f, g, f).mean(axis=(1, 3))
+    return w > 0.5
+
+
+def _cells_to_original(cells: np.ndarray, tf: SliceTransform) -> np.ndarray:
+    """A ``(g, g)`` cell map in the model frame -> ``(H, W)`` bool on the original grid (nearest)."""
+    g = cells.shape[0]
+    sr, sc = tf.scale_rc
+    per = tf.input_size / g  # model pixels per cell
+    rows = np.minimum(((np.arange(tf.original[0]) + 0.5) * sr / per).astype(int), g - 1)
+    cols = np.minimum(((np.arange(tf.original[1]) + 0.5) * sc / per).astype(int), g - 1)
+    return cells[np.ix_(rows, cols)]
 
 
 def _deepest_point(mask: np.ndarray) -> np.ndarray:
@@ -324,10 +400,13 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _choose(cands: list[MaskResult], how: str, *, prev: np.ndarray | None, seed_feature: np.ndarray | None,
-            embedding: Any, img: np.ndarray, box: tuple[float, float, float, float] | None) -> MaskResult:
-    """The decoder output to keep (see :attr:`PropagationParams.choose`); an empty one never wins."""
+            embedding: Any, img: np.ndarray, box: tuple[float, float, float, float] | None,
+            ahead: Any = None) -> tuple[int, MaskResult]:
+    """The decoder output to keep and its index (see :attr:`PropagationParams.choose`); an empty one
+    never wins. ``ahead(c)``: for ``"lookahead"``, how well ``c`` agrees with what its box gives on
+    the next slice (None there: no next slice, the previous mask decides)."""
     if how == "first" or len(cands) == 1:
-        return cands[0]
+        return 0, cands[0]
 
     def feature(c: MaskResult) -> float:
         v = _pooled_feature(embedding, c.logits) if seed_feature is not None else None
@@ -347,9 +426,13 @@ def _choose(cands: list[MaskResult], how: str, *, prev: np.ndarray | None, seed_
             return feature(c) + 1e-3 * c.iou
         if how == "previous+feature":
             return overlap + feature(c)
+        if how == "lookahead":
+            agree = ahead(c) if ahead is not None else None
+            return (overlap if agree is None else agree) + 1e-3 * c.iou
         raise PromptError(f"choose must be one of {', '.join(CHOICES)}; got {how!r}")
 
-    return max(cands, key=score)
+    k = max(range(len(cands)), key=lambda i: score(cands[i]))
+    return k, cands[k]
 
 
 def _grow(mask: np.ndarray, px: float) -> np.ndarray:
@@ -395,6 +478,13 @@ class _Seed:
     std: float
     feature: np.ndarray | None
     result: MaskResult = field(repr=False)
+    ious: tuple[float, ...] = ()  # the predicted IoU of each decoder output on the seed slice
+    box: tuple[float, float, float, float] | None = None  # the seed mask's tight box
+    similar: float | None = None  # the cell similarity threshold of PropagationParams.similar_q
+
+    def iou_rel(self, iou: float, output: int) -> float:
+        ref = self.ious[output] if output < len(self.ious) else self.result.iou
+        return float(iou / ref) if ref > 0 else float("inf")
 
 
 def _confidence(s: SliceScore, p: PropagationParams) -> float:
@@ -466,41 +556,78 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
             return decode(encoder.loaded, emb, tf, [prompt], return_prob=True)
         return decode_all(encoder.loaded, emb, tf, prompt, return_prob=True)
 
+    def agreement(c: MaskResult, z_next: int, seed_box: Any) -> float | None:
+        """For ``choose="lookahead"``: IoU of ``c``'s mask with what its box gives on ``z_next``."""
+        if not lo <= z_next < hi:
+            return None
+        nxt = _step_prompt(c, tf, params, use_logits, seed_box=seed_box)
+        if nxt is None:
+            return 0.0
+        ahead = decode(encoder.loaded, encoder.get(z_next), tf, [nxt[0]])[0]
+        return _iou(c.mask, ahead.mask)
+
+    def focus_of(res: MaskResult, emb: Any, seed: _Seed) -> np.ndarray | None:
+        """The part of ``res``'s mask the next box is carried from (``similar_q``; None: all of it)."""
+        if seed.similar is None or seed.feature is None:
+            return None
+        like = _similarity(emb, seed.feature) >= seed.similar
+        return res.mask & _cells_to_original(like, tf)
+
     for how in (params.choose, params.seed_choose):
         if how not in CHOICES:
             raise PromptError(f"choose must be one of {', '.join(CHOICES)}; got {how!r}")
+    need_all = params.choose != "first" or params.seed_choose != "first" or params.min_iou_rel is not None
     for z in order:
         emb = encoder.get(z)
-        res = _choose(candidates(emb, seeds[z], params.seed_choose), params.seed_choose, prev=None,
-                      seed_feature=None, embedding=emb, img=encoder.intensity.apply(encoder.raw_slice(z)),
-                      box=seeds[z].box)
+        cands = candidates(emb, seeds[z], params.seed_choose)
+        agree: dict[int, float | None] = {}
+        if params.seed_choose == "lookahead":
+            for c in cands:
+                vals = [v for v in (agreement(c, z - 1, None), agreement(c, z + 1, None)) if v is not None]
+                agree[id(c)] = float(np.mean(vals)) if vals else None
+        k, res = _choose(cands, params.seed_choose, prev=None, seed_feature=None, embedding=emb,
+                         img=encoder.intensity.apply(encoder.raw_slice(z)), box=seeds[z].box,
+                         ahead=lambda c, agree=agree: agree.get(id(c)))
         if params.connect:
             res = _keep(res, _connected(res.mask, _prompted(seeds[z], res.mask.shape)))
+        if need_all and len(cands) == 1:
+            cands = decode_all(encoder.loaded, emb, tf, seeds[z], return_prob=False)
         mean, std = stats(z, res.mask)
         feat = _pooled_feature(emb, res.logits)
-        seed_info[z] = _Seed(area=max(int(res.mask.sum()), 1), mean=mean, std=std, feature=feat, result=res)
+        similar = None
+        if params.similar_q is not None and feat is not None:
+            sim = _similarity(emb, feat)
+            cells = _cells(res.logits, sim.shape[0])
+            if cells.any():
+                similar = float(np.quantile(sim[cells], params.similar_q))
+        seed_info[z] = _Seed(area=max(int(res.mask.sum()), 1), mean=mean, std=std, feature=feat, result=res,
+                             ious=tuple(float(c.iou) for c in cands), box=box_of(res.mask), similar=similar)
         done += 1
         yield Progress(done, total, "propagating", {"slice": z})
+    limits = params.max_box_growth is not None or params.box_within is not None
     stops: list[StopInfo] = []
     for z0, step, end in runs:
         seed = seed_info[z0]
+        seed_box = seed.box if limits else None
         prev = seed.result
         prev_mean = seed.mean
+        focus = focus_of(prev, encoder.get(z0), seed) if seed.similar is not None else None
         z = z0
         reason, failed = "range end", None
         while z != end:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("propagation stopped; nothing was written")
-            nxt = _step_prompt(prev, tf, params, use_logits)
+            nxt = _step_prompt(prev, tf, params, use_logits, focus=focus, seed_box=seed_box)
             if nxt is None:
                 reason, failed = "vanished", z + step
                 break
             prompt, margin_px = nxt
             z += step
             emb = encoder.get(z)
-            res = _choose(candidates(emb, prompt, params.choose), params.choose, prev=prev.mask,
-                          seed_feature=seed.feature, embedding=emb,
-                          img=encoder.intensity.apply(encoder.raw_slice(z)), box=prompt.box)
+            ahead = (lambda c, z=z, step=step, box=seed_box: agreement(c, z + step, box)) if params.choose == "lookahead" else None
+            k, res = _choose(candidates(emb, prompt, params.choose), params.choose, prev=prev.mask,
+                             seed_feature=seed.feature, embedding=emb,
+                             img=encoder.intensity.apply(encoder.raw_slice(z)), box=prompt.box, ahead=ahead)
             if params.connect:
                 res = _keep(res, _connected(res.mask, _grow(prev.mask, margin_px)))
             done += 1
@@ -518,7 +645,8 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
                 v = _pooled_feature(emb, res.logits)
                 feat = float(v @ seed.feature) if v is not None else float("nan")
             score = SliceScore(seed=z0, distance=abs(z - z0), area=area, iou=float(res.iou),
-                               area_ratio=area / prev_area, overlap=inter / max(union, 1), inside=inside,
+                               area_ratio=area / prev_area, iou_rel=seed.iou_rel(float(res.iou), k), output=k,
+                               overlap=inter / max(union, 1), inside=inside,
                                intensity_z=float(iz), feature=feat)
             why = params.stop_reason(score, seed.area)
             if why is not None:
@@ -529,6 +657,8 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
             assert res.prob is not None
             contributions.setdefault(z, []).append((z0, res.prob, score))
             prev, prev_mean = res, mean
+            if seed.similar is not None:
+                focus = focus_of(res, emb, seed)
         stops.append(StopInfo(seed=z0, direction=step, last=z, at=failed, reason=reason))
     masks: dict[int, np.ndarray] = {z: s.result.mask for z, s in seed_info.items()}
     scores: dict[int, SliceScore] = {z: SliceScore(seed=z, distance=0, area=int(s.result.mask.sum()),
