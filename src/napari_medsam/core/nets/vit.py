@@ -50,15 +50,44 @@ class Attention(nn.Module):
         bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, heads, h, w, w)
         # the (HW x HW) bias written once, contiguous, for the fused kernel: the sum of the two
         # non-contiguous einsum outputs came out strided and its reshape was a second full copy
-        # (805 MB in fp32 for a global ViT-B block). Bands of it (of windows or query rows) measured
-        # slower: each call re-reads all keys and values.
+        # (805 MB in fp32 for a global ViT-B block). A global block's bias goes by bands of query
+        # rows (GLOBAL_ROWS), which measured faster than the whole one; windows keep the one bias.
         if torch.is_grad_enabled() and bias_h.requires_grad:  # training adapters: out= has no autograd
             bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, n, h * w, h * w)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        elif GLOBAL_ROWS and h > GLOBAL_ROWS:
+            out = _attention_by_query_rows(q, k, v, bias_h, bias_w, GLOBAL_ROWS)
         else:
             bias = torch.empty(b, n, h, w, h, w, dtype=q.dtype, device=q.device)
             bias = torch.add(bias_h[..., :, None], bias_w[..., None, :], out=bias).view(b, n, h * w, h * w)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, n * hd))
+
+
+#: query rows per call of the fused kernel in a global block at inference (None / 0: all at once).
+#: The (HW x HW) bias of a global ViT-B block is 201 M values (402 MB in bf16); 16 of its 64 query
+#: rows at a time keep it at a quarter, in one buffer reused by the four calls. Each call gives
+#: the rows' outputs exactly (the kernel's rows are independent), so the result is bit-identical.
+GLOBAL_ROWS = 16
+
+
+def _attention_by_query_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
+                             bias_w: torch.Tensor, rows: int) -> torch.Tensor:
+    """``scaled_dot_product_attention`` over ``rows`` query rows of the grid at a time.
+
+    ``bias_h`` (B, heads, h, w, h) and ``bias_w`` (B, heads, h, w, w) are the decomposed relative
+    positions; each chunk's mask is their sum for its queries only."""
+    b, n, h, w, _ = bias_h.shape
+    hd = q.shape[-1]
+    out = torch.empty(b, n, h * w, hd, dtype=q.dtype, device=q.device)
+    buf = torch.empty(b, n, rows, w, h, w, dtype=q.dtype, device=q.device)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        m = buf[:, :, :r1 - r0]
+        torch.add(bias_h[:, :, r0:r1, :, :, None], bias_w[:, :, r0:r1, :, None, :], out=m)
+        out[:, :, r0 * w:r1 * w] = F.scaled_dot_product_attention(
+            q[:, :, r0 * w:r1 * w], k, v, attn_mask=m.view(b, n, (r1 - r0) * w, h * w))
+    return out
 
 
 def _window_partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int, int]]:
