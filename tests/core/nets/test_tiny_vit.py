@@ -1,0 +1,59 @@
+"""core/nets/tiny_vit.py: the window attention's inference paths."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from napari_medsam.core.nets import tiny_vit
+
+
+def _attn() -> tiny_vit.WindowAttention:
+    torch.manual_seed(0)
+    a = tiny_vit.WindowAttention(64, 2, 7)
+    with torch.no_grad():
+        a.attention_biases.normal_(0, 1.0)
+    return a
+
+
+def _reference(a: tiny_vit.WindowAttention, x: torch.Tensor) -> torch.Tensor:
+    """The attention written out in fp32 from the parameters (no cache, no fast path)."""
+    b, n, c = x.shape
+    qkv = a.qkv(a.norm(x)).view(b, n, a.num_heads, 3 * a.head_dim).permute(0, 2, 1, 3)
+    q, k, v = qkv.split(a.head_dim, dim=3)
+    bias = a.attention_biases[:, a.attention_bias_idxs][None]
+    return a.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, n, c))
+
+
+def test_bf16_products_path_matches_fp32_like_the_fused_kernel(monkeypatch):
+    a = _attn()
+    x = torch.randn(6, 49, 64)
+    with torch.inference_mode():
+        ref = _reference(a, x)
+        errs = {}
+        for flag in (False, True):
+            monkeypatch.setattr(tiny_vit, "BF16_PRODUCT_ATTENTION", flag)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                errs[flag] = (a(x).float() - ref).abs().max().item()
+    assert errs[True] < 0.05 * ref.abs().max().item()
+    assert errs[True] < 2 * errs[False] + 1e-3  # no worse than the fused kernel in bf16, beyond rounding
+
+
+def test_bias_cache_follows_the_parameter():
+    a = _attn()
+    x = torch.randn(2, 49, 64)
+    with torch.inference_mode():
+        before = a(x)
+        assert torch.allclose(before, _reference(a, x), atol=1e-5)
+    with torch.no_grad():
+        a.attention_biases.mul_(-1.0)  # an in-place update (an optimiser step, load_state_dict)
+    with torch.inference_mode():
+        after = a(x)
+        assert torch.allclose(after, _reference(a, x), atol=1e-5)
+        assert not torch.allclose(before, after, atol=1e-3)
+
+
+def test_training_path_gets_gradients_to_the_biases():
+    a = _attn()
+    a(torch.randn(2, 49, 64)).sum().backward()
+    assert a.attention_biases.grad is not None and a.attention_biases.grad.abs().sum() > 0
