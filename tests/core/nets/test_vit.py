@@ -32,3 +32,23 @@ def test_training_path_keeps_autograd(monkeypatch):
     x = torch.randn(1, 8, 8, 16)
     attn(x).sum().backward()
     assert attn.rel_pos_h.grad is not None and attn.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("size", [(7, 7), (20, 20)])  # a window (whole) and a global grid (bands of rows)
+def test_bf16_products_attention_is_as_close_to_fp32_as_the_fused_kernel(monkeypatch, size):
+    torch.manual_seed(0)
+    attn = vit.Attention(64, 2, size)
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(2, *size, 64)
+    monkeypatch.setattr(vit, "PRODUCT_ROWS", 6)
+    with torch.inference_mode():
+        ref = attn(x)
+        errs = {}
+        for flag in (False, True):
+            monkeypatch.setattr(vit, "BF16_PRODUCT_ATTENTION", flag)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                errs[flag] = (attn(x).float() - ref).abs().max().item()
+    assert errs[True] < 0.05 * ref.abs().max().item()
+    assert errs[True] < 2 * errs[False] + 1e-3

@@ -55,6 +55,8 @@ class Attention(nn.Module):
         if torch.is_grad_enabled() and bias_h.requires_grad:  # training adapters: out= has no autograd
             bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, n, h * w, h * w)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        elif BF16_PRODUCT_ATTENTION and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            out = _product_attention(q, k, v, bias_h, bias_w, PRODUCT_ROWS if h > PRODUCT_ROWS else h)
         elif GLOBAL_ROWS and h > GLOBAL_ROWS:
             out = _attention_by_query_rows(q, k, v, bias_h, bias_w, GLOBAL_ROWS)
         else:
@@ -69,6 +71,27 @@ class Attention(nn.Module):
 #: rows at a time keep it at a quarter, in one buffer reused by the four calls. Each call gives
 #: the rows' outputs exactly (the kernel's rows are independent), so the result is bit-identical.
 GLOBAL_ROWS = 16
+
+
+#: bf16 attention on a CPU at inference as two bf16 products, the bias added in place and a
+#: softmax, ``PRODUCT_ROWS`` query rows of a global block at a time (windows whole)
+BF16_PRODUCT_ATTENTION = True
+PRODUCT_ROWS = 8
+
+
+def _product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
+                       bias_w: torch.Tensor, rows: int) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(d) + bias) v with the decomposed bias added to the scores in place."""
+    b, n, h, w, _ = bias_h.shape
+    hd = q.shape[-1]
+    out = torch.empty(b, n, h * w, hd, dtype=q.dtype, device=q.device)
+    kt = k.transpose(-1, -2)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        a = torch.matmul(q[:, :, r0 * w:r1 * w] * hd ** -0.5, kt)  # (B, heads, rows * w, h * w)
+        a.view(b, n, r1 - r0, w, h, w).add_(bias_h[:, :, r0:r1, :, :, None]).add_(bias_w[:, :, r0:r1, :, None, :])
+        torch.matmul(torch.softmax(a, -1), v, out=out[:, :, r0 * w:r1 * w])
+    return out
 
 
 def _attention_by_query_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
