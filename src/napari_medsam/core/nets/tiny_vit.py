@@ -253,9 +253,11 @@ class WindowAttention(nn.Module):
         bias = self._bias(q.dtype)
         if BF16_PRODUCT_ATTENTION and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled():
             # bf16 on a CPU: two bf16 products and a softmax beat the fused kernel on these small
-            # windows (49 and 196 tokens, head dim 32), whose bf16 path is barely faster than fp32
+            # windows (49 and 196 tokens, head dim 32), whose bf16 path is barely faster than fp32.
+            # The softmax reads bf16 and computes in fp32: PyTorch's bf16-in, bf16-out CPU softmax
+            # is ~10x slower than its fp32-out one on these shapes
             a = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-1, -2)).add_(bias)
-            out = torch.matmul(torch.softmax(a, -1), v)
+            out = torch.matmul(torch.softmax(a, -1, dtype=torch.float32).to(q.dtype), v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
