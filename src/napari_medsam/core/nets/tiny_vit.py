@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, linear
 from .common import apply_act as _act
 
 
@@ -65,19 +65,22 @@ def _is_pointwise_conv(m: nn.Module) -> bool:
             and m.padding == (0, 0) and m.groups == 1 and m.dilation == (1, 1))
 
 
-def pointwise(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def pointwise(m: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
     """Apply a conv-like layer ``m`` to channels-last tokens ``(B, H, W, C)``; returns ``(B, H', W', C')``.
 
     A plain 1x1 conv becomes ``F.linear`` over the tokens; any other conv (depthwise, strided,
     an unfused :class:`Conv2dBN`) runs on the channels-last NCHW view; any other module (an
-    ``nn.Linear``, a quantized linear put in place of a 1x1 conv) is called on the tokens.
+    ``nn.Linear``, a quantized linear put in place of a 1x1 conv) is called on the tokens. ``act``
+    (an activation module) follows, fused with a 1x1 conv where :func:`.common.linear` can.
     """
     if _is_pointwise_conv(m):
-        return F.linear(x, m.weight.flatten(1), m.bias)  # type: ignore[union-attr]
+        return linear(m, x, act)
     if isinstance(m, (nn.Conv2d, Conv2dBN)):
         y = m(x.permute(0, 3, 1, 2))  # channels-last NCHW view in, channels-last NCHW out
-        return y.permute(0, 2, 3, 1).contiguous()  # a no-op when oneDNN kept channels-last
-    return m(x)
+        y = y.permute(0, 2, 3, 1).contiguous()  # a no-op when oneDNN kept channels-last
+    else:
+        y = m(x)
+    return y if act is None else _act(act, y)
 
 
 #: CPU inference: a spatial conv (3x3 depthwise, strided) and the GELU after it run as one oneDNN
@@ -124,7 +127,7 @@ def conv_act(m: nn.Module, act: nn.Module, x: torch.Tensor, padding: tuple[int, 
     if padding is not None:
         y = F.conv2d(x.permute(0, 3, 1, 2), m.weight, m.bias, m.stride, padding, m.dilation, m.groups)
         return _act(act, y.permute(0, 2, 3, 1).contiguous())
-    return _act(act, pointwise(m, x))
+    return pointwise(m, x, act)
 
 
 def _add(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +163,7 @@ class MBConv(nn.Module):
         self.band_rows = 0  # > 0: compute in bands of this many rows (see the module docstring)
 
     def _block(self, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        y = _act(self.act, pointwise(self.conv1, x))
+        y = pointwise(self.conv1, x, self.act)
         y = conv_act(self.conv2, self.act, y)[:, rows]
         return _act(self.act, _add(pointwise(self.conv3, y), x[:, rows]))
 
@@ -245,7 +248,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B*, N, C)
         b, n, _ = x.shape
         xn = self.norm(x)
-        qkv = self.qkv(xn)
+        qkv = linear(self.qkv, xn)
         if self.lora is not None:
             qkv = self.lora(xn, qkv)
         qkv = qkv.view(b, n, self.num_heads, 3 * self.head_dim)
@@ -260,7 +263,7 @@ class WindowAttention(nn.Module):
             out = torch.matmul(torch.softmax(a, -1, dtype=torch.float32).to(q.dtype), v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        return linear(self.proj, out.transpose(1, 2).reshape(b, n, -1))
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor:
         """(1, heads, N, N) bias per offset; a 4D mask gets the fused CPU kernel (a 3D one the slow
@@ -287,7 +290,7 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(_act(self.act, self.fc1(self.norm(x))))
+        return linear(self.fc2, linear(self.fc1, self.norm(x), self.act))
 
 
 class TinyViTBlock(nn.Module):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock, linear
 from .tiny_vit import pointwise
 
 
@@ -38,7 +38,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         b, h, w, _ = x.shape
         n, hd = self.num_heads, self.head_dim
-        qkv = self.qkv(x)
+        qkv = linear(self.qkv, x)
         if self.lora is not None:
             qkv = self.lora(x, qkv)
         qkv = qkv.reshape(b, h * w, 3, n, hd).permute(2, 0, 3, 1, 4)
@@ -63,7 +63,7 @@ class Attention(nn.Module):
             bias = torch.empty(b, n, h, w, h, w, dtype=q.dtype, device=q.device)
             bias = torch.add(bias_h[..., :, None], bias_w[..., None, :], out=bias).view(b, n, h * w, h * w)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(b, h, w, n * hd))
+        return linear(self.proj, out.transpose(1, 2).reshape(b, h, w, n * hd))
 
 
 #: query rows per call of the fused kernel in a global block at inference (None / 0: all at once).
