@@ -57,3 +57,22 @@ def test_training_path_gets_gradients_to_the_biases():
     a = _attn()
     a(torch.randn(2, 49, 64)).sum().backward()
     assert a.attention_biases.grad is not None and a.attention_biases.grad.abs().sum() > 0
+
+
+def test_conv_gelu_is_one_fused_call_under_bf16_autocast(monkeypatch):
+    op = tiny_vit._fused_conv_gelu()
+    if not op:
+        import pytest
+        pytest.skip("no oneDNN conv + GELU op in this torch build")
+    calls = []
+    monkeypatch.setattr(tiny_vit, "_conv_pointwise_op", lambda *a: calls.append(a[1].dtype) or op(*a))
+    torch.manual_seed(0)
+    conv, act = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.GELU()
+    x = torch.randn(1, 12, 10, 16)  # channels-last tokens
+    with torch.inference_mode():
+        ref = act(F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias, padding=1, groups=16)).permute(0, 2, 3, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = tiny_vit.conv_act(conv, act, x.to(torch.bfloat16))
+    assert calls == [torch.bfloat16]  # one fused call, on the bf16 weight copy
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert (y.float() - ref).abs().max() < 0.03 * ref.abs().max() + 0.02

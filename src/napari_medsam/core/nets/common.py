@@ -29,7 +29,8 @@ FUSED_BF16_LINEAR = True
 _linear_op: object = None  # torch.ops.mkldnn._linear_pointwise, or False where missing / failed
 
 
-def _bf16_autocast_inference(x: torch.Tensor) -> bool:
+def bf16_autocast_inference(x: torch.Tensor) -> bool:
+    """True under bf16 autocast on a CPU without autograd (and :data:`FUSED_BF16_LINEAR` on)."""
     if not FUSED_BF16_LINEAR or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
     try:
@@ -38,11 +39,14 @@ def _bf16_autocast_inference(x: torch.Tensor) -> bool:
         return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
 
 
-def _bf16_weights(m: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    key = (weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
+def bf16_weights(m: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+                  flatten: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """bf16 copies of ``m``'s weight (``flatten``: as a matrix) and bias, kept on ``m`` while unchanged."""
+    key = (weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version), flatten)
     cached = getattr(m, "_bf16_weights", None)
     if cached is None or cached[0] != key:
-        w = weight.detach().reshape(weight.shape[0], -1).to(torch.bfloat16)
+        w = weight.detach()
+        w = (w.reshape(w.shape[0], -1) if flatten else w).to(torch.bfloat16)
         cached = (key, w, None if bias is None else bias.detach().to(torch.bfloat16))
         m._bf16_weights = cached
     return cached[1], cached[2]
@@ -58,12 +62,12 @@ def linear(m: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch
     global _linear_op
     if type(m) is nn.Linear or type(m) is nn.Conv2d:
         gelu = act is None or (type(act) is nn.GELU and act.approximate == "none")
-        if gelu and _linear_op is not False and _bf16_autocast_inference(x):
+        if gelu and _linear_op is not False and bf16_autocast_inference(x):
             if _linear_op is None:
                 _linear_op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", False) \
                     if torch.backends.mkldnn.is_available() else False
             if _linear_op:
-                w, b = _bf16_weights(m, m.weight, m.bias)
+                w, b = bf16_weights(m, m.weight, m.bias)
                 try:
                     if act is None:
                         return _linear_op(x.to(torch.bfloat16), w, b, "none", [], "")  # type: ignore[operator]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, linear
+from .common import LayerNorm2d, bf16_autocast_inference, bf16_weights, linear
 from .common import apply_act as _act
 
 
@@ -109,17 +109,20 @@ def _disable_fused_conv_gelu() -> None:
 def conv_act(m: nn.Module, act: nn.Module, x: torch.Tensor, padding: tuple[int, int] | None = None) -> torch.Tensor:
     """``act(conv(x))`` on channels-last tokens ``(B, H, W, C)``; ``padding`` overrides the conv's.
 
-    A spatial ``nn.Conv2d`` followed by an exact GELU, without autograd, in fp32 on the CPU is one
-    fused oneDNN call (:data:`FUSE_CONV_GELU`); anything else runs as two ops.
+    A spatial ``nn.Conv2d`` followed by an exact GELU, without autograd, on the CPU in fp32 or under
+    bf16 autocast is one fused oneDNN call (:data:`FUSE_CONV_GELU`); anything else runs as two ops.
     """
     pad = padding if padding is not None else getattr(m, "padding", None)  # a tuple, or a string ("same")
+    bf16 = x.device.type == "cpu" and bf16_autocast_inference(x)
     if (FUSE_CONV_GELU and isinstance(m, nn.Conv2d) and not _is_pointwise_conv(m) and type(act) is nn.GELU
-            and act.approximate == "none" and x.device.type == "cpu" and x.dtype == torch.float32
+            and act.approximate == "none" and x.device.type == "cpu" and (x.dtype == torch.float32 or bf16)
             and m.padding_mode == "zeros" and not torch.is_grad_enabled() and isinstance(pad, tuple)):
         op = _fused_conv_gelu()
         if op:
+            # under bf16 autocast: bf16 in and out, on bf16 weight copies kept on the layer
+            w, b = bf16_weights(m, m.weight, m.bias, flatten=False) if bf16 else (m.weight, m.bias)
             try:
-                y = op(x.permute(0, 3, 1, 2), m.weight, m.bias, list(pad), list(m.stride),  # type: ignore[operator]
+                y = op(x.permute(0, 3, 1, 2).to(w.dtype), w, b, list(pad), list(m.stride),  # type: ignore[operator]
                        list(m.dilation), m.groups, "gelu", [], "none")
                 return y.permute(0, 2, 3, 1).contiguous()  # a no-op: oneDNN keeps channels-last
             except (RuntimeError, NotImplementedError):  # a oneDNN build without this fusion: two ops from now on
