@@ -214,6 +214,29 @@ def test_commit_waits_for_the_preview_and_undo_restores(viewer, widgets, qtbot):
     assert "Undid" in annot.status_label.text()
 
 
+def test_a_box_on_an_embedded_slice_previews_on_the_main_thread(viewer, widgets, qtbot, monkeypatch):
+    annot = widgets.annot
+    image, shp = _on_slice_2(viewer, annot)
+    annot.inline_preview_s = 10.0  # the mechanism, not this machine's speed (the default is 0.06 s)
+
+    def idle(n):
+        return annot.previews_shown == n and (annot._preview_job is None or not annot._preview_job.running)
+
+    shp.add_rectangles(_box(image, 2, 5, 5, 30, 30))  # no decode timed yet: a worker (it may embed the slice)
+    assert annot.previews_shown == 0 and annot._preview_job is not None
+    qtbot.waitUntil(lambda: idle(1), timeout=60_000)
+    shp.add_rectangles(_box(image, 2, 8, 8, 28, 26))  # the slice is embedded now: a decode, timed
+    qtbot.waitUntil(lambda: idle(2), timeout=60_000)
+    assert annot._decode_s is not None and annot._decode_s <= annot.inline_preview_s
+    shp.add_rectangles(_box(image, 2, 6, 6, 24, 24))  # embedded and fast: drawn before add_rectangles returns
+    assert annot.previews_shown == 3 and annot._preview_job is None
+    assert annot._preview.data[2].any()
+    monkeypatch.setattr(annot.session, "embedded", lambda req, index: False)  # e.g. a slice not embedded yet
+    shp.add_rectangles(_box(image, 2, 7, 7, 25, 25))
+    assert annot.previews_shown == 3 and annot._preview_job is not None  # back in a worker
+    qtbot.waitUntil(lambda: annot.previews_shown == 4, timeout=60_000)
+
+
 def test_classes_reach_the_labels_layer_and_the_session(viewer, widgets, qtbot):
     annot = widgets.annot
     image, shp = _on_slice_2(viewer, annot)

@@ -102,19 +102,40 @@ class PreviewMixin:
         else:
             self._hint("")
         self._preview_dirty = False
-        if not self.preview_in_worker:  # benchmarks only: the same work, blocking the main thread
-            from ..core.progress import drain
-
-            self._preview_job = None
-            self._on_preview_result(tag, view, drain(self.session.preview_steps(req, view.index, prompt)))
-            return
+        if not self.preview_in_worker or self._inline_ok(req, view.index):
+            if self._run_inline(req, view, prompt, tag):
+                return
         self.prefetch.hold()  # the decoder gets the cores; released in _on_preview_finished
         self._preview_job = _workers.start(
             lambda cancel: self.session.preview_steps(req, view.index, prompt), desc="MedSAM preview",
             cancelable=False, on_returned=lambda res: self._on_preview_result(tag, view, res),
             on_finished=self._on_preview_finished)
 
-    def _on_preview_result(self, tag: tuple, view: _layers.SliceView, res: Any) -> None:
+    def _inline_ok(self, req: Any, index: int) -> bool:
+        """A decode of an embedded slice that took at most :attr:`inline_preview_s` last time."""
+        limit, last = self.inline_preview_s, self._decode_s
+        return limit is not None and last is not None and last <= limit and self.session.embedded(req, index)
+
+    def _run_inline(self, req: Any, view: _layers.SliceView, prompt: Any, tag: tuple) -> bool:
+        """The preview on the main thread (one decoder call); False if it failed (the worker then
+        runs it and reports the error as every preview does)."""
+        from ..core.progress import drain
+
+        self._preview_job = None
+        self.prefetch.hold()
+        try:
+            t0 = time.perf_counter()
+            res = drain(self.session.preview_steps(req, view.index, prompt))
+            self._decode_s = time.perf_counter() - t0
+        except Exception:  # noqa: BLE001 - shown by the worker path below
+            self._decode_s = None
+            return False
+        finally:
+            self.prefetch.release()
+        self._on_preview_result(tag, view, res, compute=self._decode_s)
+        return True
+
+    def _on_preview_result(self, tag: tuple, view: _layers.SliceView, res: Any, compute: float | None = None) -> None:
         snap = self._snapshot()
         if snap is None or snap[4] != tag:
             self._preview_dirty = True  # the prompt or the slice changed meanwhile: run again
@@ -123,11 +144,14 @@ class PreviewMixin:
             return
         self._draw_preview(res.mask, view)  # may replace the preview layer (which resets _last)
         self._last = (tag, res)
-        if self._prompt_time is not None:
-            self.last_latency = time.perf_counter() - self._prompt_time
-            job = self._preview_job
+        job = self._preview_job
+        if compute is None:  # from the worker
             compute = (float(job.last.info.get("seconds", float("nan")))
                        if job is not None and job.last is not None else float("nan"))
+            if not self._job_embedded(job) and compute == compute:
+                self._decode_s = compute  # a decode of an embedded slice: what an inline one would cost
+        if self._prompt_time is not None:
+            self.last_latency = time.perf_counter() - self._prompt_time
             self._prompt_time = None
             self.previews_shown += 1
             self.preview_shown.emit(self.last_latency, compute)

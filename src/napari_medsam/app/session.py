@@ -357,6 +357,13 @@ class AnnotationSession:
         yield Progress(1, 1, "segmented", {"embedded_now": not cached, "seconds": time.perf_counter() - t0})
         return res
 
+    def embedded(self, req: EncoderRequest | None, index: int) -> bool:
+        """True when slice ``index`` of ``req`` is embedded and its encoder built, so that a preview of
+        it is one decoder call (no hashing, no encoder pass). Never builds anything nor waits for a
+        running encoder call."""
+        enc = self.peek_encoder(req if req is not None else self.request())
+        return enc is not None and enc.hash_known and enc.is_cached(index)
+
     def preview(self, index: int, prompt: Any, req: EncoderRequest | None = None) -> Any:
         """The mask ``prompt`` (a :class:`~napari_medsam.core.segment.Prompt2D`) gives on slice
         ``index`` of ``req`` (default: the session's own image); nothing is written."""

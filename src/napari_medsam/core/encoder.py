@@ -175,6 +175,11 @@ class VolumeEncoder:
                             weights_hash=self.loaded.compute_id, preprocess=self._prep,
                             axis=self.axis, index=int(index))
 
+    @property
+    def hash_known(self) -> bool:
+        """The volume's content hash is computed (keys are then free: no hashing)."""
+        return self._content_hash is not None
+
     def is_cached(self, index: int) -> bool:
         return self.key(index) in self.cache
 
