@@ -217,7 +217,7 @@ def test_commit_waits_for_the_preview_and_undo_restores(viewer, widgets, qtbot):
 def test_a_box_on_an_embedded_slice_previews_on_the_main_thread(viewer, widgets, qtbot, monkeypatch):
     annot = widgets.annot
     image, shp = _on_slice_2(viewer, annot)
-    annot.inline_preview_s = 10.0  # the mechanism, not this machine's speed (the default is 0.06 s)
+    annot.inline_preview_s = 10.0  # the mechanism, not this machine's speed (the default is 0.1 s)
 
     def idle(n):
         return annot.previews_shown == n and (annot._preview_job is None or not annot._preview_job.running)

@@ -59,8 +59,9 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self.preview_in_worker = True  # False decodes on the main thread (benchmarks/bench_gui.py compares)
         #: a prompt on a slice already embedded decodes on the main thread when the last decode took at
         #: most this long (s): no worker start, no result hand-back, and one paint for the prompt and its
-        #: mask instead of two. None: always in a worker.
-        self.inline_preview_s: float | None = 0.06
+        #: mask instead of two. None: always in a worker. The limit is the main thread's stall budget: a
+        #: decode timed in a worker (sharing the cores with the paint) runs faster on the main thread.
+        self.inline_preview_s: float | None = 0.1
         self._decode_s: float | None = None  # the last preview's decode time (s); None: none yet
         self._preview_timer = QTimer(self)
         self._preview_timer.setSingleShot(True)
