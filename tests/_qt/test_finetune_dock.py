@@ -61,8 +61,14 @@ def test_head_loss_label_and_prediction_colours(viewer, widgets, qtbot):
     final = fw.head.meta.history["final_loss"]
     assert fw.loss_plot.label() == f"final loss {final:.3f}"  # what the Head box says
     assert f"final loss {final:.3f}" in fw.head_label.text()
+    trained_in = fw.head.meta.history["precision"]  # the precision is named (issue 16 item 4)
+    assert f"({trained_in})" in fw.head_label.text() and f"; {trained_in})." in fw.loss_label.text()
     fw.segment()
     wait_job(qtbot, fw.predict_job)
+    from napari_medsam.core.device import head_precision, precision_name
+
+    predicted_in = precision_name(head_precision("auto", fw.session.loaded, fw.head.module))
+    assert f"s ({predicted_in}) into a new layer" in fw.loss_label.text()
     pred = fw.prediction_layer
     user_colour = drawn.colormap.map(1)
     pred_colour = pred.colormap.map(1)

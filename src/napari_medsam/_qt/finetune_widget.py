@@ -110,6 +110,8 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
         hist = m.history or {}
         loss = hist.get("final_loss")
         loss_text = f", final loss {loss:.3f}" if isinstance(loss, (int, float)) else ""
+        if hist.get("precision"):
+            loss_text += f" ({hist['precision']})"
         self.head_label.setText(f"{m.kind} head on {m.backbone}, axis {m.axis}; classes: {classes}; "
                                 f"trained on {len(m.training_slices)} slices{loss_text}.")
 
@@ -177,7 +179,7 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
         hist = head.meta.history or {}
         self.loss_plot.set_final(hist.get("final_loss"))  # the plot then says what the Head box says
         self.loss_label.setText(f"Trained in {hist.get('seconds', 0):.1f} s, {hist.get('epochs', '?')} epochs "
-                                f"(stopped: {hist.get('stopped', '?')}).")
+                                f"(stopped: {hist.get('stopped', '?')}; {hist.get('precision', 'fp32')}).")
 
     def _on_job_finished(self, job: _workers.Job) -> None:
         self.progress_bar.setVisible(False)
@@ -225,7 +227,8 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
         layer = self.viewer.add_labels(**kwargs)
         self.prediction_layer = layer
         n = int(np.count_nonzero(result.labels))
-        self.loss_label.setText(f"Segmented {len(result.slices)} slices in {result.seconds:.1f} s into a new "
+        self.loss_label.setText(f"Segmented {len(result.slices)} slices in {result.seconds:.1f} s "
+                                f"({result.precision}) into a new "
                                 f"layer '{layer.name}' ({n} voxels labelled).")
 
     # ---- head files ---------------------------------------------------------------------------------

@@ -77,6 +77,37 @@ def resolve_precision(precision: str, device: Any) -> Any:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
+def head_precision(precision: str, loaded: Any, head: Any = None, *, training: bool = False) -> Any:
+    """The autocast dtype a trainable head predicts (or, with ``training``, trains) under; None: fp32.
+
+    ``auto``: bf16 where the loaded model runs bf16 (:func:`resolve_precision` decided that for its
+    encoder: a GPU with bf16, a CPU with native bf16) and the head's family was checked in bf16
+    against the benchmarked Dice for this use (``head.bf16`` for prediction, ``head.bf16_training``
+    for training; no head: True), else fp32, so that CPUs without native bf16 (where bf16 is
+    emulated and slow) and an explicitly fp32 model stay fp32. ``fp32``: fp32. ``bf16``: bf16
+    whatever the model runs. ``fp16``: fp32 (fp16 training needs a loss scaler; the heads are small
+    next to the encoder the fp16 choice is for).
+    """
+    import torch
+
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.bfloat16
+    checked = getattr(head, "bf16_training" if training else "bf16", True)
+    if precision == "auto" and getattr(loaded, "dtype", None) == torch.bfloat16 and checked:
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype: Any) -> str:
+    """``"fp32"`` for None, else the dtype's short name (``"bf16"``, ``"fp16"``)."""
+    if dtype is None:
+        return "fp32"
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(dtype).replace("torch.", ""), str(dtype))
+
+
 @contextlib.contextmanager
 def autocast(device: Any, dtype: Any) -> Iterator[None]:
     import torch

@@ -77,6 +77,11 @@ class TrainParams:
     24-cell window reaches a 64-cell grid's first row in 1 of 41 draws, with 0.5 in 13 of 65.
     ``threads``: torch threads for the thread that runs the training (None: all cores but one;
     0: leave torch's setting alone); see :func:`fine_tune` for what this changes.
+    ``precision``: the autocast of the head's forward pass (:func:`~napari_medsam.core.device.head_precision`;
+    ``auto``: bf16 where the loaded model runs bf16, i.e. a GPU with bf16 or a CPU with native bf16,
+    and the head family's training was checked in bf16 (``Head.bf16_training``), else fp32; ``bf16``
+    asks for it); the loss and the weights stay fp32. The head file's ``history["precision"]`` and
+    every progress's ``info["precision"]`` say which ran.
     """
 
     head: str = "cnn"
@@ -98,6 +103,7 @@ class TrainParams:
     threads: int | None = None
     check_steps: int = 10
     crop_margin: float = 0.0
+    precision: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -512,7 +518,7 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
     does not know are added after its own (the head grows: see :func:`_grown_head`); their names
     come from ``class_names`` when it names every class, else ``"class <id>"``.
 
-    Each progress carries ``info = {"loss", "epoch", "lr", "elapsed"}``. Stops between steps when
+    Each progress carries ``info = {"loss", "epoch", "lr", "elapsed", "precision"}``. Stops between steps when
     ``cancel`` is set (raises :class:`Cancelled`) or the generator is closed. Seeded: the same
     data, parameters and thread count give the same head.
 
@@ -523,6 +529,8 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
     full control sets ``threads=0`` and manages torch threads itself.
     """
     import torch
+
+    from .device import autocast, head_precision, precision_name
 
     _check_backbone(data, loaded, "the training embeddings")
     if len(data) == 0:
@@ -562,6 +570,8 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
         else:
             head = _seeded_head(kind, len(class_ids) + 1, loaded, config, params.seed)
         dev = loaded.device
+        dtype = head_precision(params.precision, loaded, head, training=True)
+        prec = precision_name(dtype)
         head.to(dev).train()
         for p in head.parameters():
             p.requires_grad_(True)
@@ -617,7 +627,8 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
                 warm = min(1.0, (step + 1) / max(1, params.warmup_steps))
                 opt.lr = lr * warm
                 # the head's protocol (heads.base.Head): multi-output heads weigh their losses by progress
-                out = head.training_forward(emb, img, **kw)
+                with autocast(dev, dtype):  # the forward pass; the loss (in fp32) and the update outside
+                    out = head.training_forward(emb, img, **kw)
                 loss = head.loss(out, tgt, step / max(1, total - 1), dice_weight=params.dice_weight)
                 opt.zero_grad()
                 loss.backward()
@@ -626,7 +637,7 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
                 value = float(loss.detach())
                 epoch_loss += value
                 yield Progress(step, total, "training", {"loss": value, "epoch": epoch, "lr": lr * warm,
-                                                         "elapsed": time.perf_counter() - t0})
+                                                         "elapsed": time.perf_counter() - t0, "precision": prec})
             run_loss, run_steps = run_loss + epoch_loss, run_steps + steps_per_epoch
             if epoch % check:
                 continue
@@ -655,7 +666,7 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
 
     prev_slices = tuple(init.meta.training_slices) if init is not None else ()
     history = {"steps": step, "epochs": epoch, "final_loss": ema, "seconds": round(seconds, 3),
-               "stopped": stopped, "n_slices": n}
+               "stopped": stopped, "n_slices": n, "precision": prec}
     if init is not None:
         history["continued_from"] = dict(init.meta.history)
     meta = HeadMeta(

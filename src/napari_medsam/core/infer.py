@@ -29,6 +29,8 @@ class PredictionResult:
     head's class ids (0 background); slices not predicted stay 0. ``probs``: ``(K, *spatial)``
     float16 softmax probabilities, channel 0 background, channel ``k`` class ``class_ids[k-1]``
     (0 on slices not predicted), or None. ``slices``: the predicted indices along ``axis``.
+    ``precision``: what the head ran in (``"bf16"`` or ``"fp32"``, see
+    :func:`~napari_medsam.core.device.head_precision`).
     """
 
     labels: np.ndarray
@@ -38,6 +40,7 @@ class PredictionResult:
     class_names: tuple[str, ...]
     axis: int
     seconds: float
+    precision: str = "fp32"
 
 
 def head_intensity(meta: Any, volume: Any) -> Any:
@@ -82,8 +85,41 @@ def _is_blank(raw: np.ndarray) -> bool:
     return flat.size == 0 or bool((flat == flat[0]).all())
 
 
+def class_argmax(logits: Any) -> Any:
+    """``(B, K, H, W)`` -> ``(B, H, W)`` index of the largest of the ``K`` channels (the first on ties),
+    uint8 (int32 above 256 channels).
+
+    The same answer as ``logits.argmax(1)`` on finite values, in K - 1 vectorised passes over
+    whole planes instead of a reduction across the channel stride: for 8 slices of 197 x 233 px
+    (1 thread, CPU time) 5.1 ms instead of 54.5 with 3 channels, 8.9 instead of 57.9 with 5.
+    """
+    import torch
+
+    best = logits[:, 0]
+    idx = torch.zeros(best.shape, dtype=torch.uint8 if logits.shape[1] <= 256 else torch.int32, device=logits.device)
+    for k in range(1, logits.shape[1]):
+        x = logits[:, k]
+        more = x > best
+        idx.masked_fill_(more, k)
+        best = torch.maximum(best, x)
+    return idx
+
+
+def _inference_module(module: Any) -> Any:
+    """The head module to predict with: a channels-last copy for heads whose convolutions run faster
+    so (:attr:`~napari_medsam.core.heads.base.Head.channels_last`), else the module itself. A copy,
+    so that the caller's head (which training may continue from) keeps its layout."""
+    import copy
+
+    import torch
+
+    if not getattr(module, "channels_last", False):
+        return module
+    return copy.deepcopy(module).to(memory_format=torch.channels_last).eval()
+
+
 def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = None, batch_size: int = 8,
-                   return_probs: bool = False,
+                   return_probs: bool = False, precision: str = "auto",
                    cancel: threading.Event | None = None) -> ProgressGen[PredictionResult]:
     """Segment slices (all by default) of ``encoder``'s volume with a trained head, no prompt needed.
 
@@ -95,10 +131,13 @@ def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = No
     background (probability 1) without being embedded, instead of letting the head guess on an
     input unlike any it was trained on. Yields :class:`Progress` per batch; stops between batches
     when ``cancel`` is set (raising :class:`Cancelled`) or the generator is closed.
-    Returns a :class:`PredictionResult`.
+    ``precision``: the head's autocast (:func:`~napari_medsam.core.device.head_precision`; ``auto``:
+    bf16 where the model runs bf16 and the head family was checked in bf16, else fp32), named in
+    every progress's ``info["precision"]`` and in the result. Returns a :class:`PredictionResult`.
     """
     import torch
 
+    from .device import autocast, head_precision, precision_name
     from .finetune import _check_head_backbone
 
     meta = head.meta
@@ -124,11 +163,14 @@ def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = No
     if probs is not None:
         prob_view = np.moveaxis(probs, encoder.axis + 1, 1) if is_3d else probs[:, None]
     tf = encoder.transform()
-    module = head.module
-    module.eval()
+    head.module.eval()
+    dtype = head_precision(precision, loaded, head.module)
+    prec = precision_name(dtype)
+    module = _inference_module(head.module)
+    layout = torch.channels_last if module is not head.module else torch.contiguous_format
     bs = max(1, int(batch_size))
     t0 = time.perf_counter()
-    yield Progress(0, len(order), "predicting")
+    yield Progress(0, len(order), "predicting", {"precision": prec})
     for start in range(0, len(order), bs):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"prediction stopped after {start} of {len(order)} slices; nothing was written")
@@ -138,28 +180,34 @@ def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = No
             for i in set(batch) - set(chunk):
                 prob_view[0, i] = 1.0  # blank: background for sure (labels are already 0)
         if not chunk:
-            yield Progress(start + len(batch), len(order), "predicting", {"slice": batch[-1]})
+            yield Progress(start + len(batch), len(order), "predicting", {"slice": batch[-1], "precision": prec})
             continue
         for _ in encoder.embed(chunk, cancel=cancel):
             pass
         with torch.inference_mode():
-            emb = torch.cat([encoder.get(i) for i in chunk])  # (B, C, h, w)
+            emb = torch.cat([encoder.get(i) for i in chunk]).contiguous(memory_format=layout)  # (B, C, h, w)
             img = None
             if getattr(module, "uses_image", False):
                 img = torch.from_numpy(np.stack([encoder.model_input(i) for i in chunk])).to(emb.device)
-            logits = module(emb, img)  # (B, K, L, L)
-            full = tf.logits_to_original(logits)  # (B, K, H, W)
-            p = torch.softmax(full, dim=1)
-            best = p.argmax(dim=1).cpu().numpy()  # (B, H, W)
-            p_np = p.cpu().numpy().astype(np.float16) if prob_view is not None else None
+                img = img.contiguous(memory_format=layout)  # (B, 3, S, S)
+            with autocast(emb.device, dtype):
+                logits = module(emb, img)  # (B, K, L, L)
+            full = tf.logits_to_original(logits)  # (B, K, H, W) float32
+            p_np = None
+            if prob_view is not None:
+                p = torch.softmax(full, dim=1)
+                best = class_argmax(p).cpu().numpy()  # (B, H, W)
+                p_np = p.cpu().numpy().astype(np.float16)
+            else:  # softmax keeps the order of the logits: their argmax is the labels
+                best = class_argmax(full).cpu().numpy()
         for j, i in enumerate(chunk):
             lab_view[i] = lut[best[j]]
             if prob_view is not None and p_np is not None:
                 prob_view[:, i] = p_np[j]
-        yield Progress(start + len(batch), len(order), "predicting", {"slice": batch[-1]})
+        yield Progress(start + len(batch), len(order), "predicting", {"slice": batch[-1], "precision": prec})
     return PredictionResult(labels=labels, probs=probs, slices=tuple(order), class_ids=class_ids,
                             class_names=tuple(meta.class_names), axis=encoder.axis,
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0, precision=prec)
 
 
-__all__ = ["PredictionResult", "encoder_for_head", "head_intensity", "predict_slices"]
+__all__ = ["PredictionResult", "class_argmax", "encoder_for_head", "head_intensity", "predict_slices"]
