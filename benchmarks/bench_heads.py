@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-masks", type=Path, default=None,
                     help="write each run's predicted and true labels of the evaluation slices here (.npz)")
     ap.add_argument("--unet-steps", type=int, default=300, help="step budget of the scratch UNet (default 300)")
+    ap.add_argument("--head-precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="TrainParams.precision and predict_slices' of the heads (default auto: as LiteMedSAM, fp32 here)")
+    ap.add_argument("--predict-precision", default=None, choices=("auto", "fp32", "bf16"),
+                    help="predict_slices' precision apart (default: --head-precision)")
     args = ap.parse_args(argv)
 
     from napari_medsam.core.build import load_model
@@ -275,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             if (kind == "autosam" and k not in autosam_ks) or (name.startswith(ABLATIONS) and k not in ablation_ks):
                 continue
             for seed in seeds:
-                params = TrainParams(head=kind, head_config=cfg, seed=seed, threads=0, **over)
+                prec = {} if args.head_precision == "auto" else {"precision": args.head_precision}
+                pp = args.predict_precision or args.head_precision
+                pprec = {} if pp == "auto" else {"precision": pp}
+                params = TrainParams(head=kind, head_config=cfg, seed=seed, threads=0, **over, **prec)
                 head = drain(fine_tune(data, params, loaded=loaded, class_names=("GM", "WM")))
-                res = drain(predict_slices(enc, head, slices=evals))
+                res = drain(predict_slices(enc, head, slices=evals, **pprec))
                 pred = np.moveaxis(res.labels, axis, 0)[evals]
                 d = dice_per_class(pred, truth, (1, 2))
                 h = head.meta.history
@@ -303,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"every {args.eval_every}-th brain slice ({len(brain[::args.eval_every])}), training slices excluded")
     header = (f"MNI152 2009 template (nilearn), GM/WM, {plane} slices (array axis {axis}), {len(brain)} brain slices, "
               f"evaluated on {evaluated}; "
-              f"LiteMedSAM fp32 embeddings ({embed_s:.2f} s/slice to embed); torch {torch.__version__}, "
+              f"LiteMedSAM fp32 embeddings ({embed_s:.2f} s/slice to embed), heads {args.head_precision} "
+              f"(prediction {args.predict_precision or args.head_precision}); "
+              f"torch {torch.__version__}, "
               f"{args.threads} thread(s) on {platform.machine()}; seeds {','.join(map(str, seeds))}; "
               f"scratch UNet budget {args.unet_steps} steps")
     lines = [
