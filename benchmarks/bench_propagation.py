@@ -27,6 +27,7 @@ seven criteria (how the defaults were chosen) and each default criterion varied 
     python benchmarks/bench_propagation.py --seeds --cache DIR   # the seed slices' 2D Dice, per decoder output
     python benchmarks/bench_propagation.py --variants "choose=first;choose=previous,connect=1" [--bound 4]
         # one permissive run per case and carry: per-slice Dice traces, the default and best grid rule
+        # per case; --save DIR pickles the runs, --floor D the least Dice of the grid rules listed
     python benchmarks/bench_propagation.py --speed [--slice 93] [--reach 10]   # s/slice cold and warm
 """
 
@@ -345,12 +346,12 @@ def bench_variants(args: argparse.Namespace) -> None:
     """One permissive run per case for each carry variant: per-slice Dice outwards from the seed
     (a digit: Dice x 10; '.': no mask; '|': the true end), where it drifted; the default stop rule
     (with the variant's own stop overrides) and the best joint-grid rules simulated on those runs,
-    per case. The grid's best are taken at a mean 3D Dice not below the first variant's default
-    stops (list the baseline first)."""
+    per case. The grid's best are taken at a mean 3D Dice not below ``--floor`` (default: the first
+    variant's with the default stops: list the baseline first)."""
     mni, structs, loaded, cache, planes = setup(args)
     variants = args.variants.split(";")
     encs = {axis: VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache) for axis in planes}
-    floor = None
+    floor = args.floor
     for text in variants:
         carry = parse_carry(text)
         carry_only = {k: v for k, v in carry.items() if k not in OPEN_STOPS and k != "min_area_px"}
@@ -368,10 +369,18 @@ def bench_variants(args: argparse.Namespace) -> None:
                 print(f"  {name}/{PLANES[axis]} seed Dice {t['seed']:.2f}; "
                       + "; ".join(f"{'-+'[step > 0]} drift at {t[step][1]} (end {t[step][2]} away) {t[step][0]}"
                                   for step in (-1, 1)))
+        if args.save:
+            import pickle
+
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            with open(Path(args.save) / f"{text.replace(',', '_').replace('=', '-') or 'default'}.pkl", "wb") as f:
+                pickle.dump({"carry": carry, "bound": args.bound, "runs": permissive}, f)
         default = PropagationParams(**carry)
         res = [evaluate(simulate(run, default), structs[name], axis) for name, axis, run in permissive]
         ceiling = [evaluate(run.masks, structs[name], axis) for name, axis, run in permissive]
-        print(f"  permissive: {summary(ceiling)}")
+        reach = sum((r["end_lo"] <= 2) + (r["end_hi"] <= 2) for r in ceiling)
+        print(f"  permissive: {summary(ceiling)}; reach (run ends at or past the true end - 2, the most any "
+              f"stop rule could place within 2): {reach}/{2 * len(ceiling)}")
         overrides = {k: v for k, v in carry.items() if k not in carry_only}
         print(f"  default stops{' + ' + str(overrides) if overrides else ''}: {summary(res)}")
         table(permissive, res)
@@ -498,6 +507,10 @@ def main() -> None:
                     "'key=value,...' of PropagationParams (e.g. 'choose=first;choose=previous,carry_point=1')")
     ap.add_argument("--bound", type=int, default=None, help="propagate only within the true "
                     "extent +- this many slices (fewer slices to embed; 'beyond' counts at most this many a run end)")
+    ap.add_argument("--floor", type=float, default=None, help="--variants: the least mean 3D Dice of the grid "
+                    "rules listed (default: the first variant's with the default stops)")
+    ap.add_argument("--save", default=None, help="--variants: pickle each variant's permissive runs into this "
+                    "folder (to simulate other rules later without propagating again)")
     ap.add_argument("--slice", type=int, default=93)
     ap.add_argument("--reach", type=int, default=10)
     args = ap.parse_args()
