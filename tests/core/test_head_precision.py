@@ -117,13 +117,17 @@ def test_labels_without_probabilities_match_the_labels_with_them(encoder, head):
 
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="the CPU has no native bf16 (AVX512-BF16 / AMX): heads run fp32")
-def test_auto_predicts_with_the_cnn_head_in_bf16_on_a_native_bf16_cpu(volume):
+def test_auto_runs_the_cnn_head_in_bf16_on_a_native_bf16_cpu(volume):
     auto = load_model("test_tiny_lite", device="cpu", precision="auto")
     assert auto.dtype is torch.bfloat16
     enc = VolumeEncoder(auto, volume[0], axis=0)
     data = drain(collect_training_data(enc, volume[1], [1, 4]))
     head = drain(fine_tune(data, TrainParams(**CNN), loaded=auto))
-    assert head.meta.history["precision"] == "fp32"  # cnn training is not checked in bf16: auto trains fp32
+    assert head.meta.history["precision"] == "bf16"
+    fp32 = drain(fine_tune(data, TrainParams(**CNN, precision="fp32"), loaded=auto))
+    assert fp32.meta.history["precision"] == "fp32"  # asked for: fp32 on any CPU
+    hsam = drain(fine_tune(data, TrainParams(head="hsam", epochs=1, batch_size=2, patience=0), loaded=auto))
+    assert hsam.meta.history["precision"] == "fp32"  # a family not checked in bf16 stays fp32 under auto
     res = drain(predict_slices(enc, head))
     assert res.precision == "bf16"
     assert (res.labels == volume[1]).mean() > 0.9

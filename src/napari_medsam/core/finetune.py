@@ -609,7 +609,7 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"training stopped at step {step} of {total}; nothing was saved")
                 idx = order[s * bs:(s + 1) * bs]
-                emb = emb_all[idx].float()
+                emb = emb_all[idx]  # float16 as cached: shifted and cropped first, converted after (the same values)
                 img = img_all[idx] if img_all is not None else None
                 tgt = tgt_all[idx]
                 kw: dict[str, Any] = {}
@@ -624,6 +624,7 @@ def fine_tune(data: TrainingData, params: TrainParams = TrainParams(), *, loaded
                     emb = torch.stack([p[0] for p in parts])
                     img = torch.stack([p[1] for p in parts]) if img is not None else None
                     tgt = torch.stack([p[2] for p in parts])
+                emb = emb.float()
                 warm = min(1.0, (step + 1) / max(1, params.warmup_steps))
                 opt.lr = lr * warm
                 # the head's protocol (heads.base.Head): multi-output heads weigh their losses by progress

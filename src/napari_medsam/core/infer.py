@@ -185,7 +185,11 @@ def predict_slices(encoder: Any, head: Any, *, slices: Sequence[int] | None = No
         for _ in encoder.embed(chunk, cancel=cancel):
             pass
         with torch.inference_mode():
-            emb = torch.cat([encoder.get(i) for i in chunk]).contiguous(memory_format=layout)  # (B, C, h, w)
+            parts = [encoder.get(i) for i in chunk]  # (1, C, h, w) each, laid out channels-last
+            if layout is torch.channels_last:  # one copy into a (B, C, h, w) batch laid out channels-last
+                emb = torch.cat([e.permute(0, 2, 3, 1) for e in parts]).permute(0, 3, 1, 2)
+            else:
+                emb = torch.cat(parts)  # (B, C, h, w)
             img = None
             if getattr(module, "uses_image", False):
                 img = torch.from_numpy(np.stack([encoder.model_input(i) for i in chunk])).to(emb.device)
