@@ -98,9 +98,11 @@ def test_train_options_are_the_training_dataclass():
 
     parser = build_parser()
     args = parser.parse_args(["train", "img.nii.gz", "lab.nii.gz", "--head", "cnn", "-o", "x.head"])
-    assert dataclass_kwargs(TrainParams, args) == {"head": "cnn"}  # every other default is the dataclass's
-    args = parser.parse_args(["train", "i", "l", "-o", "x", "--max-steps", "40", "--no-augment", "--seed", "3"])
-    assert dataclass_kwargs(TrainParams, args) == {"max_steps": 40, "augment": False, "seed": 3}
+    # every other default is the dataclass's; the model's --precision is the head's too (TrainParams.precision)
+    assert dataclass_kwargs(TrainParams, args) == {"head": "cnn", "precision": "auto"}
+    args = parser.parse_args(["train", "i", "l", "-o", "x", "--max-steps", "40", "--no-augment", "--seed", "3",
+                              "--precision", "fp32"])
+    assert dataclass_kwargs(TrainParams, args) == {"max_steps": 40, "augment": False, "seed": 3, "precision": "fp32"}
     sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["train"]
     helps = {o: a.help for a in sub._actions for o in a.option_strings}
     d = TrainParams()

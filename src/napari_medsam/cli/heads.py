@@ -148,6 +148,6 @@ def run_train(args: argparse.Namespace) -> int:
     trained = m.training_slices
     print(f"{'continued' if init is not None else 'trained'} a {head.kind} head on {len(trained)} slice(s) along axis {m.axis} "
           f"({', '.join(str(s) for s in trained[:12])}{', ...' if len(trained) > 12 else ''}), "
-          f"classes {list(m.class_ids)}: {h['steps']} steps in {h['seconds']:.1f} s, "
+          f"classes {list(m.class_ids)}: {h['steps']} steps in {h['seconds']:.1f} s ({h.get('precision', 'fp32')}), "
           f"final loss {h['final_loss']:.4f}; wrote {out}")
     return 0
