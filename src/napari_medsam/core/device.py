@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -44,8 +45,16 @@ def resolve_device(name: str = "auto") -> Any:
     return torch.device(name)
 
 
+#: oneDNN instruction-set caps (``ONEDNN_MAX_CPU_ISA``) below its native bf16 kernels
+_ONEDNN_ISA_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX) and oneDNN, which
+    runs PyTorch's bf16 products on a CPU, may use them (``ONEDNN_MAX_CPU_ISA`` not capped below)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in _ONEDNN_ISA_WITHOUT_BF16:
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
