@@ -9,8 +9,10 @@ every n-th brain slice with ``--eval-every n`` (Dice per class, pooled over the 
 only the training and evaluation slices are embedded), next
 to a small UNet trained from scratch on the same slices' images with the same loss, augmentation
 policy and stopping rule. Training times are wall-clock seconds on this machine with the stated
-thread count; the embedding time of the labelled slices is reported apart (heads need it, the
-UNet does not; a napari session has usually computed it already for prompting).
+thread count, and for the heads also the process CPU seconds of the training (with 1 thread the
+better measure on a shared machine: others' load inflates the wall time); the embedding time of the
+labelled slices is reported apart (heads need it, the UNet does not; a napari session has usually
+computed it already for prompting).
 
 Prints a markdown table and writes it to ``--out``::
 
@@ -283,14 +285,16 @@ def main(argv: list[str] | None = None) -> int:
                 pp = args.predict_precision or args.head_precision
                 pprec = {} if pp == "auto" else {"precision": pp}
                 params = TrainParams(head=kind, head_config=cfg, seed=seed, threads=0, **over, **prec)
+                cpu0 = time.process_time()  # 1 thread: the training's CPU time, which others' load skews less
                 head = drain(fine_tune(data, params, loaded=loaded, class_names=("GM", "WM")))
+                cpu = time.process_time() - cpu0
                 res = drain(predict_slices(enc, head, slices=evals, **pprec))
                 pred = np.moveaxis(res.labels, axis, 0)[evals]
                 d = dice_per_class(pred, truth, (1, 2))
                 h = head.meta.history
                 n_par = sum(p.numel() for p in head.module.parameters())
                 rows.append((k, name, seed, d[0], d[1], float(np.mean(d)), h["seconds"], h["steps"], k * embed_s,
-                             n_par))
+                             n_par, cpu))
                 print(rows[-1], file=sys.stderr, flush=True)
                 if args.save_masks is not None:
                     args.save_masks.mkdir(parents=True, exist_ok=True)
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             pred = predict_unet(net, raw[evals])
             d = dice_per_class(pred, truth, (1, 2))
             rows.append((k, "unet (scratch)", args.seed, d[0], d[1], float(np.mean(d)), secs, steps, None,
-                         sum(p.numel() for p in net.parameters())))
+                         sum(p.numel() for p in net.parameters()), None))
             print(rows[-1], file=sys.stderr, flush=True)
     plane = {0: "sagittal", 1: "coronal", 2: "axial"}[axis]
     evaluated = ("all other brain slices" if args.eval_every == 1 else
@@ -317,12 +321,15 @@ def main(argv: list[str] | None = None) -> int:
               f"scratch UNet budget {args.unet_steps} steps")
     lines = [
         header, "",
-        "| k | method | seed | Dice GM | Dice WM | mean Dice | train (s) | steps | + embed k slices (s) | trainable params |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        ("| k | method | seed | Dice GM | Dice WM | mean Dice | train (s) | train CPU (s) | steps | + embed k slices (s) "
+         "| trainable params |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for k, name, seed, g, w, m, s, steps, e, n_par in rows:
+    for k, name, seed, g, w, m, s, steps, e, n_par, cpu in rows:
         emb = "-" if e is None else f"{e:.1f}"
-        lines.append(f"| {k} | {name} | {seed} | {g:.3f} | {w:.3f} | {m:.3f} | {s:.1f} | {steps} | {emb} | {n_par:,} |")
+        cpu_text = "-" if cpu is None else f"{cpu:.1f}"
+        lines.append(f"| {k} | {name} | {seed} | {g:.3f} | {w:.3f} | {m:.3f} | {s:.1f} | {cpu_text} | {steps} | {emb} "
+                     f"| {n_par:,} |")
     if len(seeds) > 1:  # the seed spread: mean and range of the mean Dice, mean training time
         lines += ["", "| k | method | seeds | mean Dice (mean) | min - max | train (s, mean) | x cnn time |",
                   "|---|---|---|---|---|---|---|"]
