@@ -112,9 +112,10 @@ class PreviewMixin:
             on_finished=self._on_preview_finished)
 
     def _inline_ok(self, req: Any, index: int) -> bool:
-        """A decode of an embedded slice that took at most :attr:`inline_preview_s` last time."""
+        """An embedded slice, and no decode on the main thread has taken longer than
+        :attr:`inline_preview_s` (the first one is tried)."""
         limit, last = self.inline_preview_s, self._decode_s
-        return limit is not None and last is not None and last <= limit and self.session.embedded(req, index)
+        return limit is not None and (last is None or last <= limit) and self.session.embedded(req, index)
 
     def _run_inline(self, req: Any, view: _layers.SliceView, prompt: Any, tag: tuple) -> bool:
         """The preview on the main thread (one decoder call); False if it failed (the worker then
@@ -148,8 +149,10 @@ class PreviewMixin:
         if compute is None:  # from the worker
             compute = (float(job.last.info.get("seconds", float("nan")))
                        if job is not None and job.last is not None else float("nan"))
-            if not self._job_embedded(job) and compute == compute:
-                self._decode_s = compute  # a decode of an embedded slice: what an inline one would cost
+            if not self._job_embedded(job) and compute == compute and self._decode_s is not None:
+                # a decode timed in a worker (sharing the cores with the paint) is slower than on the
+                # main thread: under the limit, the main thread may take the next one again
+                self._decode_s = min(self._decode_s, compute)
         if self._prompt_time is not None:
             self.last_latency = time.perf_counter() - self._prompt_time
             self._prompt_time = None

@@ -57,12 +57,12 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self.previews_shown = 0  # previews drawn since the dock opened
         self.last_latency: float | None = None  # seconds from the last prompt change to its preview on screen
         self.preview_in_worker = True  # False decodes on the main thread (benchmarks/bench_gui.py compares)
-        #: a prompt on a slice already embedded decodes on the main thread when the last decode took at
-        #: most this long (s): no worker start, no result hand-back, and one paint for the prompt and its
-        #: mask instead of two. None: always in a worker. The limit is the main thread's stall budget: a
-        #: decode timed in a worker (sharing the cores with the paint) runs faster on the main thread.
+        #: a prompt on a slice already embedded decodes on the main thread (no worker start, no result
+        #: hand-back, one paint for the prompt and its mask instead of two) while the last decode there
+        #: took at most this long (s), the main thread's stall budget; a slower one sends the next to a
+        #: worker. None: always in a worker.
         self.inline_preview_s: float | None = 0.1
-        self._decode_s: float | None = None  # the last preview's decode time (s); None: none yet
+        self._decode_s: float | None = None  # the last main-thread decode (s); None: none yet
         self._preview_timer = QTimer(self)
         self._preview_timer.setSingleShot(True)
         self._preview_timer.setInterval(15)
