@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--precision", default="fp32",
+                    help="the model's precision (default fp32, the issue-13 table's); the heads follow it "
+                         "under TrainParams.precision='auto' (auto: bf16 where the CPU has it natively)")
     args = ap.parse_args(argv)
     from napari_medsam.core.build import load_model
     from napari_medsam.core.embeddings import EmbeddingCache
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     image, labels = load_mni()
     lab = np.moveaxis(labels, 1, 0)
     train = spread([i for i in range(lab.shape[0]) if lab[i].any()], args.k)
-    loaded = load_model("litemedsam", device="cpu", precision="fp32")
+    loaded = load_model("litemedsam", device="cpu", precision=args.precision)
     enc = VolumeEncoder(loaded, image, axis=1, cache=EmbeddingCache(args.cache_dir))
     drain(enc.embed(train))
     data = drain(collect_training_data(enc, labels, train))
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         params = TrainParams(head=kind, head_config=cfg, seed=0, threads=0, max_steps=args.steps, patience=0)
         head = drain(fine_tune(data, params, loaded=loaded, class_names=("GM", "WM")))
         print(kind, cfg, f"cpu {time.process_time() - t0:.1f} s, wall {time.perf_counter() - w0:.1f} s, "
-              f"steps {head.meta.history['steps']}", flush=True)
+              f"steps {head.meta.history['steps']}, trained in {head.meta.history.get('precision', 'fp32')}",
+              flush=True)
     return 0
 
 
