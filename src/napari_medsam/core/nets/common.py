@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,8 +32,8 @@ _linear_op: object = None  # torch.ops.mkldnn._linear_pointwise, or False where 
 
 
 def bf16_autocast_inference(x: torch.Tensor) -> bool:
-    """True under bf16 autocast on a CPU without autograd (and :data:`FUSED_BF16_LINEAR` on)."""
-    if not FUSED_BF16_LINEAR or x.device.type != "cpu" or torch.is_grad_enabled():
+    """True under bf16 autocast on a CPU without autograd."""
+    if x.device.type != "cpu" or torch.is_grad_enabled():
         return False
     try:
         return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -39,17 +41,35 @@ def bf16_autocast_inference(x: torch.Tensor) -> bool:
         return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
 
 
+def kept(m: nn.Module, name: str, make: Any, *tensors: torch.Tensor | None, extra: Any = None) -> Any:
+    """``make()``, computed once and kept on ``m`` as ``name`` while ``tensors`` (parameters) are
+    unchanged: the same storage and no in-place update since (an optimiser step, ``load_state_dict``),
+    and the same ``extra`` key."""
+    key = (tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors), extra)
+    cached = getattr(m, name, None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, make())
+        setattr(m, name, cached)
+    return cached[1]
+
+
 def bf16_weights(m: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
                   flatten: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """bf16 copies of ``m``'s weight (``flatten``: as a matrix) and bias, kept on ``m`` while unchanged."""
-    key = (weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version), flatten)
-    cached = getattr(m, "_bf16_weights", None)
-    if cached is None or cached[0] != key:
+    def make() -> tuple[torch.Tensor, torch.Tensor | None]:
         w = weight.detach()
         w = (w.reshape(w.shape[0], -1) if flatten else w).to(torch.bfloat16)
-        cached = (key, w, None if bias is None else bias.detach().to(torch.bfloat16))
-        m._bf16_weights = cached
-    return cached[1], cached[2]
+        return w, None if bias is None else bias.detach().to(torch.bfloat16)
+
+    return kept(m, "_bf16_weights", make, weight, bias, extra=flatten)
+
+
+def softmax_fp32(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis of low-precision ``scores``, computed in fp32 and returned in their
+    dtype: PyTorch's bf16-in, bf16-out CPU softmax is ~10x slower than its fp32-out one on the
+    encoders' attention shapes (and less exact)."""
+    return torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
 
 
 def linear(m: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
@@ -62,7 +82,7 @@ def linear(m: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch
     global _linear_op
     if type(m) is nn.Linear or type(m) is nn.Conv2d:
         gelu = act is None or (type(act) is nn.GELU and act.approximate == "none")
-        if gelu and _linear_op is not False and bf16_autocast_inference(x):
+        if gelu and FUSED_BF16_LINEAR and _linear_op is not False and bf16_autocast_inference(x):
             if _linear_op is None:
                 _linear_op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", False) \
                     if torch.backends.mkldnn.is_available() else False

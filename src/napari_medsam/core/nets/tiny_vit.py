@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, bf16_autocast_inference, bf16_weights, linear
+from .common import LayerNorm2d, bf16_autocast_inference, bf16_weights, kept, linear, softmax_fp32
 from .common import apply_act as _act
 
 
@@ -113,7 +113,7 @@ def conv_act(m: nn.Module, act: nn.Module, x: torch.Tensor, padding: tuple[int, 
     bf16 autocast is one fused oneDNN call (:data:`FUSE_CONV_GELU`); anything else runs as two ops.
     """
     pad = padding if padding is not None else getattr(m, "padding", None)  # a tuple, or a string ("same")
-    bf16 = x.device.type == "cpu" and bf16_autocast_inference(x)
+    bf16 = bf16_autocast_inference(x)
     if (FUSE_CONV_GELU and isinstance(m, nn.Conv2d) and not _is_pointwise_conv(m) and type(act) is nn.GELU
             and act.approximate == "none" and x.device.type == "cpu" and (x.dtype == torch.float32 or bf16)
             and m.padding_mode == "zeros" and not torch.is_grad_enabled() and isinstance(pad, tuple)):
@@ -259,11 +259,9 @@ class WindowAttention(nn.Module):
         bias = self._bias(q.dtype)
         if BF16_PRODUCT_ATTENTION and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled():
             # bf16 on a CPU: two bf16 products and a softmax beat the fused kernel on these small
-            # windows (49 and 196 tokens, head dim 32), whose bf16 path is barely faster than fp32.
-            # The softmax reads bf16 and computes in fp32: PyTorch's bf16-in, bf16-out CPU softmax
-            # is ~10x slower than its fp32-out one on these shapes
+            # windows (49 and 196 tokens, head dim 32), whose bf16 path is barely faster than fp32
             a = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-1, -2)).add_(bias)
-            out = torch.matmul(torch.softmax(a, -1, dtype=torch.float32).to(q.dtype), v)
+            out = torch.matmul(softmax_fp32(a), v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return linear(self.proj, out.transpose(1, 2).reshape(b, n, -1))
@@ -275,13 +273,7 @@ class WindowAttention(nn.Module):
         p = self.attention_biases
         if torch.is_grad_enabled() and p.requires_grad:
             return p[:, self.attention_bias_idxs].to(dtype)[None]
-        key = (dtype, p.device, p.data_ptr(), p._version)
-        cached = getattr(self, "_bias_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, p[:, self.attention_bias_idxs].to(dtype)[None])
-            self._bias_cache = cached
-        return cached[1]
+        return kept(self, "_bias_cache", lambda: p[:, self.attention_bias_idxs].to(dtype)[None], p, extra=dtype)
 
 
 class Mlp(nn.Module):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock, linear
+from .common import LayerNorm2d, MLPBlock, linear, softmax_fp32
 from .tiny_vit import pointwise
 
 
@@ -56,9 +56,9 @@ class Attention(nn.Module):
             bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, n, h * w, h * w)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         elif BF16_PRODUCT_ATTENTION and q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            out = _product_attention(q, k, v, bias_h, bias_w, PRODUCT_ROWS if h > PRODUCT_ROWS else h)
+            out = _banded_attention(q, k, v, bias_h, bias_w, min(h, PRODUCT_ROWS), products=True)
         elif GLOBAL_ROWS and h > GLOBAL_ROWS:
-            out = _attention_by_query_rows(q, k, v, bias_h, bias_w, GLOBAL_ROWS)
+            out = _banded_attention(q, k, v, bias_h, bias_w, GLOBAL_ROWS, products=False)
         else:
             bias = torch.empty(b, n, h, w, h, w, dtype=q.dtype, device=q.device)
             bias = torch.add(bias_h[..., :, None], bias_w[..., None, :], out=bias).view(b, n, h * w, h * w)
@@ -79,38 +79,30 @@ BF16_PRODUCT_ATTENTION = True
 PRODUCT_ROWS = 8
 
 
-def _product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
-                       bias_w: torch.Tensor, rows: int) -> torch.Tensor:
-    """Softmax(q k^T / sqrt(d) + bias) v with the decomposed bias added to the scores in place."""
-    b, n, h, w, _ = bias_h.shape
-    hd = q.shape[-1]
-    out = torch.empty(b, n, h * w, hd, dtype=q.dtype, device=q.device)
-    kt = k.transpose(-1, -2)
-    for r0 in range(0, h, rows):
-        r1 = min(h, r0 + rows)
-        a = torch.matmul(q[:, :, r0 * w:r1 * w] * hd ** -0.5, kt)  # (B, heads, rows * w, h * w)
-        a.view(b, n, r1 - r0, w, h, w).add_(bias_h[:, :, r0:r1, :, :, None]).add_(bias_w[:, :, r0:r1, :, None, :])
-        # softmax in fp32 from the bf16 scores (PyTorch's bf16-out CPU softmax is ~10x slower)
-        torch.matmul(torch.softmax(a, -1, dtype=torch.float32).to(q.dtype), v, out=out[:, :, r0 * w:r1 * w])
-    return out
-
-
-def _attention_by_query_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
-                             bias_w: torch.Tensor, rows: int) -> torch.Tensor:
-    """``scaled_dot_product_attention`` over ``rows`` query rows of the grid at a time.
+def _banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor,
+                      bias_w: torch.Tensor, rows: int, *, products: bool) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(d) + bias) v, ``rows`` query rows of the grid at a time.
 
     ``bias_h`` (B, heads, h, w, h) and ``bias_w`` (B, heads, h, w, w) are the decomposed relative
-    positions; each chunk's mask is their sum for its queries only."""
+    positions. ``products``: two products with the band's bias added to its scores in place and a
+    softmax in fp32 (bf16 on a CPU); else the fused kernel with the band's bias summed into one
+    reused buffer (the band's outputs exact: bit-identical to the whole at once)."""
     b, n, h, w, _ = bias_h.shape
     hd = q.shape[-1]
     out = torch.empty(b, n, h * w, hd, dtype=q.dtype, device=q.device)
-    buf = torch.empty(b, n, rows, w, h, w, dtype=q.dtype, device=q.device)
+    kt = k.transpose(-1, -2) if products else None
+    buf = None if products else torch.empty(b, n, rows, w, h, w, dtype=q.dtype, device=q.device)
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
-        m = buf[:, :, :r1 - r0]
-        torch.add(bias_h[:, :, r0:r1, :, :, None], bias_w[:, :, r0:r1, :, None, :], out=m)
-        out[:, :, r0 * w:r1 * w] = F.scaled_dot_product_attention(
-            q[:, :, r0 * w:r1 * w], k, v, attn_mask=m.view(b, n, (r1 - r0) * w, h * w))
+        qs, bh, bw = q[:, :, r0 * w:r1 * w], bias_h[:, :, r0:r1, :, :, None], bias_w[:, :, r0:r1, :, None, :]
+        if products:
+            a = torch.matmul(qs * hd ** -0.5, kt)  # (B, heads, rows * w, h * w)
+            a.view(b, n, r1 - r0, w, h, w).add_(bh).add_(bw)
+            torch.matmul(softmax_fp32(a), v, out=out[:, :, r0 * w:r1 * w])
+        else:
+            m = torch.add(bh, bw, out=buf[:, :, :r1 - r0])
+            out[:, :, r0 * w:r1 * w] = F.scaled_dot_product_attention(
+                qs, k, v, attn_mask=m.view(b, n, (r1 - r0) * w, h * w))
     return out
 
 
