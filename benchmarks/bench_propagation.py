@@ -20,8 +20,8 @@ true end, and the 3D Dice over the whole volume.
 
 ``--cache DIR`` keeps the embeddings on disk between runs (the first run embeds ~500 slices);
 ``--tune`` also prints, from one permissive run per case (a stricter rule only truncates a run, so
-it is simulated exactly on the permissive run's slices), the best rules of a joint grid over all
-seven criteria (how the defaults were chosen) and each default criterion varied alone.
+it is simulated exactly on the permissive run's slices), the best rules of a joint grid over the
+stop criteria (:data:`GRID`: how the defaults were chosen) and each default criterion varied alone.
 
     python benchmarks/bench_propagation.py [--model litemedsam] [--cache DIR] [--planes 0,1,2]
     python benchmarks/bench_propagation.py --seeds --cache DIR   # the seed slices' 2D Dice, per decoder output
@@ -190,7 +190,8 @@ def bench_stops(args: argparse.Namespace) -> None:
 
 GRID = {"min_iou": (None, 0.1, 0.2, 0.3, 0.35, 0.4), "min_iou_rel": (None, 0.4, 0.5, 0.6, 0.7, 0.8), "min_area_frac": (0.0, 0.01, 0.02),
         "min_area_ratio": (None, 0.15, 0.25), "max_area_ratio": (None, 2.0, 2.5, 3.0), "min_inside": (None, 0.6),
-        "max_intensity_z": (None, 2.0, 3.0), "min_feature": (None, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)}
+        "max_intensity_z": (None, 2.0, 3.0), "min_feature": (None, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5),
+        "min_tissue": (None, 0.01, 0.02), "min_in_range": (None, 0.1)}
 
 
 def joint_grid(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.ndarray]) -> list[tuple]:
@@ -283,7 +284,7 @@ def tune(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.n
             for z in zs:
                 s = run.scores.get(z)
                 cells.append("-" if s is None else f"{z}:iou{s.iou:.2f} a{s.area_ratio:.2f} in{s.inside:.2f} "
-                             f"z{s.intensity_z:.1f} f{s.feature:.2f}")
+                             f"z{s.intensity_z:.1f} f{s.feature:.2f} t{s.tissue:.2f} r{s.in_range:.2f}")
             print(f"  {name}/{PLANES[axis]} {'+' if step > 0 else '-'} end {edge}: " + " | ".join(cells))
 
 

@@ -412,3 +412,42 @@ def test_lookahead_keeps_the_output_whose_next_slice_agrees(monkeypatch, enc):
     assert 6 not in prev
     np.testing.assert_array_equal(ahead[5], moved)
     assert set(ahead) == set(range(2, 7))
+
+
+# --- an end criterion: the seed's own tissue (issue 16, fourth pass) ---------------------------
+
+@pytest.mark.parametrize(("kw", "reason"), [
+    ({"tissue": 0.01}, "seed tissue ran out"),
+    ({"in_range": 0.05}, "off the seed's tissue"),
+    ({"tissue": float("nan"), "in_range": float("nan")}, None),  # a seed with no tissue range: no verdict
+])
+def test_tissue_stop_reasons(kw, reason):
+    on = PropagationParams(min_tissue=0.02, min_in_range=0.1)
+    assert on.stop_reason(_score(**kw), seed_area=100) == reason
+    assert PropagationParams().stop_reason(_score(**kw), seed_area=100) is None  # off by default
+
+
+def test_seed_tissue_stops_a_mask_carried_past_the_structures_end(tiny_lite, monkeypatch):
+    """A bright structure on slices 2..6 of a dark volume; the decoder keeps giving a mask of the
+    same size on every slice (as a multimask output carried by overlap does past a structure's end):
+    the run goes on to both ends of the volume without the tissue criteria, and ends at the
+    structure's ends with either of them."""
+    rng = np.random.default_rng(1)
+    vol = (0.2 + 0.05 * rng.random((9, 45, 31))).astype(np.float32)
+    for z in range(2, 7):
+        vol[z, 8:20, 4:14] = 0.9 + 0.05 * rng.random((12, 10))
+    enc = VolumeEncoder(tiny_lite, vol)
+    _scripted(monkeypatch, enc, lambda z, p: [_square(8, 4, 20, 14)])
+    seed = {4: Prompt2D.from_box((8, 4, 20, 14))}
+    open_run = drain(propagate(enc, seed, params=OPEN))
+    assert set(open_run) == set(range(9))
+    assert open_run.scores[1].tissue == 0.0 and open_run.scores[3].tissue == pytest.approx(1.0, abs=0.15)
+    for key, value, reason in (("min_tissue", 0.05, "seed tissue ran out"), ("min_in_range", 0.5, "off the seed's tissue")):
+        out = drain(propagate(enc, seed, params=dataclasses.replace(OPEN, **{key: value})))
+        assert set(out) == set(range(2, 7)), key
+        assert {s.reason for s in out.stops} == {reason}
+        assert {s.at for s in out.stops} == {1, 7}
+    # the default guards do not stop this run (the mask keeps its size and place): only the tissue does
+    guards = dataclasses.replace(PropagationParams(), min_iou=None, min_feature=None, max_intensity_z=None)
+    assert set(drain(propagate(enc, seed, params=guards))) == set(range(9))
+    assert set(drain(propagate(enc, seed, params=dataclasses.replace(guards, min_tissue=0.05)))) == set(range(2, 7))

@@ -73,6 +73,12 @@ class PropagationParams:
     seed standard deviations from the seed's mean (or the previous slice's, whichever is closer,
     so a slow drift along the structure is followed, a jump is not); ``min_feature``: the cosine
     similarity of the image embedding averaged over the mask with the seed's fell below this.
+    The seed's own tissue (an end criterion, not a drift detector): a pixel is *seed tissue* when
+    its intensity lies within the seed mask's own ``tissue_q`` .. ``1 - tissue_q`` quantiles;
+    ``min_tissue``: the mask holds less seed tissue than this fraction of the seed's (what is left of
+    the structure has tapered out: a carry that keeps a mask of the same size past the end, as a
+    multimask output does, has none left there); ``min_in_range``: the fraction of the mask that is
+    seed tissue fell below this fraction of the seed's own (the mask lies on other tissue).
     Set a criterion to None to switch it off; :meth:`legacy` is the propagation before these
     existed (area and IoU only), kept for benchmarks.
     """
@@ -106,13 +112,17 @@ class PropagationParams:
     min_inside: float | None = 0.6
     max_intensity_z: float | None = 2.0
     min_feature: float | None = 0.35
+    tissue_q: float = 0.05
+    min_tissue: float | None = None
+    min_in_range: float | None = None
 
     @classmethod
     def legacy(cls, **kw: Any) -> PropagationParams:
         """The earlier propagation: the single-mask output carried as a box, stopping on vanishing
         area (2 % of the seed's) or low predicted IoU only."""
         return cls(**{**LEGACY_CARRY, "min_area_frac": 0.02, "min_area_ratio": None, "max_area_ratio": None,
-                      "min_inside": None, "max_intensity_z": None, "min_feature": None, **kw})
+                      "min_inside": None, "max_intensity_z": None, "min_feature": None, "min_tissue": None,
+                      "min_in_range": None, **kw})
 
     @classmethod
     def permissive(cls, **kw: Any) -> PropagationParams:
@@ -132,6 +142,8 @@ class PropagationParams:
             (self.min_inside, s.inside, False, "jumped"),
             (self.max_intensity_z, s.intensity_z, True, "intensity"),
             (self.min_feature, s.feature, False, "features"),
+            (self.min_tissue, s.tissue, False, "seed tissue ran out"),
+            (self.min_in_range, s.in_range, False, "off the seed's tissue"),
         )
         for limit, value, upper, reason in checks:
             if limit is not None and np.isfinite(value) and (value > limit if upper else value < limit):
@@ -145,7 +157,7 @@ LEGACY_CARRY: dict[str, Any] = {"choose": "first", "seed_choose": "first", "carr
 #: The stop criteria of :meth:`PropagationParams.permissive`: all off but a vanishing mask.
 OPEN_STOPS: dict[str, Any] = {"min_iou": None, "min_iou_rel": None, "min_area_frac": 0.0, "min_area_px": 1, "min_area_ratio": None,
                               "max_area_ratio": None, "min_inside": None, "max_intensity_z": None,
-                              "min_feature": None}
+                              "min_feature": None, "min_tissue": None, "min_in_range": None}
 CHOICES = ("first", "iou", "previous", "feature", "previous+feature", "contrast", "lookahead")
 
 
@@ -160,7 +172,9 @@ class SliceScore:
     previous mask grown by the step margin; ``intensity_z``: distance of the mask's mean intensity
     from the seed's (or the previous slice's, the closer) in seed standard deviations;
     ``feature``: cosine similarity of the embedding pooled in the mask with the seed's;
-    ``confidence``: one number in [0, 1] from all of them (1 for a seed), for display and ranking.
+    ``tissue``: the mask's pixels of seed tissue (intensity within the seed mask's own quantiles,
+    :attr:`PropagationParams.tissue_q`) over the seed's; ``in_range``: the fraction of the mask that
+    is seed tissue over the seed's fraction; ``confidence``: one number in [0, 1] from all of them (1 for a seed), for display and ranking.
     """
 
     seed: int
@@ -174,6 +188,8 @@ class SliceScore:
     inside: float = 1.0
     intensity_z: float = 0.0
     feature: float = 1.0
+    tissue: float = 1.0
+    in_range: float = 1.0
     confidence: float = 1.0
 
 
@@ -481,6 +497,17 @@ class _Seed:
     ious: tuple[float, ...] = ()  # the predicted IoU of each decoder output on the seed slice
     box: tuple[float, float, float, float] | None = None  # the seed mask's tight box
     similar: float | None = None  # the cell similarity threshold of PropagationParams.similar_q
+    tissue_range: tuple[float, float] = (float("nan"), float("nan"))  # seed tissue: intensities in here
+    tissue_px: int = 0  # the seed mask's pixels of seed tissue
+
+    def tissue_of(self, vals: np.ndarray) -> tuple[float, float]:
+        """``(tissue, in_range)`` of a mask whose pixel intensities are ``vals`` (see SliceScore)."""
+        if self.tissue_px <= 0:
+            return float("nan"), float("nan")
+        lo, hi = self.tissue_range
+        k = int(((vals >= lo) & (vals <= hi)).sum())
+        frac_seed = self.tissue_px / self.area
+        return k / self.tissue_px, (k / vals.size) / frac_seed if vals.size else 0.0
 
     def iou_rel(self, iou: float, output: int) -> float:
         ref = self.ious[output] if output < len(self.ious) else self.result.iou
@@ -501,7 +528,8 @@ def _confidence(s: SliceScore, p: PropagationParams) -> float:
 
     parts = (up(s.iou, p.min_iou, 0.9), up(s.inside, p.min_inside, 0.95),
              up(s.area_ratio, p.min_area_ratio, 0.8), down(s.area_ratio, p.max_area_ratio, 1.25),
-             down(s.intensity_z, p.max_intensity_z, 0.5), up(s.feature, p.min_feature, 0.95))
+             down(s.intensity_z, p.max_intensity_z, 0.5), up(s.feature, p.min_feature, 0.95),
+             up(s.tissue, p.min_tissue, 0.5), up(s.in_range, p.min_in_range, 0.8))
     return float(min(parts))
 
 
@@ -543,10 +571,13 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
     total = len(order) + sum(abs(end - z) for z, _, end in runs)
     done = 0
 
-    def stats(z: int, mask: np.ndarray) -> tuple[float, float]:
-        if not mask.any():
+    def values(z: int, mask: np.ndarray) -> np.ndarray:
+        """The intensities (the model's 0..255 scale) of the mask's pixels on slice ``z``."""
+        return np.asarray(encoder.intensity.apply(encoder.raw_slice(z)), np.float64)[mask]
+
+    def stats(vals: np.ndarray) -> tuple[float, float]:
+        if not vals.size:
             return float("nan"), float("nan")
-        vals = encoder.intensity.apply(encoder.raw_slice(z))[mask]
         return float(vals.mean()), float(vals.std())
 
     contributions: dict[int, list[tuple[int, np.ndarray, SliceScore]]] = {}
@@ -592,7 +623,13 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
             res = _keep(res, _connected(res.mask, _prompted(seeds[z], res.mask.shape)))
         if need_all and len(cands) == 1:
             cands = decode_all(encoder.loaded, emb, tf, seeds[z], return_prob=False)
-        mean, std = stats(z, res.mask)
+        vals = values(z, res.mask)
+        mean, std = stats(vals)
+        tissue_range, tissue_px = (float("nan"), float("nan")), 0
+        if vals.size:
+            q = min(max(float(params.tissue_q), 0.0), 0.5)
+            tissue_range = (float(np.quantile(vals, q)), float(np.quantile(vals, 1.0 - q)))
+            tissue_px = int(((vals >= tissue_range[0]) & (vals <= tissue_range[1])).sum())
         feat = _pooled_feature(emb, res.logits)
         similar = None
         if params.similar_q is not None and feat is not None:
@@ -601,7 +638,8 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
             if cells.any():
                 similar = float(np.quantile(sim[cells], params.similar_q))
         seed_info[z] = _Seed(area=max(int(res.mask.sum()), 1), mean=mean, std=std, feature=feat, result=res,
-                             ious=tuple(float(c.iou) for c in cands), box=box_of(res.mask), similar=similar)
+                             ious=tuple(float(c.iou) for c in cands), box=box_of(res.mask), similar=similar,
+                             tissue_range=tissue_range, tissue_px=tissue_px)
         done += 1
         yield Progress(done, total, "propagating", {"slice": z})
     limits = params.max_box_growth is not None or params.box_within is not None
@@ -637,7 +675,9 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
             inter = int((res.mask & prev.mask).sum())
             union = area + prev_area - inter
             inside = float((res.mask & _grow(prev.mask, margin_px)).sum() / area) if area else 0.0
-            mean, _ = stats(z, res.mask)
+            vals = values(z, res.mask)
+            mean, _ = stats(vals)
+            tissue, in_range = seed.tissue_of(vals)
             sd = max(seed.std, 1.0)  # intensities are on 0..255: below one grey level is noise
             iz = min(abs(mean - seed.mean), abs(mean - prev_mean)) / sd if np.isfinite(mean) else float("nan")
             feat = float("nan")
@@ -647,7 +687,7 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
             score = SliceScore(seed=z0, distance=abs(z - z0), area=area, iou=float(res.iou),
                                area_ratio=area / prev_area, iou_rel=seed.iou_rel(float(res.iou), k), output=k,
                                overlap=inter / max(union, 1), inside=inside,
-                               intensity_z=float(iz), feature=feat)
+                               intensity_z=float(iz), feature=feat, tissue=tissue, in_range=in_range)
             why = params.stop_reason(score, seed.area)
             if why is not None:
                 reason, failed = why, z
