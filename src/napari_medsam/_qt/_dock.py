@@ -1,4 +1,5 @@
-"""Dock widget plumbing shared by the widgets: fit the height to the contents, clean up on close."""
+"""Dock widget plumbing shared by the widgets: tab the plugin's docks together, fit the height to the
+contents, clean up on close."""
 
 from __future__ import annotations
 
@@ -20,17 +21,62 @@ def fit_dock_height(widget: QWidget, *, later: bool = True) -> None:
     if later:
         QTimer.singleShot(0, lambda: fit_dock_height(widget, later=False))
         return
-    try:
-        dock = widget.parentWidget()
-    except RuntimeError:  # the widget was deleted before the timer fired
-        return
-    while dock is not None and not isinstance(dock, QDockWidget):
-        dock = dock.parentWidget()
-    main = dock.parentWidget() if dock is not None else None
-    if not isinstance(main, QMainWindow) or dock.isFloating():
+    dock, main = _dock_of(widget)
+    if dock is None or dock.isFloating():
         return
     title = dock.titleBarWidget().sizeHint().height() if dock.titleBarWidget() is not None else 24
     main.resizeDocks([dock], [widget.sizeHint().height() + title + 8], Qt.Orientation.Vertical)
+
+
+def _dock_of(widget: QWidget) -> tuple[QDockWidget | None, QMainWindow | None]:
+    try:
+        dock = widget.parentWidget()
+    except RuntimeError:  # the widget was deleted before a timer fired
+        return None, None
+    while dock is not None and not isinstance(dock, QDockWidget):
+        dock = dock.parentWidget()
+    main = dock.parentWidget() if dock is not None else None
+    return (dock, main) if isinstance(main, QMainWindow) else (None, None)
+
+
+def tab_with_siblings(widget: QWidget) -> bool:
+    """Put ``widget``'s dock in a tab beside the plugin's other docks in the same dock area.
+
+    napari's Plugins menu adds every dock widget *below* the ones already in its area, so opening
+    Model, Annotate and Fine-tune stacked their minimum heights (about 1,500 px) and the main
+    window grew past a 1000 px screen (Train and napari's slice slider off-screen). Tabbed, each
+    dock has the area's whole height. Docks of other plugins, floating ones and ones already in a
+    tab group are left where they are. True if the dock was tabbed.
+    """
+    dock, main = _dock_of(widget)
+    if dock is None or dock.isFloating() or main.tabifiedDockWidgets(dock):
+        return False
+    area = main.dockWidgetArea(dock)
+    ours = [d for d in main.findChildren(QDockWidget)
+            if d is not dock and not d.isFloating() and d.isVisible() and main.dockWidgetArea(d) == area
+            and d.findChild(DockWidget) is not None]
+    if not ours:
+        return False
+    main.tabifyDockWidget(ours[0], dock)
+    dock.show()
+    dock.raise_()
+    _fit_to_screen(main)
+    return True
+
+
+def _fit_to_screen(main: QMainWindow) -> None:
+    """Shrink the main window back inside its screen: Qt grew it to the stacked docks' minimum height
+    before they were tabbed, and never shrinks a window by itself."""
+    screen = main.screen() if hasattr(main, "screen") else None
+    if screen is None or main.isMaximized() or main.isFullScreen():
+        return
+    if main.layout() is not None:
+        main.layout().activate()  # the minimum size of the tabbed docks, not the stacked ones
+    avail = screen.availableGeometry()
+    frame = main.frameGeometry().height() - main.geometry().height()
+    w, h = min(main.width(), avail.width()), min(main.height(), avail.height() - max(0, frame))
+    if (w, h) != (main.width(), main.height()):
+        main.resize(max(w, main.minimumSizeHint().width()), max(h, main.minimumSizeHint().height()))
 
 
 def _disconnect_all(connections: list[tuple[Any, Any]], *_args: Any) -> None:
@@ -41,7 +87,8 @@ def _disconnect_all(connections: list[tuple[Any, Any]], *_args: Any) -> None:
 
 
 class DockWidget(QWidget):
-    """A plugin dock: fits its height once when napari first docks it, calls ``cleanup()`` on close.
+    """A plugin dock: tabs itself with the plugin's other docks and fits its height once when napari
+    first docks it (:func:`tab_with_siblings`, :func:`fit_dock_height`), calls ``cleanup()`` on close.
 
     Session signals are connected through :meth:`connect_session`: they are disconnected when the
     dock closes and also when Qt deletes it without a close (a viewer torn down, a dock removed),
@@ -71,7 +118,14 @@ class DockWidget(QWidget):
         super().showEvent(event)
         if not self._fitted:
             self._fitted = True
-            fit_dock_height(self)
+            QTimer.singleShot(0, self._first_shown)
+
+    def _first_shown(self) -> None:
+        try:
+            tab_with_siblings(self)
+        except RuntimeError:  # deleted before the timer fired
+            return
+        fit_dock_height(self, later=False)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
         self.cleanup()
