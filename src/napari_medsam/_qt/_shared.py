@@ -11,7 +11,7 @@ from typing import Any
 from .. import _layers
 from ..app.params import ModelChoice
 from ..app.session import AnnotationSession, EncoderRequest
-from . import _workers
+from . import _gc, _workers
 
 __all__ = ["encoder_request", "is_image", "load_model_job"]
 
@@ -39,6 +39,7 @@ def load_model_job(session: AnnotationSession, choice: ModelChoice, *, on_progre
 
     def returned(loaded: Any) -> None:
         session.set_model(loaded, choice)
+        _gc.settle()  # the load is a wait the user expects: the collector's full scan goes here
 
     def finished(job: _workers.Job) -> None:
         if on_done is not None:
