@@ -154,6 +154,10 @@ def mni_arrays() -> tuple[np.ndarray, np.ndarray]:
 def main() -> int:  # noqa: C901 - one linear script
     args = _parse()
     os.environ.setdefault("NAPARI_MEDSAM_CACHE", tempfile.mkdtemp(prefix="medsam-bench-"))
+    # napari's own settings from a fresh file: a window size saved by an earlier run (napari restores
+    # it; one run had saved 1398 x 1573 px on a 1000 px screen) must not change what is painted
+    os.environ.setdefault("NAPARI_CONFIG", os.path.join(tempfile.mkdtemp(prefix="medsam-bench-napari-"),
+                                                        "settings.yaml"))
     import napari
 
     from napari_medsam._qt import _workers
@@ -177,6 +181,14 @@ def main() -> int:  # noqa: C901 - one linear script
     _, annot_w = viewer.window.add_plugin_dock_widget("napari-medsam", "Annotate")
     _, tune_w = viewer.window.add_plugin_dock_widget("napari-medsam", "Fine-tune")
     session = annot_w.session
+    pump(0.3)  # the docks tab themselves on first show
+    main_window = viewer.window._qt_window  # the window a user has maximized on this screen (the largest paint;
+    main_window.move(0, 0)                  # Xvfb has no window manager to maximize it)
+    main_window.resize(main_window.screen().availableGeometry().size())
+    pump(0.5)
+    win, scr = viewer.window._qt_window.size(), viewer.window._qt_window.screen().availableGeometry()
+    print(f"# window {win.width()} x {win.height()} px on a {scr.width()} x {scr.height()} px screen, docks "
+          f"opened as napari's Plugins menu does (the plugin tabs them)", flush=True)
     canvas = viewer.window._qt_viewer.canvas._scene_canvas  # private: the bench only (the draw event)
     draws: list[float] = []
     canvas.events.draw.connect(lambda _e: draws.append(time.perf_counter()), position="last")
