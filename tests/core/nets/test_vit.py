@@ -52,3 +52,42 @@ def test_bf16_products_attention_is_as_close_to_fp32_as_the_fused_kernel(monkeyp
                 errs[flag] = (attn(x).float() - ref).abs().max().item()
     assert errs[True] < 0.05 * ref.abs().max().item()
     assert errs[True] < 2 * errs[False] + 1e-3
+
+
+def _small_encoder() -> vit.ImageEncoderViT:
+    torch.manual_seed(0)
+    enc = vit.ImageEncoderViT(img_size=96, patch_size=16, embed_dim=32, depth=3, num_heads=2, window_size=4,
+                              global_attn_indexes=(1,), out_chans=16).eval()
+    with torch.no_grad():
+        enc.pos_embed.normal_(0, 0.5)
+        for blk in enc.blocks:
+            blk.attn.rel_pos_h.normal_(0, 0.5)
+            blk.attn.rel_pos_w.normal_(0, 0.5)
+    return enc
+
+
+def _reference_forward(enc: vit.ImageEncoderViT, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's forward with the permuted patch grid that segment-anything's has."""
+    t = enc.patch_embed(x).add_(enc.pos_embed)  # (B, H, W, C) view of a (B, C, H, W) tensor
+    assert not t.is_contiguous()
+    for blk in enc.blocks:
+        t = blk(t)
+    conv1, ln1, conv2, ln2 = enc.neck
+    return ln2(conv2(ln1.forward_channels_last(vit.pointwise(conv1, t)).permute(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_blocks_get_a_contiguous_token_grid_and_fp32_is_bit_identical(bf16):
+    enc = _small_encoder()
+    x = torch.randn(1, 3, 96, 96)
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous())) for b in enc.blocks]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = enc(x)
+    for h in hooks:
+        h.remove()
+    # a permuted grid stayed permuted through the residual adds: every layer norm copied it first
+    assert seen == [True] * len(enc.blocks)
+    if not bf16:
+        with torch.inference_mode():
+            assert torch.equal(y, _reference_forward(enc, x))

@@ -192,9 +192,15 @@ class ImageEncoderViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        inplace = x.dtype == self.pos_embed.dtype and not (torch.is_grad_enabled() and self.pos_embed.requires_grad)
-        x = x.add_(self.pos_embed) if inplace else x + self.pos_embed
+        x = self.patch_embed(x)  # (B, H, W, C), a permuted view of the conv's (B, C, H, W) output
+        if not torch.is_grad_enabled():
+            # the token grid made contiguous by the pos-embed add itself (fp32 under autocast, whose
+            # conv gives bf16): a permuted grid stayed permuted through every residual add after it,
+            # and each layer norm copied it to contiguous first (24 copies a ViT-B slice)
+            dtype = torch.result_type(x, self.pos_embed)
+            x = torch.add(x, self.pos_embed, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+        else:
+            x = x + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
         conv1, ln1, conv2, ln2 = self.neck
