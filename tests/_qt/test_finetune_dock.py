@@ -79,6 +79,33 @@ def test_head_loss_label_and_prediction_colours(viewer, widgets, qtbot):
     assert review_widget.PROPOSAL_COLOURS is _layers.PROPOSAL_COLOURS  # one palette for proposals too
 
 
+def test_segment_again_replaces_an_unedited_prediction_and_keeps_an_edited_one(viewer, widgets, qtbot):
+    """An unedited prediction is a proposal: Segment volume again writes into it instead of stacking
+    layers; once the user paints on it, it is theirs and the next prediction gets a new layer."""
+    image, drawn = _volume_and_labels(viewer)
+    fw = finetune_dock(viewer, image, drawn, "cnn", steps=2)
+    fw.train()
+    wait_job(qtbot, fw.train_job)
+    n = len(viewer.layers)
+    fw.segment()
+    wait_job(qtbot, fw.predict_job)
+    first = fw.prediction_layer
+    assert len(viewer.layers) == n + 1 and "into a new layer" in fw.loss_label.text()
+    first.data = np.zeros_like(first.data)  # stands for an older prediction: the next one must overwrite it
+    fw._prediction_untouched = True  # (that assignment was not the user's edit)
+    fw.segment()
+    wait_job(qtbot, fw.predict_job)
+    assert fw.prediction_layer is first and len(viewer.layers) == n + 1
+    assert "replacing its unedited earlier prediction" in fw.loss_label.text()
+    assert first.data.any()  # the new prediction is in it
+    first.paint((2, 10, 10), 1)  # the user corrects the prediction: it is theirs now
+    kept = np.asarray(first.data).copy()
+    fw.segment()
+    wait_job(qtbot, fw.predict_job)
+    assert fw.prediction_layer is not first and len(viewer.layers) == n + 2
+    np.testing.assert_array_equal(first.data, kept)  # the edited layer is untouched
+
+
 def test_adapter_trains_applies_saves_removes_and_loads(viewer, widgets, qtbot, tmp_path):
     from napari_medsam.core.adapt import adapter_config, base_model
 

@@ -12,6 +12,7 @@ The maths is :mod:`napari_medsam.core.finetune` and :mod:`napari_medsam.core.inf
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,8 @@ def _save_head_steps(path: str, head: Any) -> ProgressGen[Any]:
 
 
 class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
-    """Train a head (or an adapter) on labelled slices; segment whole volumes into a new Labels layer."""
+    """Train a head (or an adapter) on labelled slices; segment whole volumes into a Labels layer (a
+    new one, or the last prediction of the same head kind on the same image if nobody edited it)."""
 
     def __init__(self, napari_viewer: Any, *, session: AnnotationSession | None = None) -> None:
         super().__init__()
@@ -58,6 +60,9 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
         self.predict_job: _workers.Job | None = None
         self.io_job: _workers.Job | None = None
         self.prediction_layer: Any = None
+        self._prediction_image: Any = None  # weakref to the image the prediction layer predicts
+        self._prediction_untouched = False  # ... and nobody has edited that layer since
+        self._writing_prediction = False
         self._plot_time = 0.0
         self.estimate_s = float("nan")  # the adapter training time estimated before its steps start
         self.trained_adapter: Any = None
@@ -221,15 +226,50 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
         if image not in self.viewer.layers:
             self.loss_label.setText("The image was removed while segmenting; nothing was added.")
             return
-        kwargs = _layers.new_labels_kwargs(image, name=f"{image.name} {self.head.kind} prediction")
-        kwargs["data"] = result.labels
-        kwargs["colormap"] = _layers.proposal_colormap()  # never the user's colours; set at once: one refresh
-        layer = self.viewer.add_labels(**kwargs)
+        name = f"{image.name} {self.head.kind} prediction"
+        layer = self._untouched_prediction(image, name, result.labels)
+        if layer is not None:
+            # a prediction nobody has edited is a proposal: the new one replaces it rather than
+            # stacking another layer (and adding a layer stalls the GUI thread ~120-250 ms in napari)
+            self._writing_prediction = True
+            try:
+                layer.data = result.labels
+            finally:
+                self._writing_prediction = False
+            where = f"layer '{layer.name}' (replacing its unedited earlier prediction)"
+        else:
+            kwargs = _layers.new_labels_kwargs(image, name=name)
+            kwargs["data"] = result.labels
+            kwargs["colormap"] = _layers.proposal_colormap()  # never the user's colours; set at once: one refresh
+            layer = self.viewer.add_labels(**kwargs)
+            self._watch_prediction(layer, image)
+            where = f"a new layer '{layer.name}'"
         self.prediction_layer = layer
         n = int(np.count_nonzero(result.labels))
         self.loss_label.setText(f"Segmented {len(result.slices)} slices in {result.seconds:.1f} s "
-                                f"({result.precision}) into a new "
-                                f"layer '{layer.name}' ({n} voxels labelled).")
+                                f"({result.precision}) into {where} ({n} voxels labelled).")
+
+    def _watch_prediction(self, layer: Any, image: Any) -> None:
+        """Remember which image ``layer`` predicts and mark it edited on the first paint, fill or data
+        change that is not ours (an edited prediction is the user's work: never replaced)."""
+        self._prediction_image = weakref.ref(image)
+        self._prediction_untouched = True
+
+        def touched(_event: Any = None) -> None:
+            if not self._writing_prediction and layer is self.prediction_layer:
+                self._prediction_untouched = False
+
+        layer.events.paint.connect(touched)
+        layer.events.data.connect(touched)
+
+    def _untouched_prediction(self, image: Any, name: str, labels: np.ndarray) -> Any:
+        """The last prediction layer if it is still in the viewer, predicts ``image`` under the same
+        name (same head kind, not renamed), has the same shape and was never edited; else None."""
+        layer = self.prediction_layer
+        if layer is None or layer not in self.viewer.layers or layer.name != name or not self._prediction_untouched:
+            return None
+        of = self._prediction_image() if self._prediction_image is not None else None
+        return layer if of is image and tuple(layer.data.shape) == tuple(labels.shape) else None
 
     # ---- head files ---------------------------------------------------------------------------------
     def save_head(self, path: str) -> None:
