@@ -223,9 +223,11 @@ def test_a_box_on_an_embedded_slice_previews_on_the_main_thread(viewer, widgets,
         return annot.previews_shown == n and (annot._preview_job is None or not annot._preview_job.running)
 
     monkeypatch.setattr(annot.session, "embedded", lambda req, index: False)  # not embedded yet: a worker
+    assert annot._decode_s is None
     shp.add_rectangles(_box(image, 2, 5, 5, 30, 30))
     assert annot.previews_shown == 0 and annot._preview_job is not None
     qtbot.waitUntil(lambda: idle(1), timeout=60_000)
+    assert annot._decode_s is not None  # the worker only embedded the slice: the decode ran here
     monkeypatch.undo()
     assert annot.session.embedded(encoder_request(image, viewer, annot.session), 2)
     shp.add_rectangles(_box(image, 2, 8, 8, 28, 26))  # embedded: drawn before add_rectangles returns

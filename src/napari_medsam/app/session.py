@@ -357,6 +357,19 @@ class AnnotationSession:
         yield Progress(1, 1, "segmented", {"embedded_now": not cached, "seconds": time.perf_counter() - t0})
         return res
 
+    def embed_slice_steps(self, req: EncoderRequest | None, index: int) -> ProgressGen[bool]:
+        """Embed slice ``index`` of ``req`` (a prompt's slice) at the caller's priority and keep it as
+        the encoder's last slice, so that a preview of it is then one decoder call; returns True if
+        it was computed now (False: it was cached)."""
+        yield Progress(0, 1, "embedding")
+        t0 = time.perf_counter()
+        with worker_threads(background_busy=self.cpu_jobs > 0):
+            enc = self.encoder(req)
+            cached = enc.is_cached(index)
+            enc.get(index)
+        yield Progress(1, 1, "embedded", {"embedded_now": not cached, "seconds": time.perf_counter() - t0})
+        return not cached
+
     def embedded(self, req: EncoderRequest | None, index: int) -> bool:
         """True when slice ``index`` of ``req`` is embedded and its encoder built, so that a preview of
         it is one decoder call (no hashing, no encoder pass). Never builds anything nor waits for a
