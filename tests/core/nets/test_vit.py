@@ -91,3 +91,46 @@ def test_blocks_get_a_contiguous_token_grid_and_fp32_is_bit_identical(bf16):
     if not bf16:
         with torch.inference_mode():
             assert torch.equal(y, _reference_forward(enc, x))
+
+
+def _attention_inputs(b: int, n: int, h: int, w: int, hd: int = 16, dtype=torch.float32):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(b, n, h * w, hd, dtype=dtype) for _ in range(3))
+    bias_h = torch.randn(b, n, h, w, h, dtype=dtype)
+    bias_w = torch.randn(b, n, h, w, w, dtype=dtype)
+    return q, k, v, bias_h, bias_w
+
+
+def _explicit_attention(q, k, v, bias_h, bias_w):
+    b, n, h, w, _ = bias_h.shape
+    bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, n, h * w, h * w)
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias, -1) @ v
+
+
+@pytest.mark.parametrize("windows", [1, 3])  # 3 does not divide the 5 windows: a short last call
+def test_bias_folded_into_the_product_is_the_biased_softmax(windows):
+    args = _attention_inputs(5, 3, 4, 6)
+    out = vit._folded_bias_attention(*args, windows)
+    assert torch.allclose(out, _explicit_attention(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_windows_take_the_folded_bias_and_are_as_close_to_fp32_as_before(monkeypatch):
+    torch.manual_seed(0)
+    attn = vit.Attention(64, 2, (14, 14))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(6, 14, 14, 64)
+    calls = []
+    folded = vit._folded_bias_attention
+    monkeypatch.setattr(vit, "_folded_bias_attention", lambda *a: calls.append(1) or folded(*a))
+    with torch.inference_mode():
+        ref = attn(x)
+        errs = {}
+        for tokens in (0, 196):  # 0: every grid by the products with the bias added after (the old path)
+            monkeypatch.setattr(vit, "FOLDED_BIAS_TOKENS", tokens)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                errs[tokens] = (attn(x).float() - ref).abs().max().item()
+    assert calls == [1]
+    assert errs[196] < 0.05 * ref.abs().max().item()
+    assert errs[196] < 1.5 * errs[0] + 1e-3
