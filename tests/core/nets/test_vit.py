@@ -18,6 +18,7 @@ def test_global_attention_by_query_rows_is_bit_identical(monkeypatch, dtype, row
         attn.rel_pos_w.normal_(0, 0.5)
     attn = attn.to(dtype)
     x = torch.randn(2, 20, 20, 48, dtype=dtype)
+    monkeypatch.setattr(vit, "BF16_PRODUCT_ATTENTION", False)  # the fused kernel's bands in bf16 too
     with torch.inference_mode():
         monkeypatch.setattr(vit, "GLOBAL_ROWS", 0)
         whole = attn(x)
@@ -134,3 +135,21 @@ def test_bf16_windows_take_the_folded_bias_and_are_as_close_to_fp32_as_before(mo
     assert calls == [1]
     assert errs[196] < 0.05 * ref.abs().max().item()
     assert errs[196] < 1.5 * errs[0] + 1e-3
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])  # 2 does not divide the 5-row grid: a short last band
+def test_head_bands_are_the_biased_softmax(rows):
+    args = _attention_inputs(2, 3, 5, 6)
+    out = vit._head_band_attention(*args, rows)
+    assert torch.allclose(out, _explicit_attention(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_global_grid_takes_the_head_bands(monkeypatch):
+    attn = vit.Attention(32, 2, (20, 20))
+    calls = []
+    bands = vit._head_band_attention
+    monkeypatch.setattr(vit, "_head_band_attention", lambda *a: calls.append(a[-1]) or bands(*a))
+    monkeypatch.setattr(vit, "PRODUCT_ROWS", 6)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(torch.randn(1, 20, 20, 32))
+    assert calls == [6]
