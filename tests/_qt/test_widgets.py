@@ -214,6 +214,19 @@ def test_commit_waits_for_the_preview_and_undo_restores(viewer, widgets, qtbot):
     assert "Undid" in annot.status_label.text()
 
 
+def test_choosing_an_image_adds_its_preview_layer_before_the_first_prompt(viewer, widgets):
+    """Adding a napari layer stalls the GUI thread (~120-270 ms): the preview layer is made with the
+    image's prompt layers, so the first box on a new image does not wait for it."""
+    annot = widgets.annot
+    image, shp = _on_slice_2(viewer, annot)
+    prev = annot._preview
+    assert prev is not None and prev in viewer.layers and _layers.is_preview(prev, of=image)
+    assert not prev.data.any()
+    n = len(viewer.layers)
+    shp.add_rectangles(_box(image, 2, 5, 5, 30, 30))
+    assert annot._preview is prev and len(viewer.layers) == n
+
+
 def test_a_box_on_an_embedded_slice_previews_on_the_main_thread(viewer, widgets, qtbot, monkeypatch):
     annot = widgets.annot
     image, shp = _on_slice_2(viewer, annot)

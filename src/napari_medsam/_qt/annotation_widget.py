@@ -165,6 +165,9 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         if image is not None:
             image.events.data.connect(self._on_image_data)
             self.prompt_layers(create=True)
+            # the image's preview layer now, with its prompt layers: adding a layer stalls the GUI
+            # thread ~120-270 ms in napari, which the first box on the image then no longer waits for
+            self._ensure_preview()
             if self._box_preferred():
                 self.activate_box()
             else:
