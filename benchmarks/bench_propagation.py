@@ -27,7 +27,9 @@ stop criteria (:data:`GRID`: how the defaults were chosen) and each default crit
     python benchmarks/bench_propagation.py --seeds --cache DIR   # the seed slices' 2D Dice, per decoder output
     python benchmarks/bench_propagation.py --variants "choose=first;choose=previous,connect=1" [--bound 4]
         # one permissive run per case and carry: per-slice Dice traces, the default and best grid rule
-        # per case; --save DIR pickles the runs, --floor D the least Dice of the grid rules listed
+        # per case; --save DIR pickles the runs, --floor D the least Dice of the grid rules listed,
+        # --load DIR simulates on saved runs, --rules "a=1;b=2" more rules, --guards keeps the leak
+        # guards in the grid, --tissue prints the seed-tissue score around the true ends
     python benchmarks/bench_propagation.py --speed [--slice 93] [--reach 10]   # s/slice cold and warm
 """
 
@@ -194,12 +196,19 @@ GRID = {"min_iou": (None, 0.1, 0.2, 0.3, 0.35, 0.4), "min_iou_rel": (None, 0.4, 
         "min_tissue": (None, 0.01, 0.02), "min_in_range": (None, 0.1)}
 
 
-def joint_grid(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.ndarray]) -> list[tuple]:
-    """Every combination of :data:`GRID`, simulated on the permissive runs, vectorised: per
-    criterion value the first failing slice of each run, a combination's stop is the earliest of
-    its criteria's. Returns ``(ends within 2, mean 3D Dice, beyond, missed, params)`` per combination."""
+#: The guards meant for a leak onto a neighbour (``--guards`` keeps them in every grid rule).
+GUARDS = {"min_area_ratio": (0.15,), "max_area_ratio": (2.5,), "min_inside": (0.6,)}
+
+
+def joint_grid(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.ndarray],
+               grid: dict | None = None) -> list[tuple]:
+    """Every combination of ``grid`` (default :data:`GRID`), simulated on the permissive runs,
+    vectorised: per criterion value the first failing slice of each run, a combination's stop is
+    the earliest of its criteria's. Returns ``(ends within 2, mean 3D Dice, beyond, missed, params)``
+    per combination."""
     import itertools
 
+    GRID = grid or globals()["GRID"]  # noqa: N806
     keys = list(GRID)
     runs = []  # per (case, direction): slices, cumulative intersection / predicted voxels, true end
     cases = []
@@ -343,15 +352,38 @@ def bounded(gt: np.ndarray, axis: int, bound: int | None) -> dict:
     return {"start": max(int(true[0]) - bound, 0), "stop": min(int(true[-1]) + bound + 1, gt.shape[axis])}
 
 
+def tissue_trace(run: Propagation, gt: np.ndarray, axis: int) -> str:
+    """``SliceScore.tissue`` x 100 (capped at 99) from 8 slices inside to 4 past each true end
+    ('|' after the true end, '--' no slice): where the seed's own tissue runs out."""
+    true = np.flatnonzero(gt.any(axis=tuple(a for a in range(3) if a != axis)))
+    out = []
+    for step, edge in ((-1, int(true[0])), (1, int(true[-1]))):
+        zs = [edge - step * k for k in range(8, -5, -1)]
+        cells = " ".join(("--" if z not in run.scores else f"{min(int(run.scores[z].tissue * 100), 99):2d}")
+                         + ("|" if z == edge else "") for z in zs)
+        out.append(f"{'-+'[step > 0]} {cells}")
+    return ";  ".join(out)
+
+
 def bench_variants(args: argparse.Namespace) -> None:
     """One permissive run per case for each carry variant: per-slice Dice outwards from the seed
     (a digit: Dice x 10; '.': no mask; '|': the true end), where it drifted; the default stop rule
-    (with the variant's own stop overrides) and the best joint-grid rules simulated on those runs,
-    per case. The grid's best are taken at a mean 3D Dice not below ``--floor`` (default: the first
-    variant's with the default stops: list the baseline first)."""
-    mni, structs, loaded, cache, planes = setup(args)
+    (with the variant's own stop overrides), each ``--rules`` rule and the best joint-grid rules
+    simulated on those runs, per case. The grid's best are taken at a mean 3D Dice not below
+    ``--floor`` (default: the first variant's with the default stops: list the baseline first);
+    ``--guards`` keeps the three leak guards in every grid rule; ``--load DIR`` reads the runs
+    ``--save DIR`` wrote instead of propagating (no model, no embeddings)."""
+    if args.load:
+        mni, loaded, cache = load_mni(), None, None
+        structs = structures(mni)
+        if args.structures:
+            structs = {k: v for k, v in structs.items() if k in args.structures.split(",")}
+        planes = [int(p) for p in args.planes.split(",")]
+    else:
+        mni, structs, loaded, cache, planes = setup(args)
     variants = args.variants.split(";")
-    encs = {axis: VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache) for axis in planes}
+    encs = {} if args.load else {axis: VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache) for axis in planes}
+    name_of = lambda text: text.replace(",", "_").replace("=", "-") or "default"  # noqa: E731
     floor = args.floor
     for text in variants:
         carry = parse_carry(text)
@@ -359,22 +391,36 @@ def bench_variants(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         permissive = []
         print(f"\n== carry {carry or 'default'}")
+        if args.load:
+            import pickle
+
+            with open(Path(args.load) / f"{name_of(text)}.pkl", "rb") as f:
+                saved = pickle.load(f)  # noqa: S301 - our own file, written by --save
+            runs = {(name, axis): run for name, axis, run in saved["runs"]}
+            print(f"  (runs read from {args.load}, saved with --bound {saved['bound']})")
         for axis in planes:
             for name, gt in structs.items():
-                z, box = seed_box(gt, axis)
-                run = drain(propagate(encs[axis], {z: Prompt2D.from_box(box)},
-                                      params=PropagationParams.permissive(**carry_only),
-                                      **bounded(gt, axis, args.bound)))
+                if args.load:
+                    run = runs[(name, axis)]
+                else:
+                    z, box = seed_box(gt, axis)
+                    run = drain(propagate(encs[axis], {z: Prompt2D.from_box(box)},
+                                          params=PropagationParams.permissive(**carry_only),
+                                          **bounded(gt, axis, args.bound)))
                 permissive.append((name, axis, run))
                 t = trace(run, gt, axis)
                 print(f"  {name}/{PLANES[axis]} seed Dice {t['seed']:.2f}; "
                       + "; ".join(f"{'-+'[step > 0]} drift at {t[step][1]} (end {t[step][2]} away) {t[step][0]}"
                                   for step in (-1, 1)))
+        if args.tissue:
+            print("  SliceScore.tissue x 100 around the true ends (8 inside .. 4 past; '|' after the true end):")
+            for name, axis, run in permissive:
+                print(f"    {name}/{PLANES[axis]}: {tissue_trace(run, structs[name], axis)}")
         if args.save:
             import pickle
 
             Path(args.save).mkdir(parents=True, exist_ok=True)
-            with open(Path(args.save) / f"{text.replace(',', '_').replace('=', '-') or 'default'}.pkl", "wb") as f:
+            with open(Path(args.save) / f"{name_of(text)}.pkl", "wb") as f:
                 pickle.dump({"carry": carry, "bound": args.bound, "runs": permissive}, f)
         default = PropagationParams(**carry)
         res = [evaluate(simulate(run, default), structs[name], axis) for name, axis, run in permissive]
@@ -387,11 +433,21 @@ def bench_variants(args: argparse.Namespace) -> None:
         table(permissive, res)
         for name, axis, run in permissive:
             print(f"    {name}/{PLANES[axis]} stops: {simulate_stops(run, default)}")
-        rows = joint_grid(permissive, structs)
+        for rule_text in filter(None, args.rules.split(";")):
+            rule = PropagationParams(**{**carry_only, **parse_carry(rule_text)})
+            res_r = [evaluate(simulate(run, rule), structs[name], axis) for name, axis, run in permissive]
+            print(f"  rule {rule_text} (default stops otherwise): {summary(res_r)} "
+                  f"(mean 3D Dice {np.mean([r['dice'] for r in res_r]):.5f})")
+            table(permissive, res_r)
+            for name, axis, run in permissive:
+                print(f"    {name}/{PLANES[axis]} stops: {simulate_stops(run, rule)}")
+        rows = joint_grid(permissive, structs, {**GRID, **GUARDS} if args.guards else None)
         if floor is None:
             floor = float(np.mean([r["dice"] for r in res]))
         ok = sorted((r for r in rows if r[1] >= floor - 1e-9), key=lambda r: (-r[0], -r[1], r[2]))
         best = max(rows, key=lambda r: (r[0], r[1]))
+        if args.guards:
+            print(f"  (grid with the guards kept: {GUARDS})")
         print(f"  best grid rule (any Dice): ends within 2 {best[0]}/{2 * len(permissive)}, Dice {best[1]:.3f}, "
               f"beyond {best[2]}, missed {best[3]}: {best[4]}")
         print(f"  best 5 grid rules at mean 3D Dice >= {floor:.3f}:")
@@ -512,6 +568,13 @@ def main() -> None:
                     "rules listed (default: the first variant's with the default stops)")
     ap.add_argument("--save", default=None, help="--variants: pickle each variant's permissive runs into this "
                     "folder (to simulate other rules later without propagating again)")
+    ap.add_argument("--load", default=None, help="--variants: read the permissive runs --save wrote into this "
+                    "folder instead of propagating")
+    ap.add_argument("--rules", default="", help="--variants: stop rules to simulate on each variant's runs, ';'-separated "
+                    "'key=value,...' of PropagationParams on top of the defaults (e.g. 'min_iou=none,min_iou_rel=0.5')")
+    ap.add_argument("--guards", action="store_true", help="--variants: keep the leak guards (collapse 0.15, "
+                    "growth x2.5, jump 0.6) in every grid rule")
+    ap.add_argument("--tissue", action="store_true", help="--variants: print SliceScore.tissue around each true end")
     ap.add_argument("--slice", type=int, default=93)
     ap.add_argument("--reach", type=int, default=10)
     args = ap.parse_args()
