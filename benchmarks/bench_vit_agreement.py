@@ -7,6 +7,10 @@ the mask IoU of each pair per prompt and the mean / minimum. Dice against labels
 weights (random ones segment nothing anatomical), so it is not printed here::
 
     python benchmarks/bench_vit_agreement.py            # 3 slices (40, 95, 150)
+    python benchmarks/bench_vit_agreement.py --rel-pos-std 0.5   # non-zero relative positions
+
+segment-anything initialises the relative-position tables to zero, so by default the bias paths
+add zeros; ``--rel-pos-std S`` draws them from N(0, S) (seeded) before the model is saved.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--slices", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rel-pos-std", type=float, default=0.0, help="relative-position tables ~ N(0, S); 0: zeros")
     args = p.parse_args(argv)
 
     import torch
@@ -44,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_runtime(args.threads)
     torch.manual_seed(0)
     ref = sam_model_registry["vit_b"]().eval()
+    if args.rel_pos_std:
+        with torch.no_grad():
+            for blk in ref.image_encoder.blocks:
+                blk.attn.rel_pos_h.normal_(0, args.rel_pos_std)
+                blk.attn.rel_pos_w.normal_(0, args.rel_pos_std)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sam_vit_b_random.pth"
         torch.save(ref.state_dict(), path)

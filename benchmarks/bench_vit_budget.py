@@ -9,6 +9,7 @@ adds, ...). Page faults and thread CPU time per slice are taken from runs withou
 
     OMP_NUM_THREADS=1 python benchmarks/bench_vit_budget.py --threads 1                 # ViT-B, bf16
     OMP_NUM_THREADS=1 python benchmarks/bench_vit_budget.py --threads 1 --precision fp32
+    OMP_NUM_THREADS=1 python benchmarks/bench_vit_budget.py --threads 1 --rev eba88ae      # an older vit.py
 
 The scopes are set by wrapping the network's modules and helpers here, in the harness (the
 network carries no counters).
@@ -28,7 +29,7 @@ from typing import Any
 
 #: op name -> kind (anything else: "other ops")
 KINDS = {
-    "products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
+    "products": ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
                  "aten::mkldnn_convolution", "mkldnn::_convolution_pointwise", "aten::_convolution",
                  "aten::convolution_overrideable"),
     "fused attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -60,9 +61,11 @@ def _scoped(name: str, fn: Any) -> Any:
 
 
 @contextlib.contextmanager
-def scopes(enc: Any) -> Any:
-    """Wrap the encoder's parts in ``record_function`` scopes named ``scope:<part>``."""
-    from napari_medsam.core.nets import vit
+def scopes(enc: Any, vit: Any = None) -> Any:
+    """Wrap the encoder's parts in ``record_function`` scopes named ``scope:<part>`` (``vit``: the
+    module the encoder's classes come from; default the package's)."""
+    if vit is None:
+        from napari_medsam.core.nets import vit
 
     saved: list[tuple[Any, str, Any]] = []
 
@@ -81,10 +84,15 @@ def scopes(enc: Any) -> Any:
         patch(blk.norm1, "forward", "layer norms")
         patch(blk.norm2, "forward", "layer norms")
         patch(blk.attn, "forward", f"{kind} attention")
+        if hasattr(blk.attn, "attend"):
+            patch(blk.attn, "attend", f"{kind} attention")
         patch(blk.mlp, "forward", "MLP")
     for fn, name in (("_window_partition", "window partition (pad, permute)"),
                      ("_window_unpartition", "window unpartition (permute, crop)"),
-                     ("_get_rel_pos", "relative-position bias"), ("pointwise", "neck")):
+                     ("_to_windows", "window partition (pad, permute)"),
+                     ("_from_windows", "window unpartition (permute, crop)"),
+                     ("_get_rel_pos", "relative-position bias"), ("pointwise", "neck"),
+                     ("linear", "qkv + output projection")):  # vit's linear: the MLP's is common's
         if hasattr(vit, fn):
             patch(vit, fn, name)
     try:
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--slices", type=int, default=2, help="profiled forwards (after one warm-up)")
+    p.add_argument("--rev", default=None, help="profile a git revision's nets/vit.py (default: this tree's)")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -136,7 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{info['cpu']}, torch {info['torch']} ({info['cpu_capability']}), load average "
           f"{_load()}; {rt.threads} thread(s); {args.model} {args.precision}")
     loaded, _ = bench_load(args.model)
-    enc = loaded.model.image_encoder
+    enc, vit = loaded.model.image_encoder, None
+    if args.rev:
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_vit_ab import _like, _rev_module
+
+        with tempfile.TemporaryDirectory() as tmp:
+            vit = _rev_module(args.rev, "vit", Path(tmp), False)
+        enc = _like(vit, enc)
+        print(f"encoder: {args.rev}:src/napari_medsam/core/nets/vit.py")
     data = real_slices(1)
     x = torch.from_numpy(np.stack([VolumeEncoder(loaded, data.volume, axis=data.axis).model_input(data.indices[0])]))
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
@@ -155,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unprofiled: thread CPU {np.median(cpu):.3f} s/slice (median of {len(cpu)}: "
           f"{', '.join(f'{c:.3f}' for c in cpu)}), page faults {int(np.median(faults))} / slice")
 
-    with scopes(enc):
+    with scopes(enc, vit):
         fwd()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.thread_time()

@@ -153,3 +153,29 @@ def test_bf16_global_grid_takes_the_head_bands(monkeypatch):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         attn(torch.randn(1, 20, 20, 32))
     assert calls == [6]
+
+
+@pytest.mark.parametrize("grid", [6, 8])  # 6: windows of 4 with padding; 8: none
+def test_window_blocks_one_copy_each_way_equal_the_partition_path(monkeypatch, grid):
+    enc = _small_encoder()
+    blk = enc.blocks[0]
+    x = torch.randn(2, grid, grid, 32)
+    with torch.inference_mode():
+        out = {}
+        for flag in (False, True):  # False: pad, partition, attention + projection, unpartition, crop
+            monkeypatch.setattr(vit, "WINDOW_LAYOUT_COPIES", flag)
+            out[flag] = blk(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out[flag, "bf16"] = blk(x)
+    assert torch.equal(out[True], out[False])  # fp32: bit-identical
+    assert (out[True, "bf16"] - out[False, "bf16"]).abs().max() < 0.02 * out[False].abs().max()
+    assert (out[True, "bf16"] - out[False]).abs().max() < 0.05 * out[False].abs().max()
+
+
+def test_windows_and_back_are_the_partition_and_its_inverse():
+    x = torch.randn(2, 6, 7, 5)
+    w = vit._to_windows(x, 4, x.dtype)
+    ref, pad_hw = vit._window_partition(x, 4)
+    assert torch.equal(w, ref)
+    o = w.reshape(w.shape[0], 16, 1, 5).transpose(1, 2)  # as the attention's (B * windows, heads, ws * ws, hd)
+    assert torch.equal(vit._from_windows(o, 4, 2, 6, 7), vit._window_unpartition(w, 4, pad_hw, (6, 7)))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock, linear
+from .common import LayerNorm2d, MLPBlock, bf16_autocast_inference, linear
 from .tiny_vit import pointwise
 
 
@@ -36,6 +36,12 @@ class Attention(nn.Module):
         self.lora = None  # optional hook: a nets.adapters.LoRAQV adding low-rank q and v updates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        b, h, w, _ = x.shape
+        return linear(self.proj, self.attend(x).transpose(1, 2).reshape(b, h, w, -1))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, heads, H * W, head_dim)``: the attention before its heads are merged
+        and projected."""
         b, h, w, _ = x.shape
         n, hd = self.num_heads, self.head_dim
         qkv = linear(self.qkv, x)
@@ -66,7 +72,7 @@ class Attention(nn.Module):
             bias = torch.empty(b, n, h, w, h, w, dtype=q.dtype, device=q.device)
             bias = torch.add(bias_h[..., :, None], bias_w[..., None, :], out=bias).view(b, n, h * w, h * w)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return linear(self.proj, out.transpose(1, 2).reshape(b, h, w, n * hd))
+        return out
 
 
 #: query rows per call of the fused kernel in a global block at inference (None / 0: all at once).
@@ -177,6 +183,60 @@ def _window_partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int
     return x, (hp, wp)
 
 
+#: window blocks at inference without copies beyond the two that change the layout: the normed
+#: grid goes into its padded windows in one copy (cast to bf16 there under bf16 autocast on a CPU,
+#: where the qkv product takes bf16), and the attention's heads are merged, its windows undone and
+#: its padding cropped in one copy before the output projection (which then runs on the grid's
+#: tokens only: 4096 of ViT-B's 4900 padded ones). Before: pad, permute, cast; merge heads, project,
+#: permute back, crop: three more passes over the block's tokens. False: that path (tests).
+WINDOW_LAYOUT_COPIES = True
+
+
+def _window_pieces(h: int, w: int, ws: int) -> list[tuple[slice, slice, int, int]]:
+    """The (rows, cols) pieces of an (h, w) grid that each map onto a block of its ws-windows:
+    ``(window-row slice, window-col slice, rows per window, cols per window)``: the full windows,
+    then the partial last row / column of windows (padding)."""
+    def axis(n: int) -> list[tuple[slice, int]]:
+        full = [(slice(0, n // ws), ws)] if n >= ws else []
+        return full + ([(slice(n // ws, n // ws + 1), n % ws)] if n % ws else [])
+    return [(r, c, nr, nc) for r, nr in axis(h) for c, nc in axis(w)]
+
+
+def _grid_piece(grid: torch.Tensor, wr: slice, wc: slice, nr: int, nc: int, ws: int) -> torch.Tensor:
+    """``grid`` (B, h, w, ...) rows / cols of windows ``wr`` / ``wc`` as (B, windows, nr, windows, nc, ...)."""
+    g = grid[:, wr.start * ws:wr.start * ws + (wr.stop - wr.start) * nr,
+             wc.start * ws:wc.start * ws + (wc.stop - wc.start) * nc]
+    return g.unflatten(1, (wr.stop - wr.start, nr)).unflatten(3, (wc.stop - wc.start, nc))
+
+
+def _to_windows(x: torch.Tensor, ws: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, h, w, C)`` -> ``(B * windows, ws, ws, C)`` in ``dtype``, zero-padded: one copy."""
+    b, h, w, c = x.shape
+    nh, nw = -(-h // ws), -(-w // ws)
+    buf = torch.empty(b, nh, nw, ws, ws, c, dtype=dtype, device=x.device)
+    win = buf.permute(0, 1, 3, 2, 4, 5)  # (B, nh, ws, nw, ws, C): the padded grid
+    if h % ws:
+        win[:, -1, h % ws:] = 0
+    if w % ws:
+        win[:, :, :, -1, w % ws:] = 0
+    for wr, wc, nr, nc in _window_pieces(h, w, ws):
+        win[:, wr, :nr, wc, :nc].copy_(_grid_piece(x, wr, wc, nr, nc, ws))
+    return buf.view(b * nh * nw, ws, ws, c)
+
+
+def _from_windows(o: torch.Tensor, ws: int, b: int, h: int, w: int) -> torch.Tensor:
+    """The attention ``o`` (B * windows, heads, ws * ws, hd) of padded windows -> ``(B, h, w, heads * hd)``:
+    heads merged, windows undone and the padding cropped in one copy."""
+    n, hd = o.shape[1], o.shape[3]
+    nh, nw = -(-h // ws), -(-w // ws)
+    win = o.view(b, nh, nw, n, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, ws, nw, ws, heads, hd)
+    out = torch.empty(b, h, w, n * hd, dtype=o.dtype, device=o.device)
+    grid = out.view(b, h, w, n, hd)
+    for wr, wc, nr, nc in _window_pieces(h, w, ws):
+        _grid_piece(grid, wr, wc, nr, nc, ws).copy_(win[:, wr, :nr, wc, :nc])
+    return out
+
+
 def _window_unpartition(x: torch.Tensor, ws: int, pad_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
     hp, wp = pad_hw
     h, w = hw
@@ -201,14 +261,19 @@ class Block(nn.Module):
         shortcut = x
         x = self.norm1(x)
         normed = x
-        if self.window_size > 0:
+        ad = self.adapter
+        if self.window_size > 0 and ad is None and WINDOW_LAYOUT_COPIES and not torch.is_grad_enabled():
+            b, h, w, _ = x.shape
+            ws = self.window_size
+            o = self.attn.attend(_to_windows(x, ws, torch.bfloat16 if bf16_autocast_inference(x) else x.dtype))
+            x = linear(self.attn.proj, _from_windows(o, ws, b, h, w))  # (B, h, w, C)
+        elif self.window_size > 0:
             h, w = x.shape[1], x.shape[2]
             x, pad_hw = _window_partition(x, self.window_size)
             x = self.attn(x)
             x = _window_unpartition(x, self.window_size, pad_hw, (h, w))
         else:
             x = self.attn(x)
-        ad = self.adapter
         if ad is not None:  # on the whole token grid, after un-windowing (SD-Trans never sees windows)
             x = ad.after_attention(self.attn, normed, x)
         if ad is not None:
