@@ -135,6 +135,9 @@ class VolumeEncoder:
         self._cond = threading.Condition(self._lock)
         self._prep = preprocess_key(self.intensity, loaded.spec)
         self._last: tuple[EmbeddingKey, Any] | None = None
+        # slices computed whose cache write (RAM and disk, 20-200 ms) is still going on: written
+        # outside the encoder lock, so a foreground call never waits for another call's disk write
+        self._fresh: dict[int, np.ndarray] = {}
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -181,10 +184,24 @@ class VolumeEncoder:
         return self._content_hash is not None
 
     def is_cached(self, index: int) -> bool:
-        return self.key(index) in self.cache
+        return int(index) in self._fresh or self.key(index) in self.cache
 
     def cached_indices(self) -> set[int]:
-        return self.cache.cached_indices(self.key(0))
+        return self.cache.cached_indices(self.key(0)) | set(self._fresh)
+
+    def _cached(self, index: int, key: EmbeddingKey) -> np.ndarray | None:
+        emb = self._fresh.get(index)
+        return emb if emb is not None else self.cache.get(key)
+
+    def _store(self, items: list[tuple[int, np.ndarray]]) -> None:
+        """Write computed slices to the cache (outside the encoder lock); they are served from
+        :attr:`_fresh` meanwhile."""
+        try:
+            for i, emb in items:
+                self.cache.put(self.key(i), emb, n_slices=self.n_slices)
+        finally:
+            for i, _ in items:
+                self._fresh.pop(i, None)
 
     # -- computing ----------------------------------------------------------------------------------
     def model_input(self, index: int) -> np.ndarray:
@@ -215,7 +232,7 @@ class VolumeEncoder:
         last = self._last
         if last is not None and last[0] == key:
             return last[1]
-        emb = self.cache.get(key)
+        emb = self._cached(int(index), key)
         if emb is None:
             emb = self._embed_foreground(int(index), key)
         hwc = np.empty(emb.shape[1:] + emb.shape[:1], np.float32)  # (h, w, C): one converting transpose
@@ -226,11 +243,13 @@ class VolumeEncoder:
 
     def _embed_foreground(self, index: int, key: EmbeddingKey) -> np.ndarray:
         with self._lock:  # a yielding background call releases it between blocks
-            emb = self.cache.get(key)
-            if emb is None:
-                out = run_encoder(self.loaded, self.encoder_input(index)[None])
-                emb = out[0].cpu().numpy().astype(np.float16)
-                self.cache.put(key, emb, n_slices=self.n_slices)
+            emb = self._cached(index, key)
+            if emb is not None:
+                return emb
+            out = run_encoder(self.loaded, self.encoder_input(index)[None])
+            emb = out[0].cpu().numpy().astype(np.float16)
+            self._fresh[index] = emb
+        self._store([(index, emb)])
         return emb
 
     def _checkpoint(self, chunk: list[int], cancel: threading.Event | None,
@@ -284,9 +303,10 @@ class VolumeEncoder:
                     except _Abandon:
                         out = None  # the foreground embedded them meanwhile
                     if out is not None:
-                        for i, emb in zip(chunk, out, strict=True):
-                            self.cache.put(self.key(i), emb, n_slices=self.n_slices)
+                        self._fresh.update(zip(chunk, out, strict=True))
                     self._cond.notify_all()
+            if chunk and out is not None:
+                self._store(list(zip(chunk, out, strict=True)))
             done += len(todo[start:start + self.batch_size])
             yield Progress(done, total, "embedding", {"slice": chunk[-1] if chunk else None})
         return {"computed": len(todo), "cached": total - len(todo), "seconds": time.perf_counter() - t0}
