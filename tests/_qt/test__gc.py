@@ -60,6 +60,35 @@ def test_a_layer_removal_schedules_one_settle(make_napari_viewer, qtbot, monkeyp
     assert calls == [1]
 
 
+def test_a_pending_settle_waits_for_a_pause_in_the_work(qtbot, monkeypatch):
+    """A settle pauses the GUI thread 0.3-0.5 s: never while a job runs or the user is prompting."""
+    from napari_medsam._qt import _workers
+
+    calls = []
+    monkeypatch.setattr(_gc, "settle", lambda: calls.append(1))
+    monkeypatch.setattr(_gc, "LATER_S", 0.05)
+    monkeypatch.setattr(_gc, "IDLE_S", 0.2)
+
+    def work(cancel):
+        while not cancel.is_set():
+            yield None
+            cancel.wait(0.01)
+
+    job = _workers.start(work, desc="busy")
+    try:
+        _gc.settle_later()
+        qtbot.wait(600)
+        assert calls == []  # a job is running
+    finally:
+        job.cancel()
+        qtbot.waitUntil(lambda: job.done, timeout=5000)
+    _gc.note_activity()
+    qtbot.wait(100)
+    assert calls == []  # the user just did something
+    qtbot.waitUntil(lambda: bool(calls), timeout=3000)
+    assert calls == [1]
+
+
 def test_loading_a_model_in_a_dock_settles(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     _, model_w = viewer.window.add_plugin_dock_widget("napari-medsam", "Model")

@@ -13,7 +13,7 @@ from .. import _layers
 from ..app.bookkeeping import prompt_signature
 from ..app.params import ModelChoice
 from ..core.registry import DEFAULT_MODEL
-from . import _workers
+from . import _gc, _workers
 from ._shared import encoder_request, load_model_job
 
 _TRANSIENT = ("adding", "changing", "removing")
@@ -47,6 +47,7 @@ class PreviewMixin:
 
     # ---- preview ------------------------------------------------------------------------------------
     def _on_prompts_changed(self, event: Any = None) -> None:
+        _gc.note_activity()
         if _action(event) in _TRANSIENT:
             return
         if self._prompt_time is None:
@@ -58,6 +59,7 @@ class PreviewMixin:
         self._run_preview()
 
     def _on_view_changed(self, event: Any = None) -> None:
+        _gc.note_activity()
         self._follow_prefetch()
         self._update_status()  # the slice line names the slice under view along the axis sliced now
         self._schedule_preview()

@@ -10,8 +10,9 @@ objects live as long as the process (modules, classes, the window, the model's m
 scan only the objects created since (in a probe with napari alone, 38,000 after a settle; a full
 collection of 77,000 took 66 ms, against 270-450 ms for all ~430,000 with torch loaded). It runs where a wait is expected: when a model has finished loading. Frozen
 objects that later become garbage in a reference cycle (a removed layer, a replaced model) would
-never be collected, so a layer removal schedules a settle a moment later (:func:`settle_later`),
-and every settle unfreezes first: memory stays bounded.
+never be collected, so a layer removal schedules a settle for the next pause in the work
+(:func:`settle_later`: no job running, no prompt for 2 s), and every settle unfreezes first:
+memory stays bounded.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from __future__ import annotations
 import gc
 import time
 
-__all__ = ["settle", "settle_later"]
+__all__ = ["note_activity", "settle", "settle_later"]
 
 #: Seconds between a layer removal and the settle it schedules (removals in a burst share one).
 LATER_S = 2.0
+#: ... and the pause in the user's work (no job running, no prompt or slice change) it waits for.
+IDLE_S = 2.0
 
 _pending: dict[str, object] = {}
 last_settle_s: float | None = None
@@ -40,9 +43,24 @@ def settle() -> float:
     return last_settle_s
 
 
+def note_activity() -> None:
+    """The user just did something (a prompt, a slice change): a pending settle waits for a pause."""
+    _pending["activity"] = time.perf_counter()
+
+
+def _busy() -> bool:
+    from . import _workers
+
+    recent = time.perf_counter() - float(_pending.get("activity", -1e9)) < IDLE_S  # type: ignore[arg-type]
+    return recent or any(not job.done for job in list(_workers._LIVE))
+
+
 def settle_later(*_args: object, delay_s: float | None = None) -> None:
-    """:func:`settle` from the Qt event loop after ``delay_s`` (default :data:`LATER_S`); calls
-    while one is pending share it. Connect to ``viewer.layers.events.removed``."""
+    """:func:`settle` from the Qt event loop once the plugin is idle: ``delay_s`` (default
+    :data:`LATER_S`) from now, then as soon as no job (propagation, training, prediction, ...) runs
+    and the user has not prompted or changed slice for :data:`IDLE_S` (a settle is a 0.3-0.5 s pause
+    of the GUI thread: it must not land in the middle of work). Calls while one is pending share
+    it. Connect to ``viewer.layers.events.removed``."""
     from qtpy.QtCore import QTimer
 
     if _pending.get("timer") is not None:
@@ -51,6 +69,9 @@ def settle_later(*_args: object, delay_s: float | None = None) -> None:
     timer.setSingleShot(True)
 
     def run() -> None:
+        if _busy():
+            timer.start(int(1000 * IDLE_S))
+            return
         _pending.pop("timer", None)
         settle()
 

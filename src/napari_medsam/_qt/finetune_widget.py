@@ -233,7 +233,12 @@ class FinetuneWidget(FinetuneAdaptersMixin, DockWidget):
             # stacking another layer (and adding a layer stalls the GUI thread ~120-250 ms in napari)
             self._writing_prediction = True
             try:
-                layer.data = result.labels
+                data = layer.data
+                if isinstance(data, np.ndarray) and data.dtype == result.labels.dtype and data.flags.writeable:
+                    np.copyto(data, result.labels)  # in place: no new slicing of the layer, one refresh
+                    layer.refresh()
+                else:
+                    layer.data = result.labels
             finally:
                 self._writing_prediction = False
             where = f"layer '{layer.name}' (replacing its unedited earlier prediction)"
