@@ -41,7 +41,7 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="litemedsam", help="model to load (default litemedsam)")
     p.add_argument("--boxes", type=int, default=20, help="boxes per latency condition (default 20)")
-    p.add_argument("--cold-boxes", type=int, default=8, help="boxes on slices not embedded yet (default 8)")
+    p.add_argument("--cold-boxes", type=int, default=12, help="boxes on slices not embedded yet (default 12)")
     p.add_argument("--embed-slices", type=int, default=24,
                    help="slices the Model dock embeds for the stall figure (default 24)")
     p.add_argument("--tick-ms", type=int, default=10, help="timer interval on the main thread (default 10)")
@@ -168,6 +168,7 @@ def main() -> int:  # noqa: C901 - one linear script
     t1, gmwm = mni_arrays()
     axial = np.ascontiguousarray(t1.transpose(2, 0, 1))        # (189, 197, 233): a, the prefetch figures
     sagittal = np.ascontiguousarray(t1[20:177])                # (157, 233, 189): b, slices not embedded
+    coronal = np.ascontiguousarray(t1.transpose(1, 2, 0)[20:213])  # (193, 189, 197): b, more of them
     vol61 = np.ascontiguousarray(axial[50:111])                 # (61, 197, 233): c, d, e
     lab61_full = np.ascontiguousarray(gmwm.transpose(2, 0, 1)[50:111])
 
@@ -176,6 +177,7 @@ def main() -> int:  # noqa: C901 - one linear script
     viewer = napari.Viewer(show=True)
     img_a = viewer.add_image(axial, name="MNI axial", colormap="gray")
     img_b = viewer.add_image(sagittal, name="MNI sagittal", colormap="gray", visible=False)
+    img_d = viewer.add_image(coronal, name="MNI coronal", colormap="gray", visible=False)
     img_c = viewer.add_image(vol61, name="MNI axial 61", colormap="gray", visible=False)
     _, model_w = viewer.window.add_plugin_dock_widget("napari-medsam", "Model")
     _, annot_w = viewer.window.add_plugin_dock_widget("napari-medsam", "Annotate")
@@ -333,20 +335,25 @@ def main() -> int:  # noqa: C901 - one linear script
     print(f"pre-emption on / off, p95 while prefetching: {p_on / p_off:.2f}x", flush=True)
     print(stall_line("during the boxes while prefetching", stats_busy), flush=True)
 
-    # -- b. box -> mask drawn on a slice not embedded yet (prefetching on)
-    annot_w.image_combo.set_layer(img_b)
-    img_a.visible, img_b.visible = False, True
-    pump(0.5)
-    _, shp = annot_w.prompt_layers()
-    hb, wb = sagittal.shape[1:]
-    cached_b = set(session.encoder(encoder_request(img_b, viewer, session)).cached_indices())
-    free = [z for z in range(30, sagittal.shape[0] - 10) if not cached_b & set(range(z - 6, z + 10))]
-    cold_z = free[::16][: args.cold_boxes]
+    # -- b. box -> mask drawn on a slice not embedded yet (prefetching on): the sagittal volume,
+    # then the coronal one, on slices 16 apart whose neighbours are not embedded (the prefetcher
+    # embeds 8 ahead and 4 behind the slice under view)
     cold = []
-    for i, z in enumerate(cold_z):
-        go_to(z)
-        pump(rng.uniform(0.0, 0.5))
-        cold.append(one_box(z, i % 5, hb, wb))
+    for img_x, vol_x in ((img_b, sagittal), (img_d, coronal)):
+        if len(cold) >= args.cold_boxes:
+            break
+        annot_w.image_combo.set_layer(img_x)
+        for ly in (img_a, img_b, img_d):
+            ly.visible = ly is img_x
+        pump(0.5)
+        _, shp = annot_w.prompt_layers()
+        hb, wb = vol_x.shape[1:]
+        cached_x = set(session.encoder(encoder_request(img_x, viewer, session)).cached_indices())
+        free = [z for z in range(30, vol_x.shape[0] - 10) if not cached_x & set(range(z - 6, z + 10))]
+        for z in free[::16][: args.cold_boxes - len(cold)]:
+            go_to(z)
+            pump(rng.uniform(0.0, 0.5))
+            cold.append(one_box(z, len(cold) % 5, hb, wb))
     cold_ms = [r[0] for r in cold]
     budget = 1000 * pass_s + LATENCY_MS
     print(f"RESULT box -> mask drawn on a slice not embedded yet (prefetching on): {lat_text(cold_ms)}; one "
@@ -364,7 +371,8 @@ def main() -> int:  # noqa: C901 - one linear script
     lab[train_idx] = lab61_full[train_idx]
     labels_c = viewer.add_labels(lab, name="MNI 61 GM/WM")
     annot_w.prefetch_check.setChecked(False)
-    img_b.visible, img_c.visible = False, True
+    img_b.visible = img_d.visible = False
+    img_c.visible = True
     tune_w.image_combo.set_layer(img_c)
     tune_w.labels_combo.refresh()
     tune_w.labels_combo.set_layer(labels_c)
