@@ -153,3 +153,25 @@ def test_train_predict_save_restore(annotated, tmp_path):
 def test_the_session_has_a_slot_for_the_review_loop():
     s = AnnotationSession(disk_cache=False)
     assert s.loop is None
+
+
+def test_embed_slice_steps_say_embedded_before_the_cache_write(annotated):
+    """A box on a slice not embedded yet: the mask can be decoded (and shown) as soon as the slice is
+    embedded; its cache write (20-200 ms) comes after that step, not before it."""
+    s, _vol = annotated
+    enc = s.encoder(s.request())
+    gen = s.embed_slice_steps(None, 4)
+    steps = []
+    for p in gen:
+        steps.append((p.message, enc.key(4) in enc.cache, enc.is_cached(4)))
+        if p.message == "embedded":
+            assert s.embedded(None, 4)  # served from memory meanwhile: a decode needs no encoder call
+    assert [m for m, _, _ in steps] == ["embedding", "embedded", "stored"]
+    assert steps[1] == ("embedded", False, True)  # not written yet, but there
+    assert enc.key(4) in enc.cache and not enc._fresh and not enc._unstored
+    closed = s.embed_slice_steps(None, 5)
+    for p in closed:
+        if p.message == "embedded":
+            break
+    closed.close()  # a consumer that stops early still gets the slice written
+    assert enc.key(5) in enc.cache and not enc._unstored

@@ -109,12 +109,14 @@ class PreviewMixin:
                 return
         self.prefetch.hold()  # the decoder gets the cores; released in _on_preview_finished
         if self._decode_inline_after_embedding():
+            got: dict[str, bool] = {}  # this job's own: did the "embedded" step arrive
             # a slice not embedded yet: the worker embeds it, the decode then runs here (one
             # decoder call on the main thread measured 36-40 ms against 140-167 ms in a worker
             # sharing the cores with the paint: benchmarks/bench_gui.py)
             self._preview_job = _workers.start(
                 lambda cancel: self.session.embed_slice_steps(req, view.index), desc="MedSAM preview",
-                cancelable=False, on_finished=lambda job: self._on_slice_embedded(job, tag))
+                cancelable=False, on_progress=lambda p, got=got: self._on_embed_step(p, tag, got),
+                on_finished=lambda job, got=got: self._on_embed_finished(got))
             return
         self._start_worker_preview(req, view, prompt, tag)
 
@@ -135,22 +137,26 @@ class PreviewMixin:
         limit, last = self.inline_preview_s, self._decode_s
         return self.preview_in_worker and limit is not None and (last is None or last <= limit)
 
-    def _on_slice_embedded(self, job: _workers.Job, tag: tuple) -> None:
-        """The prompt's slice is embedded: the preview of the prompt now on screen, on this thread
-        (the prefetcher stays held until that decode is done)."""
+    def _on_embed_step(self, p: Any, tag: tuple, got: dict[str, bool]) -> None:
+        """The prompt's slice can be decoded (its cache write goes on in the worker): the preview of
+        the prompt now on screen, on this thread (the prefetcher stays held until the job ends)."""
+        if p.message != "embedded":
+            return
+        got["embedded"] = True
+        if p.info.get("embedded_now"):
+            self.session.embeddings_changed.emit(tag[0])
+        self._preview_job = None
+        snap = self._snapshot()
+        if snap is not None and snap[4] == tag and snap[2] is not None:
+            if not self._run_inline(snap[3], snap[1], snap[2], tag):
+                self.prefetch.hold()  # the decode failed here: the worker runs it and reports
+                self._start_worker_preview(snap[3], snap[1], snap[2], tag)
+        else:
+            self._run_preview()  # the prompt or the slice changed meanwhile: the latest one
+
+    def _on_embed_finished(self, got: dict[str, bool]) -> None:
         try:
-            if job.returned and not job.cancelled:
-                if self._job_embedded(job):
-                    self.session.embeddings_changed.emit(tag[0])
-                self._preview_job = None
-                snap = self._snapshot()
-                if snap is not None and snap[4] == tag and snap[2] is not None:
-                    if not self._run_inline(snap[3], snap[1], snap[2], tag):
-                        self.prefetch.hold()  # the decode failed here: the worker runs it and reports
-                        self._start_worker_preview(snap[3], snap[1], snap[2], tag)
-                else:
-                    self._run_preview()  # the prompt or the slice changed meanwhile: the latest one
-            else:
+            if not got.get("embedded"):  # failed before the slice was embedded: nothing to commit
                 self._commit_pending = False
         finally:
             self.prefetch.release()

@@ -360,14 +360,19 @@ class AnnotationSession:
     def embed_slice_steps(self, req: EncoderRequest | None, index: int) -> ProgressGen[bool]:
         """Embed slice ``index`` of ``req`` (a prompt's slice) at the caller's priority and keep it as
         the encoder's last slice, so that a preview of it is then one decoder call; returns True if
-        it was computed now (False: it was cached)."""
-        yield Progress(0, 1, "embedding")
+        it was computed now (False: it was cached). The step ``"embedded"`` comes as soon as the
+        slice can be decoded; its cache write (20-200 ms) follows, before the last step."""
+        yield Progress(0, 2, "embedding")
         t0 = time.perf_counter()
         with worker_threads(background_busy=self.cpu_jobs > 0):
             enc = self.encoder(req)
             cached = enc.is_cached(index)
-            enc.get(index)
-        yield Progress(1, 1, "embedded", {"embedded_now": not cached, "seconds": time.perf_counter() - t0})
+            enc.get(index, store=False)
+        try:
+            yield Progress(1, 2, "embedded", {"embedded_now": not cached, "seconds": time.perf_counter() - t0})
+        finally:
+            enc.flush([index])
+        yield Progress(2, 2, "stored")
         return not cached
 
     def embedded(self, req: EncoderRequest | None, index: int) -> bool:

@@ -144,6 +144,7 @@ class VolumeEncoder:
         # slices computed whose cache write (RAM and disk, 20-200 ms) is still going on: written
         # outside the encoder lock, so a foreground call never waits for another call's disk write
         self._fresh: dict[int, np.ndarray] = {}
+        self._unstored: set[int] = set()  # ... of which these wait for flush() (get(store=False))
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -225,8 +226,11 @@ class VolumeEncoder:
         last = self.n_slices - 1
         return np.stack([self.model_input(min(max(index + o, 0), last)) for o in range(-k, k + 1)])
 
-    def get(self, index: int) -> Any:
+    def get(self, index: int, *, store: bool = True) -> Any:
         """The embedding of slice ``index`` as a ``(1, C, h, w)`` float32 tensor on the model's device.
+
+        ``store=False``: a slice computed now is kept in memory and served from there, its cache
+        write left to :meth:`flush` (a prompt's slice: the caller shows the mask first).
 
         Laid out channels-last (``torch.channels_last``), the layout the decoder reads. The last
         slice asked for is kept (one slice, a few MB): repeated prompts on the slice under view
@@ -240,14 +244,14 @@ class VolumeEncoder:
             return last[1]
         emb = self._cached(int(index), key)
         if emb is None:
-            emb = self._embed_foreground(int(index), key)
+            emb = self._embed_foreground(int(index), key, store=store)
         hwc = np.empty(emb.shape[1:] + emb.shape[:1], np.float32)  # (h, w, C): one converting transpose
         np.copyto(hwc, np.moveaxis(np.asarray(emb), 0, -1))
         out = torch.from_numpy(hwc).permute(2, 0, 1)[None].to(self.loaded.device)
         self._last = (key, out)
         return out
 
-    def _embed_foreground(self, index: int, key: EmbeddingKey) -> np.ndarray:
+    def _embed_foreground(self, index: int, key: EmbeddingKey, *, store: bool = True) -> np.ndarray:
         with self._lock:  # a yielding background call releases it between blocks
             emb = self._cached(index, key)
             if emb is not None:
@@ -255,8 +259,20 @@ class VolumeEncoder:
             out = run_encoder(self.loaded, self.encoder_input(index)[None])
             emb = out[0].cpu().numpy().astype(np.float16)
             self._fresh[index] = emb
-        self._store([(index, emb)])
+            if not store:
+                self._unstored.add(index)
+        if store:
+            self._store([(index, emb)])
         return emb
+
+    def flush(self, indices: Iterable[int] | None = None) -> None:
+        """Write the slices :meth:`get` computed with ``store=False`` (these, or all) to the cache."""
+        todo = [int(i) for i in (list(self._unstored) if indices is None else indices) if int(i) in self._unstored]
+        for i in todo:
+            self._unstored.discard(i)
+        items = [(i, self._fresh[i]) for i in todo if i in self._fresh]
+        if items:
+            self._store(items)
 
     def _checkpoint(self, chunk: list[int], cancel: threading.Event | None,
                     yield_to: Callable[[], bool] | None) -> Callable[[], None]:
