@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-rev", default=None, help="the new side's revision (default: this tree)")
     p.add_argument("--with-common", action="store_true", help="the revisions' nets/common.py as well")
+    p.add_argument("--rel-pos-std", type=float, default=0.0,
+                   help="relative-position tables ~ N(0, S) (seeded; 0: as initialised, zeros)")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -95,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'{args.new_rev}:{_SRC}vit.py{common}' if args.new_rev else 'this tree'}", flush=True)
     loaded, _ = bench_load(args.model)
     new = loaded.model.image_encoder
+    if args.rel_pos_std:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for blk in new.blocks:
+                blk.attn.rel_pos_h.normal_(0, args.rel_pos_std)
+                blk.attn.rel_pos_w.normal_(0, args.rel_pos_std)
     with tempfile.TemporaryDirectory() as tmp:
         old_vit = _rev_module(args.rev, "vit", Path(tmp), args.with_common)
         new_vit = _rev_module(args.new_rev, "vit", Path(tmp), args.with_common) if args.new_rev else None
