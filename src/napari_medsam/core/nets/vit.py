@@ -54,10 +54,11 @@ class Attention(nn.Module):
         r_q = q.reshape(b, n, h, w, hd)
         bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # (B, heads, h, w, h)
         bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, heads, h, w, w)
-        # the (HW x HW) bias written once, contiguous, for the fused kernel: the sum of the two
+        # fused kernel (fp32, GPUs): the (HW x HW) bias written once, contiguous: the sum of the two
         # non-contiguous einsum outputs came out strided and its reshape was a second full copy
         # (805 MB in fp32 for a global ViT-B block). A global block's bias goes by bands of query
         # rows (GLOBAL_ROWS), which measured faster than the whole one; windows keep the one bias.
+        # bf16 on a CPU: two products and a softmax in cache-sized pieces (BF16_PRODUCT_ATTENTION).
         if torch.is_grad_enabled() and bias_h.requires_grad:  # training adapters: out= has no autograd
             bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, n, h * w, h * w)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
