@@ -410,7 +410,7 @@ def main() -> int:  # noqa: C901 - one linear script
         t0 = time.perf_counter()
         tune_w.segment()
         job = tune_w.predict_job
-        pump_until(lambda: job.done, 3600)  # the result is in its layer when the job is done
+        pump_until(lambda job=job: job.done, 3600)  # the result is in its layer when the job is done
         wall = time.perf_counter() - t0
         pump(0.3)
         stats_pred = meter.stop()
