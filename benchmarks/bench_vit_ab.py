@@ -128,20 +128,27 @@ def main(argv: list[str] | None = None) -> int:
              f" (fp32 embedding max |.| {ref.abs().max().item():.3g})" if ref is not None else ""), flush=True)
     del y_old, y_new, ref
     times: dict[str, list[float]] = {"old": [], "new": []}
+    walls: dict[str, list[float]] = {"old": [], "new": []}
     faults: dict[str, list[int]] = {"old": [], "new": []}
     for r in range(args.rounds):
         for name, enc in (("old", old), ("new", new)) if r % 2 == 0 else (("new", new), ("old", old)):
-            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
+            f0, t0, w0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time(), time.perf_counter()
             fwd(enc)
             times[name].append(time.thread_time() - t0)
+            walls[name].append(time.perf_counter() - w0)
             faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         print(f"round {r}: old {times['old'][-1]:.3f} s, new {times['new'][-1]:.3f} s, "
-              f"ratio {times['old'][-1] / times['new'][-1]:.3f}", flush=True)
+              f"ratio {times['old'][-1] / times['new'][-1]:.3f}; wall old {walls['old'][-1]:.3f} s, "
+              f"new {walls['new'][-1]:.3f} s, ratio {walls['old'][-1] / walls['new'][-1]:.3f}", flush=True)
     ratios = [a / b for a, b in zip(times["old"], times["new"], strict=True)]
     print(f"\nthread CPU s/slice, median of {args.rounds}: old {np.median(times['old']):.3f}, "
           f"new {np.median(times['new']):.3f}; old / new {np.median(ratios):.3f} "
           f"(per round {min(ratios):.3f}-{max(ratios):.3f}); page faults / slice old {int(np.median(faults['old']))}, "
           f"new {int(np.median(faults['new']))}; load average {_load()}")
+    wr = [a / b for a, b in zip(walls["old"], walls["new"], strict=True)]
+    print(f"wall s/slice (pauses included; with --threads > 1 the main thread's CPU time leaves out the others'), "
+          f"median: old {np.median(walls['old']):.3f}, new {np.median(walls['new']):.3f}; old / new {np.median(wr):.3f} "
+          f"(per round {min(wr):.3f}-{max(wr):.3f})")
     return 0
 
 

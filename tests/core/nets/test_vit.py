@@ -179,3 +179,26 @@ def test_windows_and_back_are_the_partition_and_its_inverse():
     assert torch.equal(w, ref)
     o = w.reshape(w.shape[0], 16, 1, 5).transpose(1, 2)  # as the attention's (B * windows, heads, ws * ws, hd)
     assert torch.equal(vit._from_windows(o, 4, 2, 6, 7), vit._window_unpartition(w, 4, pad_hw, (6, 7)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_in_place_equals_the_softmax(dtype):
+    s = torch.randn(2, 3, 50, 4096).mul_(4).to(dtype)
+    ref = torch.softmax(s, -1)
+    ptr = s.data_ptr()
+    out = vit._softmax_(s)
+    assert out.data_ptr() == ptr  # written into the scores' own buffer
+    assert torch.equal(out, ref)
+
+
+def test_bf16_attention_pieces_take_the_softmax_in_place(monkeypatch):
+    calls = []
+    soft = vit._softmax_
+    monkeypatch.setattr(vit, "_softmax_", lambda s: calls.append(s.data_ptr()) or soft(s))
+    monkeypatch.setattr(vit, "PRODUCT_ROWS", 6)
+    glob, win = vit.Attention(32, 2, (20, 20)), vit.Attention(32, 2, (4, 4))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        glob(torch.randn(1, 20, 20, 32))  # global: 2 heads x 4 bands (6, 6, 6, 2 rows)
+        win(torch.randn(3, 4, 4, 32))  # windows: one call each
+    assert len(calls) == 2 * 4 + 3
+    assert len(set(calls[:8])) == 1  # the head bands' one reused score buffer
