@@ -76,3 +76,31 @@ def test_conv_gelu_is_one_fused_call_under_bf16_autocast(monkeypatch):
     assert calls == [torch.bfloat16]  # one fused call, on the bf16 weight copy
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape
     assert (y.float() - ref).abs().max() < 0.03 * ref.abs().max() + 0.02
+
+
+def test_folded_bias_pieces_compute_the_biased_attention():
+    # fp32 in: the pieces (2 windows each, the last one short) give softmax(q k^T s + bias) v
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(5, 3, 49, 16) for _ in range(3))
+    bias = torch.randn(3, 49, 49)
+    ref = torch.softmax(q @ k.transpose(-1, -2) * 0.25 + bias, -1) @ v
+    out = tiny_vit._folded_bias_attention(q, k, v, bias, 0.25, 2)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_bf16_folded_and_bf16_softmax_options_stay_near_fp32(monkeypatch):
+    a = _attn()
+    x = torch.randn(6, 49, 64)
+    with torch.inference_mode():
+        ref = _reference(a, x)
+        fp32 = a(x)
+        errs = {}
+        for scores, tokens in ((0, 0), (10_000, 0), (10_000, 49), (0, 49)):
+            monkeypatch.setattr(tiny_vit, "FOLDED_BIAS_SCORES", scores)
+            monkeypatch.setattr(tiny_vit, "BF16_SOFTMAX_TOKENS", tokens)
+            assert torch.equal(a(x), fp32)  # fp32 never takes these paths
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                errs[scores, tokens] = (a(x).float() - ref).abs().max().item()
+    for e in errs.values():
+        assert e < 2 * errs[0, 0] + 1e-3

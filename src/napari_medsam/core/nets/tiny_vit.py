@@ -223,6 +223,42 @@ class PatchMerging(nn.Module):
 
 #: bf16 window attention on a CPU at inference as two products and a softmax (see below)
 BF16_PRODUCT_ATTENTION = True
+#: the bf16 softmax on the bf16 scores for windows of at least this many tokens, elsewhere
+#: :func:`.common.softmax_fp32`; 0: softmax_fp32 everywhere
+BF16_SOFTMAX_TOKENS = 0
+#: > 0: the bf16 path in pieces of windows of about this many scores, the bias inside the first
+#: product (:func:`_folded_bias_attention`); 0: whole-batch products and a separate bias add.
+#: Both off: measured within the noise on LiteMedSAM (1.00-1.04x) and lower box-mask IoU vs fp32
+#: (docs/benchmarks.md, helper L18; ``benchmarks/bench_tinyvit_ab.py --ab``)
+FOLDED_BIAS_SCORES = 0
+
+
+def _softmax(s: torch.Tensor) -> torch.Tensor:
+    t = BF16_SOFTMAX_TOKENS
+    if 0 < t <= s.shape[-1]:
+        return torch.softmax(s, -1, out=s)  # in place: ``s`` is a fresh or reused buffer of scores
+    return softmax_fp32(s)
+
+
+def _folded_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                           scale: float, windows: int) -> torch.Tensor:
+    """Softmax(q k^T * scale + bias) v on ``(B*, heads, N, hd)`` windows, ``windows`` at a time.
+
+    Each piece's scores start as the ``(heads, N, N)`` bias, broadcast into a reused buffer, and the
+    first product is accumulated onto them (``baddbmm``: one rounding, no separate pass over the
+    scores); the softmax and the second product run on the piece while it is in cache."""
+    b, nh, n, hd = q.shape
+    out = torch.empty(b, n, nh, hd, dtype=q.dtype, device=q.device)  # (B*, N, heads, hd): the proj's layout
+    buf = torch.empty(windows, nh, n, n, dtype=q.dtype, device=q.device)
+    for i in range(0, b, windows):
+        j = min(b, i + windows)
+        s = buf[:j - i]
+        s.copy_(bias)
+        s = s.view(-1, n, n).baddbmm_(q[i:j].reshape(-1, n, hd), k[i:j].reshape(-1, n, hd).transpose(1, 2),
+                                      alpha=scale)
+        p = _softmax(s)
+        torch.matmul(p.view(j - i, nh, n, n), v[i:j], out=out[i:j].transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 class WindowAttention(nn.Module):
@@ -260,8 +296,12 @@ class WindowAttention(nn.Module):
         if BF16_PRODUCT_ATTENTION and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled():
             # bf16 on a CPU: two bf16 products and a softmax beat the fused kernel on these small
             # windows (49 and 196 tokens, head dim 32), whose bf16 path is barely faster than fp32
-            a = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-1, -2)).add_(bias)
-            out = torch.matmul(softmax_fp32(a), v)
+            if FOLDED_BIAS_SCORES > 0:
+                windows = max(1, FOLDED_BIAS_SCORES // (self.num_heads * n * n))
+                out = _folded_bias_attention(q, k, v, bias[0], self.head_dim ** -0.5, windows)
+            else:
+                a = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-1, -2)).add_(bias)
+                out = torch.matmul(_softmax(a), v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return linear(self.proj, out.transpose(1, 2).reshape(b, n, -1))
