@@ -1,6 +1,7 @@
 """Layout check of every napari-medsam dock at the screen sizes users have (issue 16): the window
-at 1366x768 (a laptop) and 1920x1080, the four docks tabbed on the right as napari tabs them, each
-dock raised in turn and shot as ``docs/images/10-layout-<dock>-<w>x<h>.png``; printed per dock: its
+at 1366x768 (a laptop) and 1920x1080, the four docks opened as napari's Plugins menu opens them
+(``add_plugin_dock_widget`` without ``tabify``: the menu docks each below the others, and the plugin's
+docks then tab themselves together), each dock raised in turn and shot as ``docs/images/10-layout-<dock>-<w>x<h>.png``; printed per dock: its
 minimum height and the height its dock area has, so a control pushed off-screen shows as a number
 too. Pictures of the layout only: the tiny random model, nothing loaded::
 
@@ -28,9 +29,12 @@ def main() -> int:
         dock = dock.parentWidget()
     docks = {"Model": dock}
     for name in DOCKS[1:]:
-        dock, _w = viewer.window.add_plugin_dock_widget("napari-medsam", name, tabify=True)
+        dock, _w = viewer.window.add_plugin_dock_widget("napari-medsam", name)  # as the Plugins menu does
         docks[name] = dock
+        pump(0.3)
     pump(1.0)
+    tabbed = set(viewer.window._qt_window.tabifiedDockWidgets(docks["Model"]))  # private: the check only
+    print(f"docks tabbed with Model: {sorted(n for n, d in docks.items() if d in tabbed)}", flush=True)
     for w, h in SIZES:
         viewer.window.resize(w, h)
         pump(1.0)
