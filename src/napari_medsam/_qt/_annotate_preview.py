@@ -107,9 +107,9 @@ class PreviewMixin:
         if not self.preview_in_worker or self._inline_ok(req, view.index):
             if self._run_inline(req, view, prompt, tag):
                 return
-        self.prefetch.hold()  # the decoder gets the cores; released in _on_preview_finished
         if self._decode_inline_after_embedding():
             got: dict[str, bool] = {}  # this job's own: did the "embedded" step arrive
+            self.prefetch.hold()  # the encoder gets the cores; released in _on_embed_finished
             # a slice not embedded yet: the worker embeds it, the decode then runs here (one
             # decoder call on the main thread measured 36-40 ms against 140-167 ms in a worker
             # sharing the cores with the paint: benchmarks/bench_gui.py)
@@ -121,7 +121,8 @@ class PreviewMixin:
         self._start_worker_preview(req, view, prompt, tag)
 
     def _start_worker_preview(self, req: Any, view: _layers.SliceView, prompt: Any, tag: tuple) -> None:
-        """Embed (if needed) and decode in a worker; the prefetcher is held (released when it ends)."""
+        """Embed (if needed) and decode in a worker; the prefetcher is held until it ends."""
+        self.prefetch.hold()  # the decoder gets the cores; released in _on_preview_finished
         self._preview_job = _workers.start(
             lambda cancel: self.session.preview_steps(req, view.index, prompt), desc="MedSAM preview",
             cancelable=False, on_returned=lambda res: self._on_preview_result(tag, view, res),
@@ -130,12 +131,15 @@ class PreviewMixin:
     def _inline_ok(self, req: Any, index: int) -> bool:
         """An embedded slice, and no decode on the main thread has taken longer than
         :attr:`inline_preview_s` (the first one is tried)."""
-        limit, last = self.inline_preview_s, self._decode_s
-        return limit is not None and (last is None or last <= limit) and self.session.embedded(req, index)
+        return self._decode_fits() and self.session.embedded(req, index)
 
     def _decode_inline_after_embedding(self) -> bool:
+        return self.preview_in_worker and self._decode_fits()
+
+    def _decode_fits(self) -> bool:
+        """No decode on the main thread has taken longer than :attr:`inline_preview_s` (None: never inline)."""
         limit, last = self.inline_preview_s, self._decode_s
-        return self.preview_in_worker and limit is not None and (last is None or last <= limit)
+        return limit is not None and (last is None or last <= limit)
 
     def _on_embed_step(self, p: Any, tag: tuple, got: dict[str, bool]) -> None:
         """The prompt's slice can be decoded (its cache write goes on in the worker): the preview of
@@ -149,8 +153,7 @@ class PreviewMixin:
         snap = self._snapshot()
         if snap is not None and snap[4] == tag and snap[2] is not None:
             if not self._run_inline(snap[3], snap[1], snap[2], tag):
-                self.prefetch.hold()  # the decode failed here: the worker runs it and reports
-                self._start_worker_preview(snap[3], snap[1], snap[2], tag)
+                self._start_worker_preview(snap[3], snap[1], snap[2], tag)  # it reports the failure
         else:
             self._run_preview()  # the prompt or the slice changed meanwhile: the latest one
 

@@ -8,8 +8,8 @@ objects live as long as the process (modules, classes, the window, the model's m
 
 :func:`settle` collects once and then *freezes* what is alive (``gc.freeze()``): later collections
 scan only the objects created since (in a probe with napari alone, 38,000 after a settle; a full
-collection of 77,000 took 66 ms, against 270-450 ms for all ~430,000 with torch loaded). It runs where a wait is expected: when a model has finished loading. Frozen
-objects that later become garbage in a reference cycle (a removed layer, a replaced model) would
+collection of 77,000 took 66 ms, against 270-450 ms for all ~430,000 with torch loaded). It runs
+where a wait is expected: when a model has finished loading. Frozen objects that later become garbage in a reference cycle (a removed layer, a replaced model) would
 never be collected, so a layer removal schedules a settle for the next pause in the work
 (:func:`settle_later`: no job running, no prompt for 2 s), and every settle unfreezes first:
 memory stays bounded.
@@ -52,7 +52,7 @@ def _busy() -> bool:
     from . import _workers
 
     recent = time.perf_counter() - float(_pending.get("activity", -1e9)) < IDLE_S  # type: ignore[arg-type]
-    return recent or any(not job.done for job in list(_workers._LIVE))
+    return recent or _workers.any_running()
 
 
 def settle_later(*_args: object, delay_s: float | None = None) -> None:

@@ -130,6 +130,11 @@ class Job:
         return f"Job({self.desc!r}, {state})"
 
 
+def any_running() -> bool:
+    """Whether a job started by :func:`start` is still running."""
+    return any(not job.done for job in list(_LIVE))
+
+
 def start(
     make_gen: Callable[[threading.Event], Generator[Progress, Any, Any]],
     *,

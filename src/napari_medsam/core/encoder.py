@@ -72,8 +72,9 @@ def encoder_checkpoint(loaded: LoadedModel, checkpoint: Callable[[], None] | Non
     """Inside this block, encoder calls of this thread (:func:`run_encoder`) run ``checkpoint()``
     before every block of ``loaded``'s encoder and every part of a block (LiteMedSAM: 49
     checkpoints a slice; on 2 AVX512-BF16 cores the longest stretch between two was 27 ms of a
-    341 ms bf16 pass, against 56-97 ms with the 16 block boundaries alone): it may wait (a background call giving the cores and the encoder to a
-    foreground request) or raise to abandon the call. None: no checkpoint."""
+    341 ms bf16 pass, against 56-97 ms with the 16 block boundaries alone): it may wait (a
+    background call giving the cores and the encoder to a foreground request) or raise to abandon
+    the call. None: no checkpoint."""
     if checkpoint is not None:
         install_checkpoints(loaded.model.image_encoder)
     prev = getattr(_CHECKPOINT, "fn", None)
@@ -267,10 +268,9 @@ class VolumeEncoder:
 
     def flush(self, indices: Iterable[int] | None = None) -> None:
         """Write the slices :meth:`get` computed with ``store=False`` (these, or all) to the cache."""
-        todo = [int(i) for i in (list(self._unstored) if indices is None else indices) if int(i) in self._unstored]
-        for i in todo:
-            self._unstored.discard(i)
-        items = [(i, self._fresh[i]) for i in todo if i in self._fresh]
+        todo = set(self._unstored) if indices is None else {int(i) for i in indices} & self._unstored
+        self._unstored -= todo
+        items = [(i, self._fresh[i]) for i in sorted(todo) if i in self._fresh]
         if items:
             self._store(items)
 

@@ -504,14 +504,18 @@ class _Seed:
         """``(tissue, in_range)`` of a mask whose pixel intensities are ``vals`` (see SliceScore)."""
         if self.tissue_px <= 0:
             return float("nan"), float("nan")
-        lo, hi = self.tissue_range
-        k = int(((vals >= lo) & (vals <= hi)).sum())
+        k = _count_within(vals, self.tissue_range)
         frac_seed = self.tissue_px / self.area
         return k / self.tissue_px, (k / vals.size) / frac_seed if vals.size else 0.0
 
     def iou_rel(self, iou: float, output: int) -> float:
         ref = self.ious[output] if output < len(self.ious) else self.result.iou
         return float(iou / ref) if ref > 0 else float("inf")
+
+
+def _count_within(vals: np.ndarray, bounds: tuple[float, float]) -> int:
+    """How many of ``vals`` lie within ``bounds`` (inclusive)."""
+    return int(((vals >= bounds[0]) & (vals <= bounds[1])).sum())
 
 
 def _confidence(s: SliceScore, p: PropagationParams) -> float:
@@ -629,7 +633,7 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
         if vals.size:
             q = min(max(float(params.tissue_q), 0.0), 0.5)
             tissue_range = (float(np.quantile(vals, q)), float(np.quantile(vals, 1.0 - q)))
-            tissue_px = int(((vals >= tissue_range[0]) & (vals <= tissue_range[1])).sum())
+            tissue_px = _count_within(vals, tissue_range)
         feat = _pooled_feature(emb, res.logits)
         similar = None
         if params.similar_q is not None and feat is not None:

@@ -67,9 +67,19 @@ def bf16_weights(m: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def softmax_fp32(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis of low-precision ``scores``, computed in fp32 and returned in their
-    dtype: PyTorch's bf16-in, bf16-out CPU softmax is ~10x slower than its fp32-out one on the
-    encoders' attention shapes (and less exact)."""
+    dtype. On short rows PyTorch's bf16-in, bf16-out CPU softmax is the slower one (TinyViT's
+    49-token windows: 1.9-2.0 against 1.0-1.2 ns a score); on rows of 196 keys and more the bf16 one
+    measured faster (:func:`softmax_`; docs/benchmarks.md, issue 18)."""
     return torch.softmax(scores, -1, dtype=torch.float32).to(scores.dtype)
+
+
+def softmax_(s: torch.Tensor) -> torch.Tensor:
+    """The softmax over the last axis of the scores ``s``, written into ``s`` (returned): the same values
+    as ``torch.softmax(s, -1)`` (each row is read before it is written), without a second buffer of the
+    piece's size, which was allocated and first touched at every call (global ViT-B pieces: 4 MB, 384 a
+    slice); 1.06x on a global block's head bands measured (1 thread). Used by both encoders' bf16
+    attention pieces."""
+    return torch.softmax(s, -1, out=s)
 
 
 def linear(m: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:

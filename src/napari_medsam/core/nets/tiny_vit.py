@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, bf16_autocast_inference, bf16_weights, kept, linear, softmax_fp32
+from .common import LayerNorm2d, bf16_autocast_inference, bf16_weights, kept, linear, softmax_, softmax_fp32
 from .common import apply_act as _act
 
 
@@ -236,7 +236,7 @@ FOLDED_BIAS_SCORES = 0
 def _softmax(s: torch.Tensor) -> torch.Tensor:
     t = BF16_SOFTMAX_TOKENS
     if 0 < t <= s.shape[-1]:
-        return torch.softmax(s, -1, out=s)  # in place: ``s`` is a fresh or reused buffer of scores
+        return softmax_(s)  # in place: ``s`` is a fresh or reused buffer of scores
     return softmax_fp32(s)
 
 
