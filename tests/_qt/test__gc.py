@@ -61,13 +61,16 @@ def test_a_layer_removal_schedules_one_settle(make_napari_viewer, qtbot, monkeyp
 
 
 def test_a_pending_settle_waits_for_a_pause_in_the_work(qtbot, monkeypatch):
-    """A settle pauses the GUI thread 0.3-0.5 s: never while a job runs or the user is prompting."""
+    """A settle pauses the GUI thread 0.3-0.5 s: never while a job runs or the user is prompting.
+    The idle clock is a fake one, so the order of events, not the test machine's speed, decides."""
     from napari_medsam._qt import _workers
 
     calls = []
+    now = [100.0]
     monkeypatch.setattr(_gc, "settle", lambda: calls.append(1))
+    monkeypatch.setattr(_gc, "_clock", lambda: now[0])
     monkeypatch.setattr(_gc, "LATER_S", 0.05)
-    monkeypatch.setattr(_gc, "IDLE_S", 0.2)
+    monkeypatch.setattr(_gc, "IDLE_S", 0.05)  # also the re-check interval, in real time
 
     def work(cancel):
         while not cancel.is_set():
@@ -77,15 +80,17 @@ def test_a_pending_settle_waits_for_a_pause_in_the_work(qtbot, monkeypatch):
     job = _workers.start(work, desc="busy")
     try:
         _gc.settle_later()
-        qtbot.wait(600)
+        qtbot.wait(400)
         assert calls == []  # a job is running
+        _gc.note_activity()  # the user prompts while the job still runs
     finally:
         job.cancel()
         qtbot.waitUntil(lambda: job.done, timeout=5000)
-    _gc.note_activity()
-    qtbot.wait(100)
-    assert calls == []  # the user just did something
+    qtbot.wait(400)
+    assert calls == []  # no job, but the user did something 0 s ago (on the idle clock)
+    now[0] += 0.06  # ... and now longer ago than IDLE_S
     qtbot.waitUntil(lambda: bool(calls), timeout=3000)
+    qtbot.wait(200)
     assert calls == [1]
 
 

@@ -29,6 +29,7 @@ IDLE_S = 2.0
 
 _pending: dict[str, object] = {}
 last_settle_s: float | None = None
+_clock = time.perf_counter  # the idle clock (a test replaces it)
 
 
 def settle() -> float:
@@ -45,13 +46,13 @@ def settle() -> float:
 
 def note_activity() -> None:
     """The user just did something (a prompt, a slice change): a pending settle waits for a pause."""
-    _pending["activity"] = time.perf_counter()
+    _pending["activity"] = _clock()
 
 
 def _busy() -> bool:
     from . import _workers
 
-    recent = time.perf_counter() - float(_pending.get("activity", -1e9)) < IDLE_S  # type: ignore[arg-type]
+    recent = _clock() - float(_pending.get("activity", -1e9)) < IDLE_S  # type: ignore[arg-type]
     return recent or _workers.any_running()
 
 
