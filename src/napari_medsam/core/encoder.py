@@ -146,6 +146,7 @@ class VolumeEncoder:
         # outside the encoder lock, so a foreground call never waits for another call's disk write
         self._fresh: dict[int, np.ndarray] = {}
         self._unstored: set[int] = set()  # ... of which these wait for flush() (get(store=False))
+        self._windows: dict[tuple[int, tuple[int, ...]], tuple[Any, SliceTransform]] = {}  # embed_window's
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -226,6 +227,41 @@ class VolumeEncoder:
             return self.model_input(index)
         last = self.n_slices - 1
         return np.stack([self.model_input(min(max(index + o, 0), last)) for o in range(-k, k + 1)])
+
+    def window_input(self, index: int, window: tuple[int, int, int, int]) -> tuple[np.ndarray, SliceTransform]:
+        """:meth:`encoder_input` for the part ``window = (r0, c0, r1, c1)`` of slice ``index`` (and of
+        its neighbours for a depth-aware encoder), with the volume's intensity mapping; and the
+        window's own :class:`SliceTransform` (its pixels to the model frame and back)."""
+        r0, c0, r1, c1 = (int(v) for v in window)
+
+        def one(i: int) -> tuple[np.ndarray, SliceTransform]:
+            return to_model_input(self.intensity.apply(self.raw_slice(i)[r0:r1, c0:c1]), self.loaded.spec)
+
+        x, tf = one(index)
+        k = int(getattr(self.loaded.model.image_encoder, "slice_context", 0) or 0)
+        if k > 0:
+            last = self.n_slices - 1
+            x = np.stack([x if o == 0 else one(min(max(index + o, 0), last))[0] for o in range(-k, k + 1)])
+        return x, tf
+
+    def embed_window(self, index: int, window: tuple[int, int, int, int]) -> tuple[Any, SliceTransform]:
+        """The embedding ``(1, C, h, w)`` of a window of slice ``index`` (see :meth:`window_input`),
+        computed now (one encoder call, under the encoder lock like any foreground call) and not
+        cached: windows follow a box, they are not a slice's identity. The last few are remembered
+        (a preview and the propagation that follows from the same box reuse them)."""
+        import torch
+
+        key = (int(index), tuple(int(v) for v in window))
+        hit = self._windows.get(key)
+        if hit is not None:
+            return hit
+        x, tf = self.window_input(index, window)
+        with self._lock:
+            out = run_encoder(self.loaded, x[None]).contiguous(memory_format=torch.channels_last)
+        self._windows[key] = (out, tf)
+        while len(self._windows) > 8:
+            self._windows.pop(next(iter(self._windows)))
+        return out, tf
 
     def get(self, index: int, *, store: bool = True) -> Any:
         """The embedding of slice ``index`` as a ``(1, C, h, w)`` float32 tensor on the model's device.

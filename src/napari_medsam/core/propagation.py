@@ -31,6 +31,7 @@ from .errors import Cancelled, PromptError
 from .preprocess import SliceTransform
 from .progress import Progress, ProgressGen
 from .segment import MaskResult, Prompt2D, box_of, decode, decode_all
+from .zoom import Window, decode_zoomed, prompt_bounds, zoom_window
 
 __all__ = ["Propagation", "PropagationParams", "SliceScore", "StopInfo", "parse_range", "plan_update", "propagate"]
 
@@ -79,6 +80,10 @@ class PropagationParams:
     the structure has tapered out: a carry that keeps a mask of the same size past the end, as a
     multimask output does, has none left there); ``min_in_range``: the fraction of the mask that is
     seed tissue fell below this fraction of the seed's own (the mask lies on other tissue).
+    ``zoom``: decode a small object on the embedding of the square window around its box, this many
+    times the box's longer side (:mod:`~napari_medsam.core.zoom`; one encoder call per slice, not
+    cached), decided per seed (its prompt's box): a seed too large to gain keeps the slices' cached
+    embeddings for its whole run; None: off.
     Set a criterion to None to switch it off; :meth:`legacy` is the propagation before these
     existed (area and IoU only), kept for benchmarks.
     """
@@ -115,6 +120,7 @@ class PropagationParams:
     tissue_q: float = 0.05
     min_tissue: float | None = None
     min_in_range: float | None = None
+    zoom: float | None = None
 
     @classmethod
     def legacy(cls, **kw: Any) -> PropagationParams:
@@ -499,6 +505,7 @@ class _Seed:
     similar: float | None = None  # the cell similarity threshold of PropagationParams.similar_q
     tissue_range: tuple[float, float] = (float("nan"), float("nan"))  # seed tissue: intensities in here
     tissue_px: int = 0  # the seed mask's pixels of seed tissue
+    zoomed: bool = False  # decoded on a window's embedding (PropagationParams.zoom): so is its run
 
     def tissue_of(self, vals: np.ndarray) -> tuple[float, float]:
         """``(tissue, in_range)`` of a mask whose pixel intensities are ``vals`` (see SliceScore)."""
@@ -586,19 +593,28 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
 
     contributions: dict[int, list[tuple[int, np.ndarray, SliceScore]]] = {}
     seed_info: dict[int, _Seed] = {}
-    def candidates(emb: Any, prompt: Prompt2D, how: str) -> list[MaskResult]:
-        if how == "first":
-            return decode(encoder.loaded, emb, tf, [prompt], return_prob=True)
-        return decode_all(encoder.loaded, emb, tf, prompt, return_prob=True)
+    def window(prompt: Prompt2D, zoomed: bool) -> Window | None:
+        return zoom_window(prompt_bounds(prompt), tf.original, context=params.zoom) if zoomed else None
 
-    def agreement(c: MaskResult, z_next: int, seed_box: Any) -> float | None:
+    def candidates(z: int, prompt: Prompt2D, how: str, win: Window | None, *,
+                   prob: bool = True) -> tuple[list[MaskResult], Any]:
+        """The decoder's outputs for ``prompt`` on slice ``z`` (all of them unless ``how`` is
+        "first"), on the slice's embedding or on that of the window ``win``; and that embedding."""
+        if win is not None:
+            return decode_zoomed(encoder, z, prompt, win, all_outputs=how != "first", return_prob=prob)
+        emb = encoder.get(z)
+        if how == "first":
+            return decode(encoder.loaded, emb, tf, [prompt], return_prob=prob), emb
+        return decode_all(encoder.loaded, emb, tf, prompt, return_prob=prob), emb
+
+    def agreement(c: MaskResult, z_next: int, seed_box: Any, zoomed: bool) -> float | None:
         """For ``choose="lookahead"``: IoU of ``c``'s mask with what its box gives on ``z_next``."""
         if not lo <= z_next < hi:
             return None
-        nxt = _step_prompt(c, tf, params, use_logits, seed_box=seed_box)
+        nxt = _step_prompt(c, tf, params, use_logits and not zoomed, seed_box=seed_box)
         if nxt is None:
             return 0.0
-        ahead = decode(encoder.loaded, encoder.get(z_next), tf, [nxt[0]])[0]
+        ahead = candidates(z_next, nxt[0], "first", window(nxt[0], zoomed), prob=False)[0][0]
         return _iou(c.mask, ahead.mask)
 
     def focus_of(res: MaskResult, emb: Any, seed: _Seed) -> np.ndarray | None:
@@ -611,14 +627,18 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
     for how in (params.choose, params.seed_choose):
         if how not in CHOICES:
             raise PromptError(f"choose must be one of {', '.join(CHOICES)}; got {how!r}")
+    if params.zoom is not None and params.similar_q is not None:
+        raise PromptError("similar_q carries the box from embedding cells of the whole slice: it does not "
+                          "combine with zoom (set one of them to None)")
     need_all = params.choose != "first" or params.seed_choose != "first" or params.min_iou_rel is not None
     for z in order:
-        emb = encoder.get(z)
-        cands = candidates(emb, seeds[z], params.seed_choose)
+        win = window(seeds[z], params.zoom is not None)
+        cands, emb = candidates(z, seeds[z], params.seed_choose, win)
         agree: dict[int, float | None] = {}
         if params.seed_choose == "lookahead":
             for c in cands:
-                vals = [v for v in (agreement(c, z - 1, None), agreement(c, z + 1, None)) if v is not None]
+                vals = [v for v in (agreement(c, z - 1, None, win is not None),
+                                    agreement(c, z + 1, None, win is not None)) if v is not None]
                 agree[id(c)] = float(np.mean(vals)) if vals else None
         k, res = _choose(cands, params.seed_choose, prev=None, seed_feature=None, embedding=emb,
                          img=encoder.intensity.apply(encoder.raw_slice(z)), box=seeds[z].box,
@@ -626,7 +646,7 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
         if params.connect:
             res = _keep(res, _connected(res.mask, _prompted(seeds[z], res.mask.shape)))
         if need_all and len(cands) == 1:
-            cands = decode_all(encoder.loaded, emb, tf, seeds[z], return_prob=False)
+            cands = candidates(z, seeds[z], "all", win, prob=False)[0]
         vals = values(z, res.mask)
         mean, std = stats(vals)
         tissue_range, tissue_px = (float("nan"), float("nan")), 0
@@ -643,7 +663,7 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
                 similar = float(np.quantile(sim[cells], params.similar_q))
         seed_info[z] = _Seed(area=max(int(res.mask.sum()), 1), mean=mean, std=std, feature=feat, result=res,
                              ious=tuple(float(c.iou) for c in cands), box=box_of(res.mask), similar=similar,
-                             tissue_range=tissue_range, tissue_px=tissue_px)
+                             tissue_range=tissue_range, tissue_px=tissue_px, zoomed=win is not None)
         done += 1
         yield Progress(done, total, "propagating", {"slice": z})
     limits = params.max_box_growth is not None or params.box_within is not None
@@ -659,15 +679,16 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
         while z != end:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("propagation stopped; nothing was written")
-            nxt = _step_prompt(prev, tf, params, use_logits, focus=focus, seed_box=seed_box)
+            nxt = _step_prompt(prev, tf, params, use_logits and not seed.zoomed, focus=focus, seed_box=seed_box)
             if nxt is None:
                 reason, failed = "vanished", z + step
                 break
             prompt, margin_px = nxt
             z += step
-            emb = encoder.get(z)
-            ahead = (lambda c, z=z, step=step, box=seed_box: agreement(c, z + step, box)) if params.choose == "lookahead" else None
-            k, res = _choose(candidates(emb, prompt, params.choose), params.choose, prev=prev.mask,
+            cands, emb = candidates(z, prompt, params.choose, window(prompt, seed.zoomed))
+            ahead = ((lambda c, z=z, step=step, box=seed_box: agreement(c, z + step, box, seed.zoomed))
+                     if params.choose == "lookahead" else None)
+            k, res = _choose(cands, params.choose, prev=prev.mask,
                              seed_feature=seed.feature, embedding=emb,
                              img=encoder.intensity.apply(encoder.raw_slice(z)), box=prompt.box, ahead=ahead)
             if params.connect:
