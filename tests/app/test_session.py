@@ -175,3 +175,114 @@ def test_embed_slice_steps_say_embedded_before_the_cache_write(annotated):
             break
     closed.close()  # a consumer that stops early still gets the slice written
     assert enc.key(5) in enc.cache and not enc._unstored
+
+
+# ---- zoom: a small box decoded again on the embedding of the window around it ----------------------
+
+
+@pytest.fixture
+def small_object(tmp_path):
+    """A session on a 3-slice volume with a small bright blob on slice 1, the tiny model loaded."""
+    vol = np.random.default_rng(5).random((3, 120, 100)).astype(np.float32) * 40
+    vol[1, 52:60, 44:56] = 200.0
+    s = AnnotationSession(cache_dir=tmp_path / "emb", disk_cache=False)
+    s.load_model(ModelChoice("test_tiny_lite", device="cpu"))
+    s.open_image(vol, axis=0)
+    return s
+
+
+def _count_encoder_calls(monkeypatch):
+    from napari_medsam.core import encoder as encoder_mod
+
+    calls = []
+    real = encoder_mod.run_encoder
+
+    def counting(loaded, x, *a, **kw):
+        calls.append(tuple(np.shape(x)))
+        return real(loaded, x, *a, **kw)
+
+    monkeypatch.setattr(encoder_mod, "run_encoder", counting)
+    return calls
+
+
+def test_a_small_box_is_refined_on_its_window(small_object, monkeypatch):
+    from napari_medsam.core import zoom
+    from napari_medsam.core.encoder import VolumeEncoder
+    from napari_medsam.core.segment import segment_slice
+
+    s = small_object
+    assert s.zoom == zoom.DEFAULT_CONTEXT
+    box = (50.0, 42.0, 62.0, 58.0)
+    prompt = Prompt2D.from_box(box)
+    req = s.request()
+    quick = s.preview(1, prompt)  # the slice is embedded now: the refine embeds only its window
+    window = s.zoom_window(req, 1, prompt)
+    assert window == zoom.zoom_window(box, (120, 100))
+    r0, c0, r1, c1 = window
+    assert (r1 - r0, c1 - c0) == (32, 32) and r0 <= 50 and r1 >= 62 and c0 <= 42 and c1 >= 58
+    calls = _count_encoder_calls(monkeypatch)
+    steps = []
+    gen = s.refine_steps(req, 1, prompt)
+    try:
+        while True:
+            steps.append(next(gen))
+    except StopIteration as stop:
+        ran = stop.value
+    assert ran is True and [p.message for p in steps] == ["zooming", "embedded"]
+    assert steps[-1].info["window"] == window and steps[-1].info["gain"] == pytest.approx(120 / 32)
+    assert len(calls) == 1  # one encoder call, for the window
+    res = s.refined(req, 1, prompt)
+    assert len(calls) == 1  # the remembered window: a decoder call only
+    assert res.mask.shape == quick.mask.shape == (120, 100)
+    outside = np.ones((120, 100), bool)
+    outside[r0:r1, c0:c1] = False
+    assert not res.mask[outside].any()
+    # the mask of the window cut out as an image of its own (same intensities), pasted back
+    crop = VolumeEncoder(s.loaded, s.volume.data[1, r0:r1, c0:c1], intensity=s.encoder(req).intensity)
+    own = segment_slice(crop, 0, [Prompt2D.from_box((box[0] - r0, box[1] - c0, box[2] - r0, box[3] - c0))])[0]
+    assert own.mask.any()
+    np.testing.assert_array_equal(res.mask[r0:r1, c0:c1], own.mask)
+    np.testing.assert_array_equal(s.refine(1, prompt).mask, res.mask)  # the script's verb
+
+
+def test_no_window_for_a_large_box_points_alone_or_zoom_off(small_object, monkeypatch):
+    s = small_object
+    req = s.request()
+    calls = _count_encoder_calls(monkeypatch)
+    small = Prompt2D.from_box((50.0, 42.0, 62.0, 58.0))
+    for prompt in (Prompt2D.from_box((2.0, 2.0, 118.0, 98.0)),  # a whole-slice box: nothing to gain
+                   Prompt2D.from_points([[55, 50]], [1])):      # a click: never zoomed
+        assert s.zoom_window(req, 1, prompt) is None
+        assert drain_steps(s.refine_steps(req, 1, prompt)) == (["zooming"], False)
+        assert s.refined(req, 1, prompt) is None and s.refine(1, prompt) is None
+    assert s.zoom_window(req, 1, small) is not None
+    s.zoom = None
+    assert s.zoom_window(req, 1, small) is None
+    assert drain_steps(s.refine_steps(req, 1, small)) == (["zooming"], False)
+    assert s.refined(req, 1, small) is None
+    assert calls == []
+    s.zoom = 4.0  # a wider context: a larger window (4 x the box's 16 px)
+    r0, c0, r1, c1 = s.zoom_window(req, 1, small)
+    assert (r1 - r0, c1 - c0) == (64, 64)
+    s.zoom = 6.0  # 96 px would magnify the 120 px slice less than 1.5 times: no window
+    assert s.zoom_window(req, 1, small) is None
+
+
+def test_the_slice_shape_follows_the_axis():
+    from napari_medsam.app.session import EncoderRequest
+    from napari_medsam.core.encoder import as_volume
+
+    vol = as_volume(np.zeros((5, 30, 40), np.float32))
+    shapes = [AnnotationSession.slice_shape(EncoderRequest(0, 0, vol, axis=a)) for a in (0, 1, 2, -1)]
+    assert shapes == [(30, 40), (5, 40), (5, 30), (5, 30)]
+    flat = as_volume(np.zeros((30, 40), np.float32))
+    assert AnnotationSession.slice_shape(EncoderRequest(0, 0, flat, axis=0)) == (30, 40)
+
+
+def drain_steps(gen):
+    messages = []
+    try:
+        while True:
+            messages.append(next(gen).message)
+    except StopIteration as stop:
+        return messages, stop.value

@@ -34,6 +34,12 @@ unreviewed proposals (:meth:`AnnotationSession.write_propagation`, through
 reviewed slices are the edit log's committed ones plus, when a review loop runs on the same
 labels, the loop's reviewed slices: one notion of reviewed.
 
+A small box's preview can be zoomed (:attr:`AnnotationSession.zoom`, on by default): the quick
+preview on the slice's embedding first (:meth:`~AnnotationSession.preview_steps`), then the
+window around the box embedded in a worker (:meth:`~AnnotationSession.refine_steps`, one encoder
+call) and decoded on it (:meth:`~AnnotationSession.refined`, one decoder call, main thread); see
+:mod:`napari_medsam.core.zoom`.
+
 The active-learning loop hangs on :attr:`AnnotationSession.loop` (None until set; see
 ``napari_medsam.app.loop``) and listens to ``labels_changed``.
 """
@@ -54,6 +60,7 @@ from psygnal import Signal
 
 from ..core.progress import Progress, ProgressGen, drain
 from ..core.runtime import avoid_triton_llvm_clash, worker_threads
+from ..core.zoom import DEFAULT_CONTEXT, prompt_bounds, zoom_window
 from .bookkeeping import (
     ArrayLabels,
     EditLog,
@@ -66,7 +73,7 @@ from .bookkeeping import (
 )
 from .params import IntensityChoice, ModelChoice
 
-__all__ = ["AnnotationSession", "EncoderRequest", "default_cache_dir"]
+__all__ = ["AnnotationSession", "EncoderRequest", "box_zoom_window", "default_cache_dir", "zoom_gain"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +90,24 @@ class EncoderRequest:
     @property
     def key(self) -> tuple:
         return (self.image_id, self.data_id, self.axis, self.intensity)
+
+
+def box_zoom_window(prompt: Any, shape: tuple[int, int], context: float | None) -> tuple[int, int, int, int] | None:
+    """The window (slice pixels ``(r0, c0, r1, c1)``, half-open) a box prompt on a slice of
+    ``shape`` is decoded on when zoom is on (``context``: the window's side over the box's; None:
+    off), or None: no box (points alone, a click on a large structure, are never zoomed), a mask
+    prompt (its logits are in the slice's model frame), or a box too large for a window to magnify
+    it (:func:`~napari_medsam.core.zoom.zoom_window`). Cheap: no encoder call."""
+    if context is None or prompt is None or getattr(prompt, "box", None) is None \
+            or getattr(prompt, "mask_logits", None) is not None:
+        return None
+    return zoom_window(prompt_bounds(prompt), (int(shape[0]), int(shape[1])), context=float(context))
+
+
+def zoom_gain(window: tuple[int, int, int, int], shape: tuple[int, int]) -> float:
+    """How many times a window magnifies over the whole slice (the model input is the longer side)."""
+    r0, c0, r1, c1 = window
+    return max(int(shape[0]), int(shape[1])) / max(r1 - r0, c1 - c0, 1)
 
 
 def default_cache_dir() -> Path | None:
@@ -118,6 +143,9 @@ class AnnotationSession:
         self.head: Any = None         # the trained or loaded TrainedHead
         self.loop: Any = None         # the active-learning loop (app.loop.ReviewLoop), None until set
         self.cpu_jobs = 0
+        #: zoomed previews of small boxes: the window's side over the box's (None: off); see
+        #: :meth:`zoom_window`, :meth:`refine_steps` and :meth:`refined`
+        self.zoom: float | None = DEFAULT_CONTEXT
         # the session's own image (scripts, tests, the CLI); the widgets pass requests instead
         self.volume: Any = None
         self.axis = 0
@@ -386,6 +414,62 @@ class AnnotationSession:
         """The mask ``prompt`` (a :class:`~napari_medsam.core.segment.Prompt2D`) gives on slice
         ``index`` of ``req`` (default: the session's own image); nothing is written."""
         return drain(self.preview_steps(req if req is not None else self.request(), index, prompt))
+
+    # -- zoom: a small box decoded again on the embedding of the window around it -------------------
+    @staticmethod
+    def slice_shape(req: EncoderRequest) -> tuple[int, int]:
+        """The shape of a slice of ``req``'s image along its axis (cheap: no encoder)."""
+        shape = tuple(int(s) for s in req.volume.spatial_shape)
+        if len(shape) == 3:
+            axis = int(req.axis) % 3
+            shape = tuple(s for i, s in enumerate(shape) if i != axis)
+        return shape  # type: ignore[return-value]
+
+    def zoom_window(self, req: EncoderRequest | None, index: int, prompt: Any) -> tuple[int, int, int, int] | None:
+        """The window a zoomed preview of ``prompt`` on slice ``index`` of ``req`` decodes on, or
+        None (zoom off, no box, or a box too large to gain from it: :func:`box_zoom_window`).
+        Cheap (main thread): no encoder call, no encoder built."""
+        req = req if req is not None else self.request()
+        return box_zoom_window(prompt, self.slice_shape(req), self.zoom)
+
+    def refine_steps(self, req: EncoderRequest | None, index: int, prompt: Any) -> ProgressGen[bool]:
+        """Embed the window of ``prompt`` (worker thread): one encoder call, not cached (the encoder
+        remembers its last few windows, so :meth:`refined` is then one decoder call). Yields
+        ``Progress(1, 1, "embedded", {"window", "gain", "seconds"})`` when the window's embedding is
+        ready; returns True, or False when there is no window (:meth:`zoom_window`)."""
+        req = req if req is not None else self.request()
+        window = self.zoom_window(req, index, prompt)
+        yield Progress(0, 1, "zooming")
+        if window is None:
+            return False
+        t0 = time.perf_counter()
+        with worker_threads(background_busy=self.cpu_jobs > 0):
+            enc = self.encoder(req)
+            enc.embed_window(int(index), window)
+        yield Progress(1, 1, "embedded", {"window": window, "gain": zoom_gain(window, self.slice_shape(req)),
+                                          "seconds": time.perf_counter() - t0})
+        return True
+
+    def refined(self, req: EncoderRequest | None, index: int, prompt: Any) -> Any:
+        """The zoomed :class:`~napari_medsam.core.segment.MaskResult` of ``prompt`` on slice
+        ``index``: on the slice's grid, zero outside the window (its ``logits`` are in the window's
+        model frame), or None when there is no window. After :meth:`refine_steps` it is one decoder
+        call (main thread); without it, it embeds the window first."""
+        from ..core.zoom import decode_zoomed
+
+        req = req if req is not None else self.request()
+        window = self.zoom_window(req, index, prompt)
+        if window is None:
+            return None
+        (res,), _emb = decode_zoomed(self.encoder(req), int(index), prompt, window)
+        return res
+
+    def refine(self, index: int, prompt: Any, req: EncoderRequest | None = None) -> Any:
+        """:meth:`refine_steps` then :meth:`refined` (a script's verb): the zoomed mask, or None."""
+        req = req if req is not None else self.request()
+        if not drain(self.refine_steps(req, index, prompt)):
+            return None
+        return self.refined(req, index, prompt)
 
     def propagate_steps(self, req: EncoderRequest | None, seeds: Mapping[int, Any], params: Any = None, *,
                         cancel: threading.Event | None = None, span: tuple[int, int] | None = None,
