@@ -442,6 +442,9 @@ class AnnotationSession:
         yield Progress(0, 1, "zooming")
         if window is None:
             return False
+        from ..core.segment import validate_prompt
+
+        validate_prompt(prompt, self.slice_shape(req))  # in the slice's terms, not the window's
         t0 = time.perf_counter()
         with worker_threads(background_busy=self.cpu_jobs > 0):
             enc = self.encoder(req)

@@ -41,6 +41,17 @@ def box_arg(text: str) -> tuple[int, tuple[float, float, float, float]]:
     return int(z), (r0, c0, r1, c1)
 
 
+def _context_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--zoom CONTEXT needs a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"--zoom CONTEXT is the window's side over the box's: a number >= 1, "
+                                         f"got {text!r}")
+    return value
+
+
 def point_arg(text: str) -> tuple[int, float, float, int]:
     z, r, c, label = _floats(text, 4, "--point Z,R,C,LABEL")
     if label not in (0, 1):
@@ -74,6 +85,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"--auto: least predicted IoU of an object (default {d.pred_iou_thresh})")
     p.add_argument("--stability-thresh", type=float, default=d.stability_score_thresh,
                    help=f"--auto: least stability score of an object (default {d.stability_score_thresh})")
+    from ..core.zoom import DEFAULT_CONTEXT
+
+    zoom = p.add_mutually_exclusive_group()
+    zoom.add_argument("--zoom", type=_context_arg, default=DEFAULT_CONTEXT, metavar="CONTEXT",
+                      help="a small box (without --propagate) is segmented on the square around it, CONTEXT "
+                           "times the box's longer side, at the model's full input: sharper masks of small "
+                           f"structures for one encoder pass per box (default {DEFAULT_CONTEXT:g}; a box too "
+                           "large to be magnified 1.5 times is segmented on its slice as before)")
+    zoom.add_argument("--no-zoom", action="store_true", help="segment every box on its whole slice")
     p.add_argument("-o", "--output", required=True,
                    help="output label file: .nii.gz (keeps a NIfTI input's geometry), .tif, .npy or .zarr")
     add_overwrite_arg(p)
@@ -109,8 +129,10 @@ def build_objects(boxes: list, points: list) -> list[tuple[int, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..app.session import box_zoom_window, zoom_gain
     from ..core.propagation import parse_range, propagate
-    from ..core.segment import box_of, segment_slice
+    from ..core.segment import box_of, segment_slice, validate_prompt
+    from ..core.zoom import decode_zoomed
     from ..io import read_image, write_labels
 
     t0 = time.perf_counter()
@@ -162,11 +184,18 @@ def run(args: argparse.Namespace) -> int:
             ends = "; ".join(f"{'down' if s.direction < 0 else 'up'} to {s.last} ({s.reason})" for s in masks.stops)
             print(f"object {label}: {len(masks)} slices, {int(sum(m.sum() for m in masks.values()))} voxels; {ends}")
         else:
-            res = segment_slice(enc, z, [prompt])[0]
+            validate_prompt(prompt, enc.slice_shape)  # in the slice's terms, before any window
+            window = box_zoom_window(prompt, enc.slice_shape, None if args.no_zoom else args.zoom)
+            if window is None:
+                res, zoomed = segment_slice(enc, z, [prompt])[0], ""
+            else:  # the window's embedding only: the slice's own is not needed
+                (res,), _emb = decode_zoomed(enc, z, prompt, window)
+                r0, c0, r1, c1 = window
+                zoomed = f", zoomed x{zoom_gain(window, enc.slice_shape):.1f} on rows {r0}:{r1} columns {c0}:{c1}"
             put(z, res.mask, label)
             b = box_of(res.mask)
             print(f"object {label}: slice {z}, {int(res.mask.sum())} pixels, predicted IoU {res.iou:.3f}, "
-                  f"bounding box {tuple(round(v) for v in b) if b else None}")
+                  f"bounding box {tuple(round(v) for v in b) if b else None}{zoomed}")
     if auto:
         from ..core.automatic import AutoParams, segment_everything_slice
 
