@@ -93,6 +93,7 @@ def test_seeds_come_from_prompts_then_committed_slices_then_the_slice_under_view
     seeds, kept = seeds_from_labels({}, labels, view, 1, ())
     assert list(seeds) == [2] and kept == {2}
     np.testing.assert_allclose(seeds[2].box, (5, 6, 10, 12))
+    np.testing.assert_array_equal(seeds[2].known, labels.data[2] == 1)  # the run carries from the person's mask
 
     labels.data[4, 3:7, 3:7] = 1
     box = Prompt2D.from_box((2, 2, 9, 9))
@@ -100,5 +101,6 @@ def test_seeds_come_from_prompts_then_committed_slices_then_the_slice_under_view
     assert sorted(seeds) == [1, 4] and kept == {4}  # slice 5 holds no class-1 voxels: not a seed
     assert seeds[1] is box
     np.testing.assert_allclose(seeds[4].box, (3, 3, 7, 7))
+    np.testing.assert_array_equal(seeds[4].known, labels.data[4] == 1)
     seeds, _ = seeds_from_labels({4: box}, labels, view, 1, [4])
     assert seeds[4] is box  # the user's prompt wins on its slice

@@ -451,3 +451,21 @@ def test_seed_tissue_stops_a_mask_carried_past_the_structures_end(tiny_lite, mon
     guards = dataclasses.replace(PropagationParams(), min_iou=None, min_feature=None, max_intensity_z=None)
     assert set(drain(propagate(enc, seed, params=guards))) == set(range(9))
     assert set(drain(propagate(enc, seed, params=dataclasses.replace(guards, min_tissue=0.05)))) == set(range(2, 7))
+
+
+def test_a_seed_with_a_known_mask_carries_from_it_not_from_the_decoders_mask(monkeypatch, enc):
+    """A person corrected the seed slice: the run starts from their mask (its box, its area as the
+    reference), not from what the decoder makes of the box around it."""
+    asked = _scripted(monkeypatch, enc, lambda z, p: [_square(8, 4, 30, 24)])  # the decoder: too big
+    right = _square(8, 4, 20, 14)
+    box = box_of(right)
+    out = drain(propagate(enc, {4: Prompt2D(box=box, known=right)}, params=dataclasses.replace(OPEN, max_slices=1)))
+    np.testing.assert_array_equal(out[4], right)  # the seed slice keeps the person's mask
+    carried = {z: p.box for z, p in asked if z != 4}
+    assert set(carried) == {3, 5}
+    for b in carried.values():  # carried from the person's mask (+ the margin), not the decoder's
+        assert b[2] < 25 and b[3] < 20
+    assert out.scores[5].area_ratio == pytest.approx(22 * 20 / right.sum())
+    plain = _scripted(monkeypatch, enc, lambda z, p: [_square(8, 4, 30, 24)])
+    drain(propagate(enc, {4: Prompt2D(box=box)}, params=dataclasses.replace(OPEN, max_slices=1)))
+    assert all(p.box[2] >= 30 for z, p in plain if z != 4)  # without it: the decoder's mask is carried

@@ -303,8 +303,10 @@ def seeds_from_labels(prompts: Mapping[int, Any], target: Any, view: SliceView, 
     """The prompts a propagation of class ``label_id`` starts from, and the slices it must not write.
 
     ``prompts``: ``{slice: Prompt2D}`` the user placed (they win on their slice). Every
-    ``committed`` slice where ``target`` holds the class gives the box around it. With neither,
-    the class on the slice ``view`` seeds it. Returns ``({slice: Prompt2D}, slices to keep as they are)``.
+    ``committed`` slice where ``target`` holds the class gives the box around it, with the class's
+    mask there as the prompt's ``known`` mask (the run carries from what the person committed or
+    corrected, not from the decoder's reading of the box). With neither, the class on the slice
+    ``view`` seeds it the same way. Returns ``({slice: Prompt2D}, slices to keep as they are)``.
     """
     from ..core.segment import Prompt2D, box_of
 
@@ -312,13 +314,15 @@ def seeds_from_labels(prompts: Mapping[int, Any], target: Any, view: SliceView, 
     kept: set[int] = set()
     if target is not None:
         for z in sorted(committed):
-            box = box_of(label_mask(target, with_index(view, z), label_id))
+            mask = label_mask(target, with_index(view, z), label_id)
+            box = box_of(mask)
             if box is not None:
                 kept.add(z)
-                seeds.setdefault(z, Prompt2D.from_box(box))
+                seeds.setdefault(z, Prompt2D(box=box, known=mask))
         if not seeds:
-            box = box_of(label_mask(target, view, label_id))
+            mask = label_mask(target, view, label_id)
+            box = box_of(mask)
             if box is not None:
-                seeds[view.index] = Prompt2D.from_box(box)
+                seeds[view.index] = Prompt2D(box=box, known=mask)
                 kept.add(view.index)
     return seeds, kept

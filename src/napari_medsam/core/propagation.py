@@ -400,6 +400,16 @@ def _keep(res: MaskResult, kept: np.ndarray) -> MaskResult:
     return MaskResult(mask=kept, logits=res.logits, iou=res.iou, prob=prob)
 
 
+def _known_result(mask: np.ndarray, decoded: MaskResult, tf: SliceTransform, window: Window | None) -> MaskResult:
+    """A :class:`MaskResult` for a mask a person gave: low-res logits (+-8) of it in the model frame
+    of ``tf`` (the slice's, or the zoom ``window``'s: its part inside the window), for the features
+    pooled in it; the decoded output's predicted IoU."""
+    local = mask if window is None else mask[window[0]:window[2], window[1]:window[3]]
+    low = tf.mask_to_model_lowres(local.astype(np.float32), int(decoded.logits.shape[-1]))
+    return MaskResult(mask=mask, logits=(16.0 * low - 8.0).astype(np.float32), iou=decoded.iou,
+                      prob=mask.astype(np.float32))
+
+
 def _contrast(img: np.ndarray, mask: np.ndarray, box: tuple[float, float, float, float] | None) -> float:
     """How well ``mask`` splits the box's intensities in two (Otsu's criterion: between-class over
     total variance, 0..1); the whole slice when there is no box."""
@@ -645,6 +655,11 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
                          ahead=lambda c, agree=agree: agree.get(id(c)))
         if params.connect:
             res = _keep(res, _connected(res.mask, _prompted(seeds[z], res.mask.shape)))
+        known = seeds[z].known
+        if known is not None and np.shape(known) == tuple(tf.original) and np.any(known):
+            # a person's mask: the run carries from it and compares with it (the decoder's predicted
+            # IoU stays the reference of the relative IoU floor)
+            res = _known_result(np.asarray(known, bool), res, encoder.embed_window(z, win)[1] if win else tf, win)
         if need_all and len(cands) == 1:
             cands = candidates(z, seeds[z], "all", win, prob=False)[0]
         vals = values(z, res.mask)

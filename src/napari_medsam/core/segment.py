@@ -23,13 +23,17 @@ class Prompt2D:
 
     points: ``(N, 2)`` float ``(row, col)``; labels: ``(N,)`` int, 1 positive / 0 negative;
     box: ``(r0, c0, r1, c1)`` or None; mask_logits: ``(L, L)`` low-res logits from a previous
-    prediction in the model frame (L = 4x the embedding grid) or None.
+    prediction in the model frame (L = 4x the embedding grid) or None; known: the object's own
+    ``(H, W)`` bool mask on this slice when a person drew or corrected it (a committed label), or
+    None: the decoder ignores it, a propagation seeded here carries from it instead of from what the
+    decoder makes of the other prompts.
     """
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     box: tuple[float, float, float, float] | None = None
     mask_logits: np.ndarray | None = None
+    known: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_box(cls, box: Sequence[float]) -> Prompt2D:
