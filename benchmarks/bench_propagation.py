@@ -25,6 +25,7 @@ stop criteria (:data:`GRID`: how the defaults were chosen) and each default crit
 
     python benchmarks/bench_propagation.py [--model litemedsam] [--cache DIR] [--planes 0,1,2]
     python benchmarks/bench_propagation.py --seeds --cache DIR   # the seed slices' 2D Dice, per decoder output
+        # and zoomed (the box decoded on the window 2x / 3x its side: core.zoom)
     python benchmarks/bench_propagation.py --variants "choose=first;choose=previous,connect=1" [--bound 4]
         # one permissive run per case and carry: per-slice Dice traces, the default and best grid rule
         # per case; --save DIR pickles the runs, --floor D the least Dice of the grid rules listed,
@@ -497,10 +498,11 @@ def bench_seeds(args: argparse.Namespace) -> None:
     cache = EmbeddingCache(args.cache) if args.cache else EmbeddingCache(disk=False)
     from napari_medsam.core.propagation import _contrast, _deepest_point
     from napari_medsam.core.segment import decode_all
+    from napari_medsam.core.zoom import decode_zoomed, zoom_window
 
     print(f"model {loaded.name} on {loaded.device.type} ({loaded.dtype})\n| structure | plane | seed slice | "
           "structure px | mask px | seed 2D Dice | outputs 0-3: Dice (pred. IoU, contrast) | by IoU | by contrast "
-          "| box + own mask | box + point | box +5 % |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| box + own mask | box + point | box +5 % | zoom x2 | zoom x3 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for axis in [int(p) for p in args.planes.split(",")]:
         enc = VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache)
         tf = enc.transform()
@@ -522,9 +524,14 @@ def bench_seeds(args: argparse.Namespace) -> None:
             side = max(box[2] - box[0], box[3] - box[1])
             m5 = 0.05 * side
             grown = segment_slice(enc, z, [Prompt2D.from_box((box[0] - m5, box[1] - m5, box[2] + m5, box[3] + m5))])[0]
+            zoomed = []
+            for context in (2.0, 3.0):  # the box decoded on the embedding of the window around it
+                win = zoom_window(box, tf.original, context=context)
+                zoomed.append("-" if win is None else
+                              f"{dice(decode_zoomed(enc, z, Prompt2D.from_box(box), win)[0][0].mask):.2f}")
             print(f"| {name} | {PLANES[axis]} | {z} | {int(g.sum())} | {int(first.mask.sum())} | "
                   f"{dice(first.mask):.2f} | {cells} | {dice(by_iou.mask):.2f} | {dice(by_con.mask):.2f} | "
-                  f"{dice(own.mask):.2f} | {dice(point.mask):.2f} | {dice(grown.mask):.2f} |")
+                  f"{dice(own.mask):.2f} | {dice(point.mask):.2f} | {dice(grown.mask):.2f} | {' | '.join(zoomed)} |")
 
 
 def bench_speed(args: argparse.Namespace) -> None:
