@@ -1,6 +1,12 @@
 """The Annotate dock's live preview and background prefetching: every prompt change on the slice
 under view re-runs the model in a thread worker; the latest prompt wins (a preview that comes back
-for an older prompt or another slice is dropped)."""
+for an older prompt or another slice is dropped).
+
+A small box is then zoomed (the session's :attr:`~napari_medsam.app.session.AnnotationSession.zoom`,
+the dock's "Zoom in on small objects"): after its quick preview is drawn, a worker embeds the window
+around the box (one encoder call) and the decode on it runs here (one decoder call); the zoomed
+mask replaces the quick one and is what Commit writes. While it runs, ``_last`` (the preview Commit
+writes) is None and the quick one waits in ``_quick``: a Commit pressed meanwhile waits for it."""
 
 from __future__ import annotations
 
@@ -95,6 +101,8 @@ class PreviewMixin:
             return
         if self._last is not None and self._last[0] == tag:
             return  # already on screen
+        if self._refine_tag == tag and self._quick is not None and self._quick[0] == tag:
+            return  # its quick preview is on screen and the zoomed one on its way
         if self.session.loaded is None:
             self._load_default_model(then=self._schedule_preview)
             return
@@ -191,7 +199,12 @@ class PreviewMixin:
         if self.image_layer is None:
             return
         self._draw_preview(res.mask, view)  # may replace the preview layer (which resets _last)
-        self._last = (tag, res)
+        prompt_time = self._prompt_time
+        if self._start_refine(snap, prompt_time):  # a small box: the zoomed mask follows, Commit waits for it
+            self._last, self._quick = None, (tag, res)
+        else:
+            self._last, self._quick, self._refine_tag = (tag, res), None, None
+            self._zoom_note = ""
         job = self._preview_job
         if compute is None:  # from the worker
             compute = (float(job.last.info.get("seconds", float("nan")))
@@ -208,9 +221,120 @@ class PreviewMixin:
         self._update_status(iou=res.iou)
         if self._job_embedded(self._preview_job):
             self.session.embeddings_changed.emit(tag[0])
+        if self._commit_pending and self._last is not None:
+            self._commit_pending = False
+            self.commit()
+
+    # ---- zoom: a small box decoded again on the window around it -----------------------------------
+    def _start_refine(self, snap: tuple, prompt_time: float | None) -> bool:
+        """Zoom the prompt of ``snap`` (its quick preview is on screen) if the session gives it a
+        window: a worker embeds the window (one at a time: a newer prompt's refine starts when the
+        running one ends). False: no window (zoom off, no box, a large box)."""
+        _image, view, prompt, req, tag = snap
+        if self.session.zoom_window(req, view.index, prompt) is None:
+            return False
+        self._refine_tag, self._refine_prompt_time = tag, prompt_time
+        self._zoom_note = "zooming…"
+        if self._refine_job is not None and self._refine_job.running:
+            self._refine_dirty = True  # an older prompt's encoder call is running: this one follows it
+        else:
+            self._launch_refine(req, view, prompt, tag)
+        return True
+
+    def _launch_refine(self, req: Any, view: _layers.SliceView, prompt: Any, tag: tuple) -> None:
+        # this job's own: the encoder it embeds with, the "embedded" step, the returned value
+        got: dict[str, Any] = {"encoder": self.session.peek_encoder(req)}
+        self._refine_dirty = False
+        self.prefetch.hold()  # the encoder gets the cores; released in _on_refine_finished
+        self._refine_job = _workers.start(
+            lambda cancel: self.session.refine_steps(req, view.index, prompt), desc="MedSAM zoom",
+            cancelable=False, on_progress=lambda p, got=got: self._on_refine_step(p, tag, got),
+            on_returned=lambda ran, got=got: got.__setitem__("returned", ran),
+            on_finished=lambda job, got=got: self._on_refine_finished(tag, got))
+
+    def _on_refine_step(self, p: Any, tag: tuple, got: dict[str, Any]) -> None:
+        """The window is embedded: decode the prompt on it here (one decoder call) if it is still the
+        prompt on screen, draw the zoomed mask and make it the preview Commit writes."""
+        if p.message != "embedded":
+            return
+        got["embedded"] = True
+        snap = self._snapshot()
+        if tag != self._refine_tag or snap is None or snap[4] != tag or snap[2] is None:
+            return  # a newer prompt or another slice: dropped (the newer one's refine follows)
+        _image, view, prompt, req, _tag = snap
+        if got["encoder"] is None or self.session.peek_encoder(req) is not got["encoder"]:
+            # the intensity or the model changed meanwhile: decoding now would embed the window
+            # again on this thread; preview the prompt afresh instead (quick, then zoomed)
+            self._last, self._quick, self._refine_tag = None, None, None
+            self._schedule_preview()
+            return
+        self.prefetch.hold()
+        try:
+            t0 = time.perf_counter()
+            res = self.session.refined(req, view.index, prompt)
+            decode_s = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - the quick preview stays, and says so
+            self._settle_quick(commit=False, note=f"zoom failed ({type(e).__name__}: {e})")
+            return
+        finally:
+            self.prefetch.release()
+        if res is None:  # zoom was switched off meanwhile: the quick preview is the one
+            self._settle_quick(commit=True)
+            return
+        self._draw_preview(res.mask, view)
+        self._last, self._quick, self._refine_tag = (tag, res), None, None
+        self._zoom_note = f"zoomed ×{float(p.info.get('gain', float('nan'))):.1f}"
+        t_prompt = self._refine_prompt_time
+        self._refine_prompt_time = None
+        self.zooms_shown += 1
+        self.last_zoom_latency = None if t_prompt is None else time.perf_counter() - t_prompt
+        if self.last_zoom_latency is not None:
+            self.zoom_shown.emit(self.last_zoom_latency, float(p.info.get("seconds", float("nan"))) + decode_s)
+        self._update_status(iou=res.iou)
         if self._commit_pending:
             self._commit_pending = False
             self.commit()
+
+    def _on_refine_finished(self, tag: tuple, got: dict[str, Any]) -> None:
+        self.prefetch.release()
+        self._refine_job = None
+        if not got.get("embedded") and tag == self._refine_tag:
+            if got.get("returned") is False:  # no window any more (zoom switched off): the quick one
+                self._settle_quick(commit=True)
+            else:  # failed (the error was shown): the quick preview stays; a pending commit is dropped
+                self._settle_quick(commit=False, note="zoom failed")
+        if self._refine_dirty:  # a newer prompt's quick preview came meanwhile: its refine now
+            self._refine_dirty = False
+            snap = self._snapshot()
+            if snap is not None and snap[2] is not None and self._refine_tag == snap[4] and \
+                    self._quick is not None and self._quick[0] == snap[4]:
+                self._launch_refine(snap[3], snap[1], snap[2], snap[4])
+
+    def _settle_quick(self, *, commit: bool, note: str = "") -> None:
+        """No zoomed mask for the prompt on screen: its quick preview is the one Commit writes (a
+        commit pressed meanwhile goes ahead only when ``commit``)."""
+        quick, self._quick, self._refine_tag = self._quick, None, None
+        self._zoom_note = note
+        snap = self._snapshot()
+        if quick is not None and snap is not None and snap[4] == quick[0]:
+            self._last = quick
+            self._update_status(iou=quick[1].iou)
+        if self._commit_pending and not commit:
+            self._commit_pending = False
+        elif self._commit_pending and self._last is not None:
+            self._commit_pending = False
+            self.commit()
+
+    def _on_zoom_toggled(self, checked: bool) -> None:
+        """"Zoom in on small objects": the prompt on screen is previewed again, zoomed or not."""
+        if checked:
+            self.session.zoom = self._zoom_context
+        else:
+            if self.session.zoom is not None:
+                self._zoom_context = self.session.zoom
+            self.session.zoom = None
+        self._last, self._quick, self._refine_tag, self._zoom_note = None, None, None, ""
+        self._schedule_preview()
 
     @staticmethod
     def _job_embedded(job: _workers.Job | None) -> bool:
@@ -221,8 +345,8 @@ class PreviewMixin:
         if self._preview_dirty:  # prompts changed while it ran: run the latest (a pending commit waits)
             self._preview_dirty = False
             self._schedule_preview()
-        else:  # done, or failed (the error was shown): a pending commit has nothing to wait for
-            self._commit_pending = False
+        elif self._refine_tag is None:  # done, or failed (the error was shown), and no zoomed
+            self._commit_pending = False  # preview on its way: a pending commit has nothing to wait for
 
     def _draw_preview(self, mask: np.ndarray | None, view: _layers.SliceView | None = None) -> None:
         if self.image_layer is None:
@@ -236,6 +360,7 @@ class PreviewMixin:
 
     def _clear_preview(self) -> None:
         self._last = None
+        self._quick, self._refine_tag, self._zoom_note = None, None, ""  # a running refine is dropped
         if self._preview is not None and self._preview in self.viewer.layers and self._preview_view is not None:
             _layers.show_preview(self._preview, self._preview_view, None, 0, self._preview_view)
         self._preview_view = None
@@ -259,7 +384,7 @@ class PreviewMixin:
         self.load_job = load_model_job(self.session, choice, on_done=done)
 
     def _on_model_changed(self, loaded: Any) -> None:
-        self._last = None
+        self._last, self._quick, self._refine_tag = None, None, None  # a running refine is dropped
         self._follow_prefetch()
         self._schedule_preview()
         self._update_status()

@@ -21,6 +21,7 @@ from qtpy.QtCore import QTimer, Signal
 from .. import _layers, _orientation
 from ..app.session import AnnotationSession
 from ..core.registry import DEFAULT_MODEL
+from ..core.zoom import DEFAULT_CONTEXT
 from . import _workers
 from ._annotate_controls import SHORT_NAMES, SHORTCUTS, build_controls  # noqa: F401 - public names
 from ._annotate_edits import EditsMixin
@@ -37,6 +38,9 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
     #: a preview reached the screen: (seconds from the prompt change, seconds the model took);
     #: benchmarks and tests subscribe to it (benchmarks/bench_gui.py)
     preview_shown = Signal(float, float)
+    #: a zoomed preview replaced the quick one: (seconds from the prompt change, seconds of the
+    #: window's encoder call and its decode)
+    zoom_shown = Signal(float, float)
 
     def __init__(self, napari_viewer: Any, *, session: AnnotationSession | None = None) -> None:
         super().__init__()
@@ -45,7 +49,18 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self._prompt_layers: dict[int, tuple[Any, Any]] = {}
         self._preview: Any = None
         self._preview_view: _layers.SliceView | None = None
-        self._last: tuple[tuple, Any] | None = None  # (tag, MaskResult) of the preview on screen
+        self._last: tuple[tuple, Any] | None = None  # (tag, MaskResult): the preview on screen Commit writes
+        # zoom (see _annotate_preview): the quick preview on screen while its zoomed one is computed,
+        # the prompt that zoomed one is for, the refine worker, and the status line's note
+        self._quick: tuple[tuple, Any] | None = None
+        self._refine_tag: tuple | None = None
+        self._refine_job: _workers.Job | None = None
+        self._refine_dirty = False
+        self._refine_prompt_time: float | None = None
+        self._zoom_note = ""
+        self._zoom_context: float = self.session.zoom if self.session.zoom is not None else DEFAULT_CONTEXT
+        self.zooms_shown = 0  # zoomed previews drawn since the dock opened
+        self.last_zoom_latency: float | None = None  # seconds from the prompt change to its zoomed preview
         self._preview_job: _workers.Job | None = None
         self._preview_dirty = False
         self._prompt_time: float | None = None
@@ -88,6 +103,7 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self.undo_button.clicked.connect(self.undo)
         self.cancel_button.clicked.connect(self.cancel)
         self.prefetch_check.toggled.connect(self._on_prefetch_toggled)
+        self.zoom_check.toggled.connect(self._on_zoom_toggled)
         for plane, button in self.plane_buttons.items():
             button.clicked.connect(lambda *_, plane=plane: self.show_plane(plane))
         self.image_combo.layer_changed.connect(self._on_image_changed)
@@ -257,8 +273,12 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         if iou is None and self._last is not None and self._snapshot_tag_matches():
             iou = self._last[1].iou  # the preview on screen is of this slice
         extra = "" if iou is None else f"predicted IoU {iou:.2f}"
-        if iou is not None and self.last_latency is not None:
-            extra += f" · {1000 * self.last_latency:.0f} ms"
+        # the latency of what is on screen: the zoomed preview's when it replaced the quick one
+        latency = self.last_zoom_latency if self._zoom_note.startswith("zoomed") else self.last_latency
+        if iou is not None and latency is not None:
+            extra += f" · {1000 * latency:.0f} ms"
+        if iou is not None and self._zoom_note:
+            extra += f" · {self._zoom_note}"
         if int(self.viewer.dims.ndisplay) == 3:
             extra = "switch to the 2D view to place prompts"
         text = f"{where}{self.session.loaded.name} · {extra}".rstrip(" ·")
@@ -276,7 +296,7 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         self._preview_timer.stop()
         self._prefetch_timer.stop()
         self.prefetch.close()
-        for job in (self.propagate_job, self._preview_job):
+        for job in (self.propagate_job, self._preview_job, self._refine_job):
             if job is not None:
                 job.cancel()
         self.image_combo.disconnect_viewer()
