@@ -90,8 +90,8 @@ def build_controls(w: Any) -> None:
     w.zoom_check.setToolTip("A box over a small part of the slice is segmented again on the square around it "
                             "(twice the box's size) at the model's full input: sharper masks of small "
                             "structures. The quick mask shows first, the zoomed one follows and is what "
-                            "Commit writes; it costs one more encoder pass per box (about 0.3-0.5 s with "
-                            "LiteMedSAM on a CPU). Large boxes are never zoomed.")
+                            "Commit writes. It costs one more encoder pass per box, as long as embedding a "
+                            "slice (under a second with LiteMedSAM on a CPU). Large boxes are never zoomed.")
     w.prefetch_label = QLabel("")
     # Axial / Coronal / Sagittal in the grid's free cell: one click each, no extra row (the dock is tight)
     w.plane_buttons = {}
