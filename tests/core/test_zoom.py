@@ -95,3 +95,33 @@ def test_propagation_with_zoom_decodes_each_slice_of_a_small_run_on_a_window(enc
     assert windows == []  # a box as large as the slice gains nothing: the slices' embeddings
     with pytest.raises(PromptError, match="similar_q"):
         drain(propagate(enc, {2: Prompt2D.from_box((50, 40, 62, 58))}, params=PropagationParams(zoom=2.0, similar_q=0.5)))
+
+
+def test_a_zoomed_run_keeps_the_seeds_magnification_unless_told_not_to(enc, monkeypatch):
+    """The object shrinks slice by slice: with ``zoom_fixed`` (the default) the windows stay as
+    large as the seed's (the same scale, features comparable with the seed's); without it each
+    window follows its carried box down to the least side."""
+    sides = []
+    real = VolumeEncoder.embed_window
+
+    def spy(self, index, window):
+        sides.append(window[2] - window[0])
+        return real(self, index, window)
+
+    def shrinking(loaded, emb, tf, prompts, return_prob=False, **kw):  # a 4 x 4 dot at the box's centre
+        r0, c0, r1, c1 = prompts[0].box
+        r, c = int((r0 + r1) / 2), int((c0 + c1) / 2)
+        m = np.zeros(tf.original, bool)
+        m[r - 2:r + 2, c - 2:c + 2] = True
+        return [MaskResult(mask=m, logits=np.zeros((64, 64), np.float32), iou=0.9,
+                           prob=m.astype(np.float32) if return_prob else None)]
+
+    monkeypatch.setattr(VolumeEncoder, "embed_window", spy)
+    monkeypatch.setattr(zoom, "decode", shrinking)
+    seed = {2: Prompt2D.from_box((50, 40, 62, 58))}
+    drain(propagate(enc, seed, params=PropagationParams.permissive(zoom=2.0)))
+    assert sides[0] == 36 and len(sides) > 1 and min(sides) == 36
+    sides.clear()
+    drain(propagate(enc, seed, params=PropagationParams.permissive(zoom=2.0, zoom_fixed=False)))
+    assert sides[0] == 36 and min(sides) == zoom.MIN_SIDE  # the dot's box, twice, is less
+

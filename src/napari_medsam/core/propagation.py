@@ -31,7 +31,7 @@ from .errors import Cancelled, PromptError
 from .preprocess import SliceTransform
 from .progress import Progress, ProgressGen
 from .segment import MaskResult, Prompt2D, box_of, decode, decode_all
-from .zoom import Window, decode_zoomed, prompt_bounds, zoom_window
+from .zoom import MIN_SIDE, Window, decode_zoomed, prompt_bounds, zoom_window
 
 __all__ = ["Propagation", "PropagationParams", "SliceScore", "StopInfo", "parse_range", "plan_update", "propagate"]
 
@@ -83,7 +83,9 @@ class PropagationParams:
     ``zoom``: decode a small object on the embedding of the square window around its box, this many
     times the box's longer side (:mod:`~napari_medsam.core.zoom`; one encoder call per slice, not
     cached), decided per seed (its prompt's box): a seed too large to gain keeps the slices' cached
-    embeddings for its whole run; None: off.
+    embeddings for its whole run; None: off. ``zoom_fixed``: a run's windows are at least as large
+    as its seed's (it keeps the seed's magnification as the object shrinks towards its end, and its
+    pooled features stay comparable with the seed's); False: each window follows its carried box.
     Set a criterion to None to switch it off; :meth:`legacy` is the propagation before these
     existed (area and IoU only), kept for benchmarks.
     """
@@ -121,6 +123,7 @@ class PropagationParams:
     min_tissue: float | None = None
     min_in_range: float | None = None
     zoom: float | None = None
+    zoom_fixed: bool = True
 
     @classmethod
     def legacy(cls, **kw: Any) -> PropagationParams:
@@ -515,7 +518,7 @@ class _Seed:
     similar: float | None = None  # the cell similarity threshold of PropagationParams.similar_q
     tissue_range: tuple[float, float] = (float("nan"), float("nan"))  # seed tissue: intensities in here
     tissue_px: int = 0  # the seed mask's pixels of seed tissue
-    zoomed: bool = False  # decoded on a window's embedding (PropagationParams.zoom): so is its run
+    window: Window | None = None  # the zoom window it was decoded on (PropagationParams.zoom): its run is too
 
     def tissue_of(self, vals: np.ndarray) -> tuple[float, float]:
         """``(tissue, in_range)`` of a mask whose pixel intensities are ``vals`` (see SliceScore)."""
@@ -603,8 +606,18 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
 
     contributions: dict[int, list[tuple[int, np.ndarray, SliceScore]]] = {}
     seed_info: dict[int, _Seed] = {}
-    def window(prompt: Prompt2D, zoomed: bool) -> Window | None:
-        return zoom_window(prompt_bounds(prompt), tf.original, context=params.zoom) if zoomed else None
+    def window(prompt: Prompt2D, least: int | None) -> Window | None:
+        """The zoom window for ``prompt``, at least ``least`` pixels wide (None: not zoomed)."""
+        if least is None or params.zoom is None:
+            return None
+        return zoom_window(prompt_bounds(prompt), tf.original, context=params.zoom, min_side=max(MIN_SIDE, least))
+
+    def run_side(seed: _Seed) -> int | None:
+        """The least window side of a seed's run: the seed's own (a run keeps its magnification,
+        ``zoom_fixed``) or the least of any window; None: the run is not zoomed."""
+        if seed.window is None:
+            return None
+        return seed.window[2] - seed.window[0] if params.zoom_fixed else MIN_SIDE
 
     def candidates(z: int, prompt: Prompt2D, how: str, win: Window | None, *,
                    prob: bool = True) -> tuple[list[MaskResult], Any]:
@@ -617,14 +630,14 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
             return decode(encoder.loaded, emb, tf, [prompt], return_prob=prob), emb
         return decode_all(encoder.loaded, emb, tf, prompt, return_prob=prob), emb
 
-    def agreement(c: MaskResult, z_next: int, seed_box: Any, zoomed: bool) -> float | None:
+    def agreement(c: MaskResult, z_next: int, seed_box: Any, least: int | None) -> float | None:
         """For ``choose="lookahead"``: IoU of ``c``'s mask with what its box gives on ``z_next``."""
         if not lo <= z_next < hi:
             return None
-        nxt = _step_prompt(c, tf, params, use_logits and not zoomed, seed_box=seed_box)
+        nxt = _step_prompt(c, tf, params, use_logits and least is None, seed_box=seed_box)
         if nxt is None:
             return 0.0
-        ahead = candidates(z_next, nxt[0], "first", window(nxt[0], zoomed), prob=False)[0][0]
+        ahead = candidates(z_next, nxt[0], "first", window(nxt[0], least), prob=False)[0][0]
         return _iou(c.mask, ahead.mask)
 
     def focus_of(res: MaskResult, emb: Any, seed: _Seed) -> np.ndarray | None:
@@ -642,13 +655,14 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
                           "combine with zoom (set one of them to None)")
     need_all = params.choose != "first" or params.seed_choose != "first" or params.min_iou_rel is not None
     for z in order:
-        win = window(seeds[z], params.zoom is not None)
+        win = window(seeds[z], MIN_SIDE)
         cands, emb = candidates(z, seeds[z], params.seed_choose, win)
         agree: dict[int, float | None] = {}
         if params.seed_choose == "lookahead":
             for c in cands:
-                vals = [v for v in (agreement(c, z - 1, None, win is not None),
-                                    agreement(c, z + 1, None, win is not None)) if v is not None]
+                least = None if win is None else win[2] - win[0]
+                vals = [v for v in (agreement(c, z - 1, None, least), agreement(c, z + 1, None, least))
+                        if v is not None]
                 agree[id(c)] = float(np.mean(vals)) if vals else None
         k, res = _choose(cands, params.seed_choose, prev=None, seed_feature=None, embedding=emb,
                          img=encoder.intensity.apply(encoder.raw_slice(z)), box=seeds[z].box,
@@ -678,7 +692,7 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
                 similar = float(np.quantile(sim[cells], params.similar_q))
         seed_info[z] = _Seed(area=max(int(res.mask.sum()), 1), mean=mean, std=std, feature=feat, result=res,
                              ious=tuple(float(c.iou) for c in cands), box=box_of(res.mask), similar=similar,
-                             tissue_range=tissue_range, tissue_px=tissue_px, zoomed=win is not None)
+                             tissue_range=tissue_range, tissue_px=tissue_px, window=win)
         done += 1
         yield Progress(done, total, "propagating", {"slice": z})
     limits = params.max_box_growth is not None or params.box_within is not None
@@ -694,14 +708,14 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
         while z != end:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("propagation stopped; nothing was written")
-            nxt = _step_prompt(prev, tf, params, use_logits and not seed.zoomed, focus=focus, seed_box=seed_box)
+            nxt = _step_prompt(prev, tf, params, use_logits and seed.window is None, focus=focus, seed_box=seed_box)
             if nxt is None:
                 reason, failed = "vanished", z + step
                 break
             prompt, margin_px = nxt
             z += step
-            cands, emb = candidates(z, prompt, params.choose, window(prompt, seed.zoomed))
-            ahead = ((lambda c, z=z, step=step, box=seed_box: agreement(c, z + step, box, seed.zoomed))
+            cands, emb = candidates(z, prompt, params.choose, window(prompt, run_side(seed)))
+            ahead = ((lambda c, z=z, step=step, box=seed_box: agreement(c, z + step, box, run_side(seed)))
                      if params.choose == "lookahead" else None)
             k, res = _choose(cands, params.choose, prev=prev.mask,
                              seed_feature=seed.feature, embedding=emb,
