@@ -1,11 +1,11 @@
 """Zoom: prompts on a small object decoded on an embedding of the region around it.
 
-A model sees a slice at its input size (LiteMedSAM 256 px, SAM 1024 px) and its masks come from a
-grid a quarter of that: a 13 x 22 px lateral ventricle on a 197 x 189 px MNI coronal slice covers a
-few 4 x 4 px cells of LiteMedSAM's mask grid, and its box mask had a 2D Dice of 0.20. Encoding
+A model sees a slice at its input size (LiteMedSAM 256 px, SAM 1024 px) and its masks are decoded
+from an image embedding of 64 x 64 cells: a 13 x 22 px lateral ventricle on a 197 x 189 px MNI
+coronal slice covers a few 3 x 3 px cells, and its box mask had a 2D Dice of 0.20. Encoding
 instead the square around the box, ``context`` times its longer side, gives the object the whole
-input: 0.77 on the same box (MNI152, the 12 structure x plane seeds of
-``benchmarks/bench_propagation.py --seeds``; see "Zoom" in docs/benchmarks.md). The price is one
+input: 0.73 on the same box (MNI152, the 12 structure x plane seeds of
+``benchmarks/bench_propagation.py --seeds``; see "Fifth pass: zoom" in docs/benchmarks.md). The price is one
 encoder call per window, not cached (a window follows a box; the slice's own embedding stays what
 the cache and the prefetcher hold).
 
