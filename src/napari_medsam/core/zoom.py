@@ -25,8 +25,9 @@ from .segment import MaskResult, Prompt2D, decode, decode_all
 
 __all__ = ["DEFAULT_CONTEXT", "MIN_GAIN", "MIN_SIDE", "decode_zoomed", "prompt_bounds", "zoom_window"]
 
-#: The window's side over the box's longer side: 2 (a box's own width of context each side, half
-#: of it) was better than 3 on 9 of the 12 MNI seeds that zoom (benchmarks/bench_propagation.py).
+#: The window's side over the box's longer side: 2 (half the box's side of context each side) gave
+#: a better seed mask than 3 on 5 of the 9 MNI seeds that zoom, worse on 2, and 3 gave no window
+#: on the other 2 (``benchmarks/bench_propagation.py --seeds``; docs/benchmarks.md).
 DEFAULT_CONTEXT = 2.0
 #: The least window side in slice pixels (a tiny box still gets some context).
 MIN_SIDE = 32
