@@ -154,3 +154,47 @@ def test_a_prompt_change_during_the_refine_shows_the_latest_prompts_result_only(
     monkeypatch.undo()
     zoomed_b = s.refine(1, prompts[-1], encoder_request(image, viewer, s))
     np.testing.assert_array_equal(annot.labels_layer.data[1] == 1, zoomed_b.mask)
+
+
+def test_a_window_forgotten_before_its_decode_is_embedded_again_in_the_worker(viewer, annot, image, qtbot,
+                                                                               monkeypatch):
+    """The encoder keeps its last 8 windows: if the prompt's window left that memory between the
+    worker's embedding and the decode here, the decode must not embed it on the main thread (an
+    encoder pass there freezes the window): the worker embeds it again, then the zoomed mask comes."""
+    from napari_medsam.core import encoder as encoder_mod
+
+    s = annot.session
+    real_steps = s.refine_steps
+    runs = []
+
+    def steps(req, index, prompt):  # the first run's window is forgotten once it is embedded
+        runs.append(1)
+        first = len(runs) == 1
+        gen = real_steps(req, index, prompt)
+        try:
+            while True:
+                p = next(gen)
+                if first and p.message == "embedded":
+                    s.peek_encoder(req)._windows.clear()
+                yield p
+        except StopIteration as stop:
+            return stop.value
+
+    on_main = []
+    real_run = encoder_mod.run_encoder
+
+    def run(*a):
+        on_main.append(threading.current_thread() is threading.main_thread())
+        return real_run(*a)
+
+    monkeypatch.setattr(s, "refine_steps", steps)
+    monkeypatch.setattr(encoder_mod, "run_encoder", run)
+    _, shp = annot.prompt_layers()
+    shp.add_rectangles(_rect(1, *SMALL_A))
+    qtbot.waitUntil(lambda: annot.zooms_shown == 1 and _idle(annot), timeout=60_000)
+    assert len(runs) == 2  # the worker embedded the window a second time
+    assert on_main and not any(on_main)  # never an encoder call on the main thread
+    monkeypatch.undo()
+    _quick, zoomed = _expected(annot, image)
+    np.testing.assert_array_equal(annot._preview.data[1] > 0, zoomed)
+

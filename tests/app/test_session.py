@@ -221,6 +221,7 @@ def test_a_small_box_is_refined_on_its_window(small_object, monkeypatch):
     r0, c0, r1, c1 = window
     assert (r1 - r0, c1 - c0) == (32, 32) and r0 <= 50 and r1 >= 62 and c0 <= 42 and c1 >= 58
     calls = _count_encoder_calls(monkeypatch)
+    assert not s.zoom_ready(req, 1, prompt)  # the window is not embedded yet
     steps = []
     gen = s.refine_steps(req, 1, prompt)
     try:
@@ -231,6 +232,7 @@ def test_a_small_box_is_refined_on_its_window(small_object, monkeypatch):
     assert ran is True and [p.message for p in steps] == ["zooming", "embedded"]
     assert steps[-1].info["window"] == window and steps[-1].info["gain"] == pytest.approx(120 / 32)
     assert len(calls) == 1  # one encoder call, for the window
+    assert s.zoom_ready(req, 1, prompt)
     res = s.refined(req, 1, prompt)
     assert len(calls) == 1  # the remembered window: a decoder call only
     assert res.mask.shape == quick.mask.shape == (120, 100)

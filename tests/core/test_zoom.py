@@ -47,7 +47,9 @@ def test_decode_zoomed_pastes_the_windows_mask_on_the_slice_grid(enc, monkeypatc
     box = (50.0, 40.0, 62.0, 58.0)
     win = zoom.zoom_window(box, enc.slice_shape)
     assert win is not None
+    assert not enc.has_window(2, win)
     (res,), emb = zoom.decode_zoomed(enc, 2, Prompt2D.from_box(box), win, return_prob=True)
+    assert enc.has_window(2, win) and not enc.has_window(1, win)
     r0, c0, r1, c1 = win
     assert res.mask.shape == res.prob.shape == (120, 100)
     outside = np.ones((120, 100), bool)

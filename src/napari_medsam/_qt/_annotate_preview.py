@@ -268,6 +268,11 @@ class PreviewMixin:
             self._last, self._quick, self._refine_tag = None, None, None
             self._schedule_preview()
             return
+        if not self.session.zoom_ready(req, view.index, prompt):
+            # the window's embedding left the encoder's memory meanwhile (other windows embedded):
+            # decoding now would embed it again on this thread; the worker does, once this job ends
+            self._refine_dirty = True
+            return
         self.prefetch.hold()
         try:
             t0 = time.perf_counter()

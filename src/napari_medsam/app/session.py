@@ -453,6 +453,15 @@ class AnnotationSession:
                                           "seconds": time.perf_counter() - t0})
         return True
 
+    def zoom_ready(self, req: EncoderRequest | None, index: int, prompt: Any) -> bool:
+        """:meth:`refined` of ``prompt`` is one decoder call now: its window's embedding is remembered
+        by the encoder (after :meth:`refine_steps`; the encoder keeps its last 8 windows). Cheap:
+        builds nothing."""
+        req = req if req is not None else self.request()
+        window = self.zoom_window(req, index, prompt)
+        enc = self.peek_encoder(req)
+        return window is not None and enc is not None and enc.has_window(int(index), window)
+
     def refined(self, req: EncoderRequest | None, index: int, prompt: Any) -> Any:
         """The zoomed :class:`~napari_medsam.core.segment.MaskResult` of ``prompt`` on slice
         ``index``: on the slice's grid, zero outside the window (its ``logits`` are in the window's

@@ -244,6 +244,11 @@ class VolumeEncoder:
             x = np.stack([x if o == 0 else one(min(max(index + o, 0), last))[0] for o in range(-k, k + 1)])
         return x, tf
 
+    def has_window(self, index: int, window: tuple[int, int, int, int]) -> bool:
+        """The embedding of ``window`` of slice ``index`` is remembered: :meth:`embed_window` returns
+        it without an encoder call."""
+        return (int(index), tuple(int(v) for v in window)) in self._windows
+
     def embed_window(self, index: int, window: tuple[int, int, int, int]) -> tuple[Any, SliceTransform]:
         """The embedding ``(1, C, h, w)`` of a window of slice ``index`` (see :meth:`window_input`),
         computed now (one encoder call, under the encoder lock like any foreground call) and not
