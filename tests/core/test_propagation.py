@@ -469,3 +469,21 @@ def test_a_seed_with_a_known_mask_carries_from_it_not_from_the_decoders_mask(mon
     plain = _scripted(monkeypatch, enc, lambda z, p: [_square(8, 4, 30, 24)])
     drain(propagate(enc, {4: Prompt2D(box=box)}, params=dataclasses.replace(OPEN, max_slices=1)))
     assert all(p.box[2] >= 30 for z, p in plain if z != 4)  # without it: the decoder's mask is carried
+
+
+def test_a_known_mask_tighter_than_the_decoders_does_not_stop_the_run_on_intensity(tiny_lite, monkeypatch):
+    """A person's mask has no partial-volume rim; the decoder's masks on the next slices have one.
+    Their intensities are compared with the decoder's own reading of the seed, so the tight mask
+    is not taken for a jump to another tissue (it was: the run wrote the seed slice only)."""
+    rng = np.random.default_rng(2)
+    vol = (0.2 + 0.01 * rng.random((9, 45, 31))).astype(np.float32)
+    for z in range(2, 7):
+        vol[z, 8:20, 4:14] = 0.5  # the rim
+        vol[z, 10:18, 6:12] = 0.9 + 0.01 * rng.random((8, 6))  # the core: what the person drew
+    enc = VolumeEncoder(tiny_lite, vol)
+    _scripted(monkeypatch, enc, lambda z, p: [_square(8, 4, 20, 14) if 2 <= z <= 6 else np.zeros((45, 31), bool)])
+    core = _square(10, 6, 18, 12)
+    params = dataclasses.replace(PropagationParams(), min_iou=None, min_feature=None)  # the scripted IoU, features
+    out = drain(propagate(enc, {4: Prompt2D(box=box_of(core), known=core)}, params=params))
+    assert set(out) == set(range(2, 7))
+    np.testing.assert_array_equal(out[4], core)

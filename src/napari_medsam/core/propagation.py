@@ -669,6 +669,7 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
                          ahead=lambda c, agree=agree: agree.get(id(c)))
         if params.connect:
             res = _keep(res, _connected(res.mask, _prompted(seeds[z], res.mask.shape)))
+        decoded = res
         known = seeds[z].known
         if known is not None and np.shape(known) == tuple(tf.original) and np.any(known):
             # a person's mask: the run carries from it and compares with it (the decoder's predicted
@@ -677,7 +678,11 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
         if need_all and len(cands) == 1:
             cands = candidates(z, seeds[z], "all", win, prob=False)[0]
         vals = values(z, res.mask)
-        mean, std = stats(vals)
+        # The intensity reference is the decoder's own reading of the seed: the carried slices are
+        # the decoder's readings too. A person's mask is tighter (no partial-volume rim): its
+        # spread made every decoded mask a jump "off the seed's intensity" (MNI axial ventricle: a
+        # committed zoomed mask propagated to no slice at all, intensity z 1.7-3.5 at the next ones).
+        mean, std = stats(vals if decoded is res else values(z, decoded.mask))
         tissue_range, tissue_px = (float("nan"), float("nan")), 0
         if vals.size:
             q = min(max(float(params.tissue_q), 0.0), 0.5)
