@@ -72,11 +72,13 @@ def main() -> int:
     annot.class_table.item(0, 0).setText("left lateral ventricle")
     pts, shp = annot.prompt_layers()
     i0, j0, i1, j1 = ventricle_box(t1, k)
+    n, z = annot.previews_shown, annot.zooms_shown  # before the box: on an embedded slice it previews at once
     shp.add_rectangles(np.array([[i0, j0, k], [i1, j0, k], [i1, j1, k], [i0, j1, k]], float))
-    annot._prompt_time = time.perf_counter()
-    n = annot.previews_shown
     end = time.perf_counter() + 600
     while annot.previews_shown == n and time.perf_counter() < end:
+        pump(0.1)
+    # the box is small: the zoomed mask follows the quick one (Zoom in on small objects)
+    while annot.zooms_shown == z and annot._refine_tag is not None and time.perf_counter() < end:
         pump(0.1)
     viewer.layers.selection.active = shp
     shot(viewer, "03-box-preview.png")
