@@ -112,9 +112,8 @@ class PreviewMixin:
         else:
             self._hint("")
         self._preview_dirty = False
-        if not self.preview_in_worker or self._inline_ok(req, view.index):
-            if self._run_inline(req, view, prompt, tag):
-                return
+        if (not self.preview_in_worker or self._inline_ok(req, view.index)) and self._run_inline(req, view, prompt, tag):
+            return
         if self._decode_inline_after_embedding():
             got: dict[str, bool] = {}  # this job's own: did the "embedded" step arrive
             self.prefetch.hold()  # the encoder gets the cores; released in _on_embed_finished

@@ -60,7 +60,7 @@ from psygnal import Signal
 
 from ..core.progress import Progress, ProgressGen, drain
 from ..core.runtime import avoid_triton_llvm_clash, worker_threads
-from ..core.zoom import DEFAULT_CONTEXT, prompt_bounds, zoom_window
+from ..core.zoom import DEFAULT_CONTEXT, box_zoom_window, zoom_gain
 from .bookkeeping import (
     ArrayLabels,
     EditLog,
@@ -73,7 +73,7 @@ from .bookkeeping import (
 )
 from .params import IntensityChoice, ModelChoice
 
-__all__ = ["AnnotationSession", "EncoderRequest", "box_zoom_window", "default_cache_dir", "zoom_gain"]
+__all__ = ["AnnotationSession", "EncoderRequest", "default_cache_dir"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,24 +90,6 @@ class EncoderRequest:
     @property
     def key(self) -> tuple:
         return (self.image_id, self.data_id, self.axis, self.intensity)
-
-
-def box_zoom_window(prompt: Any, shape: tuple[int, int], context: float | None) -> tuple[int, int, int, int] | None:
-    """The window (slice pixels ``(r0, c0, r1, c1)``, half-open) a box prompt on a slice of
-    ``shape`` is decoded on when zoom is on (``context``: the window's side over the box's; None:
-    off), or None: no box (points alone, a click on a large structure, are never zoomed), a mask
-    prompt (its logits are in the slice's model frame), or a box too large for a window to magnify
-    it (:func:`~napari_medsam.core.zoom.zoom_window`). Cheap: no encoder call."""
-    if context is None or prompt is None or getattr(prompt, "box", None) is None \
-            or getattr(prompt, "mask_logits", None) is not None:
-        return None
-    return zoom_window(prompt_bounds(prompt), (int(shape[0]), int(shape[1])), context=float(context))
-
-
-def zoom_gain(window: tuple[int, int, int, int], shape: tuple[int, int]) -> float:
-    """How many times a window magnifies over the whole slice (the model input is the longer side)."""
-    r0, c0, r1, c1 = window
-    return max(int(shape[0]), int(shape[1])) / max(r1 - r0, c1 - c0, 1)
 
 
 def default_cache_dir() -> Path | None:
@@ -419,11 +401,7 @@ class AnnotationSession:
     @staticmethod
     def slice_shape(req: EncoderRequest) -> tuple[int, int]:
         """The shape of a slice of ``req``'s image along its axis (cheap: no encoder)."""
-        shape = tuple(int(s) for s in req.volume.spatial_shape)
-        if len(shape) == 3:
-            axis = int(req.axis) % 3
-            shape = tuple(s for i, s in enumerate(shape) if i != axis)
-        return shape  # type: ignore[return-value]
+        return req.volume.slice_shape(req.axis)
 
     def zoom_window(self, req: EncoderRequest | None, index: int, prompt: Any) -> tuple[int, int, int, int] | None:
         """The window a zoomed preview of ``prompt`` on slice ``index`` of ``req`` decodes on, or

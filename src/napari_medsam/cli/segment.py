@@ -129,10 +129,9 @@ def build_objects(boxes: list, points: list) -> list[tuple[int, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..app.session import box_zoom_window, zoom_gain
     from ..core.propagation import parse_range, propagate
     from ..core.segment import box_of, segment_slice, validate_prompt
-    from ..core.zoom import decode_zoomed
+    from ..core.zoom import box_zoom_window, decode_zoomed, zoom_gain
     from ..io import read_image, write_labels
 
     t0 = time.perf_counter()

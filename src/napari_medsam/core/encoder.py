@@ -155,10 +155,7 @@ class VolumeEncoder:
 
     @property
     def slice_shape(self) -> tuple[int, int]:
-        shape = self.volume.shape[:-1] if self.volume.rgb else self.volume.shape
-        if not self.is_3d:
-            return (int(shape[0]), int(shape[1]))
-        return tuple(int(s) for i, s in enumerate(shape) if i != self.axis)  # type: ignore[return-value]
+        return self.volume.slice_shape(self.axis)
 
     def transform(self) -> SliceTransform:
         return SliceTransform.for_model(self.slice_shape, self.loaded.spec)
@@ -213,36 +210,26 @@ class VolumeEncoder:
                 self._fresh.pop(i, None)
 
     # -- computing ----------------------------------------------------------------------------------
-    def model_input(self, index: int) -> np.ndarray:
-        img = self.intensity.apply(self.raw_slice(index))
-        x, _ = to_model_input(img, self.loaded.spec)
+    def model_input(self, index: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Slice ``index`` (or its part ``window = (r0, c0, r1, c1)``) as the model's ``(3, S, S)``
+        input, through the volume's intensity mapping."""
+        raw = self.raw_slice(index)
+        if window is not None:
+            r0, c0, r1, c1 = (int(v) for v in window)
+            raw = raw[r0:r1, c0:c1]
+        x, _ = to_model_input(self.intensity.apply(raw), self.loaded.spec)
         return x
 
-    def encoder_input(self, index: int) -> np.ndarray:
-        """What the image encoder takes for slice ``index``: :meth:`model_input` ``(3, S, S)``, or for a
-        depth-aware (SD-Trans) encoder with ``slice_context = k`` the stack ``(2k+1, 3, S, S)`` of the
-        slice and its neighbours (repeated at the volume's ends), see :mod:`~napari_medsam.core.adapt`."""
+    def encoder_input(self, index: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """What the image encoder takes for slice ``index`` (or its part ``window``): :meth:`model_input`
+        ``(3, S, S)``, or for a depth-aware (SD-Trans) encoder with ``slice_context = k`` the stack
+        ``(2k+1, 3, S, S)`` of the slice and its neighbours (repeated at the volume's ends), see
+        :mod:`~napari_medsam.core.adapt`."""
         k = int(getattr(self.loaded.model.image_encoder, "slice_context", 0) or 0)
         if k <= 0:
-            return self.model_input(index)
+            return self.model_input(index, window)
         last = self.n_slices - 1
-        return np.stack([self.model_input(min(max(index + o, 0), last)) for o in range(-k, k + 1)])
-
-    def window_input(self, index: int, window: tuple[int, int, int, int]) -> tuple[np.ndarray, SliceTransform]:
-        """:meth:`encoder_input` for the part ``window = (r0, c0, r1, c1)`` of slice ``index`` (and of
-        its neighbours for a depth-aware encoder), with the volume's intensity mapping; and the
-        window's own :class:`SliceTransform` (its pixels to the model frame and back)."""
-        r0, c0, r1, c1 = (int(v) for v in window)
-
-        def one(i: int) -> tuple[np.ndarray, SliceTransform]:
-            return to_model_input(self.intensity.apply(self.raw_slice(i)[r0:r1, c0:c1]), self.loaded.spec)
-
-        x, tf = one(index)
-        k = int(getattr(self.loaded.model.image_encoder, "slice_context", 0) or 0)
-        if k > 0:
-            last = self.n_slices - 1
-            x = np.stack([x if o == 0 else one(min(max(index + o, 0), last))[0] for o in range(-k, k + 1)])
-        return x, tf
+        return np.stack([self.model_input(min(max(index + o, 0), last), window) for o in range(-k, k + 1)])
 
     def has_window(self, index: int, window: tuple[int, int, int, int]) -> bool:
         """The embedding of ``window`` of slice ``index`` is remembered: :meth:`embed_window` returns
@@ -250,7 +237,8 @@ class VolumeEncoder:
         return (int(index), tuple(int(v) for v in window)) in self._windows
 
     def embed_window(self, index: int, window: tuple[int, int, int, int]) -> tuple[Any, SliceTransform]:
-        """The embedding ``(1, C, h, w)`` of a window of slice ``index`` (see :meth:`window_input`),
+        """The embedding ``(1, C, h, w)`` of the part ``window = (r0, c0, r1, c1)`` (inside the slice)
+        of slice ``index`` (:meth:`encoder_input`) and the window's own :class:`SliceTransform`,
         computed now (one encoder call, under the encoder lock like any foreground call) and not
         cached: windows follow a box, they are not a slice's identity. The last few are remembered
         (a preview and the propagation that follows from the same box reuse them)."""
@@ -260,7 +248,9 @@ class VolumeEncoder:
         hit = self._windows.get(key)
         if hit is not None:
             return hit
-        x, tf = self.window_input(index, window)
+        r0, c0, r1, c1 = key[1]
+        tf = SliceTransform.for_model((r1 - r0, c1 - c0), self.loaded.spec)
+        x = self.encoder_input(index, window)
         with self._lock:
             out = run_encoder(self.loaded, x[None]).contiguous(memory_format=torch.channels_last)
         self._windows[key] = (out, tf)

@@ -707,6 +707,7 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
         seed_box = seed.box if limits else None
         prev = seed.result
         prev_mean = seed.mean
+        side = run_side(seed)  # the run's least window side (None: not zoomed)
         focus = focus_of(prev, encoder.get(z0), seed) if seed.similar is not None else None
         z = z0
         reason, failed = "range end", None
@@ -719,8 +720,8 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
                 break
             prompt, margin_px = nxt
             z += step
-            cands, emb = candidates(z, prompt, params.choose, window(prompt, run_side(seed)))
-            ahead = ((lambda c, z=z, step=step, box=seed_box: agreement(c, z + step, box, run_side(seed)))
+            cands, emb = candidates(z, prompt, params.choose, window(prompt, side))
+            ahead = ((lambda c, z=z, step=step, box=seed_box, side=side: agreement(c, z + step, box, side))
                      if params.choose == "lookahead" else None)
             k, res = _choose(cands, params.choose, prev=prev.mask,
                              seed_feature=seed.feature, embedding=emb,

@@ -258,6 +258,14 @@ class ImageVolume:
         axis = self._axis(axis)
         return 1 if self.spatial_ndim == 2 else self.spatial_shape[axis]
 
+    def slice_shape(self, axis: int) -> tuple[int, int]:
+        """``(H, W)`` of a slice along spatial ``axis`` (a 2D image: its own shape, whatever the axis)."""
+        shape = tuple(int(s) for s in self.spatial_shape)
+        if self.spatial_ndim == 2:
+            return shape  # type: ignore[return-value]
+        axis = self._axis(axis)
+        return tuple(s for i, s in enumerate(shape) if i != axis)  # type: ignore[return-value]
+
     def slice(self, axis: int, index: int) -> np.ndarray:
         """Slice ``index`` along spatial ``axis`` as a ``numpy.ndarray``, reading only that slice.
 
