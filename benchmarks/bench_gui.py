@@ -63,6 +63,8 @@ class StallMeter:
         from qtpy.QtCore import QTimer
 
         self.gaps: list[float] = []
+        self.phases: list[str] = []  # what the script was doing when each gap began (:meth:`mark`)
+        self._phase = ""
         self._last: float | None = None
         self.timer = QTimer()
         self.timer.setInterval(interval_ms)
@@ -72,10 +74,23 @@ class StallMeter:
         now = time.perf_counter()
         if self._last is not None:
             self.gaps.append(now - self._last)
+            self.phases.append(self._phase)
         self._last = now
 
+    def mark(self, phase: str) -> None:
+        """Name what the script does from now on (a gap is counted under the phase it ended in: the
+        script's call that blocked the event loop marked its phase before it began)."""
+        self._phase = phase
+
+    def by_phase(self) -> str:
+        """The longest gap of each phase, longest first ("phase 123 ms, ...")."""
+        worst: dict[str, float] = {}
+        for gap, phase in zip(self.gaps, self.phases, strict=True):
+            worst[phase] = max(worst.get(phase, 0.0), gap)
+        return ", ".join(f"{k or 'other'} {1000 * v:.0f} ms" for k, v in sorted(worst.items(), key=lambda kv: -kv[1]))
+
     def start(self) -> None:
-        self.gaps, self._last = [], None
+        self.gaps, self.phases, self._last, self._phase = [], [], None, ""
         self.timer.start()
 
     def stop(self) -> dict[str, float]:
@@ -83,7 +98,7 @@ class StallMeter:
         g = sorted(self.gaps) or [0.0]
         return {"max_ms": 1000 * g[-1], "p99_ms": 1000 * g[min(len(g) - 1, int(0.99 * len(g)))],
                 "median_ms": 1000 * statistics.median(g), "ticks": len(self.gaps),
-                "over_50ms": sum(x > 0.05 for x in g)}
+                "over_50ms": sum(x > 0.05 for x in g), "by_phase": self.by_phase() if any(self.phases) else ""}
 
 
 def pump(seconds: float) -> None:
@@ -118,7 +133,8 @@ def verdict(value: float, target: float) -> str:
 
 def stall_line(what: str, stats: dict[str, float]) -> str:
     return (f"RESULT main-thread max stall {what}: {stats['max_ms']:.0f} ms (target <= {STALL_MS:.0f} ms: "
-            f"{verdict(stats['max_ms'], STALL_MS)}); {fmt(stats)}")
+            f"{verdict(stats['max_ms'], STALL_MS)}); {fmt(stats)}"
+            + (f"; longest gap by phase: {stats['by_phase']}" if stats.get("by_phase") else ""))
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -278,16 +294,20 @@ def main() -> int:  # noqa: C901 - one linear script
         before = len(shown)
         r0, c0 = hh * 0.25 + jitter, ww * 0.25 + jitter
         box = np.array([[z, r0, c0], [z, r0, c0 + ww * 0.5], [z, r0 + hh * 0.5, c0 + ww * 0.5], [z, r0 + hh * 0.5, c0]])
+        meter.mark("box")
         t_box = time.perf_counter()
         shp.add_rectangles(box)
         ok = pump_until(lambda: len(shown) > before, 120)
+        meter.mark("box, after the preview")
         t_shown = shown[-1][2] if ok else float("inf")
         drawn = pump_until(lambda: any(t >= t_shown for t in draws[-8:]), 5)
         t_drawn = next(t for t in draws[-8:] if t >= t_shown) if drawn else float("nan")
         res = (1000 * (t_drawn - t_box), 1000 * shown[-1][0] if ok else float("nan"),
                1000 * shown[-1][1] if ok else float("nan"))
+        meter.mark("clearing the box")
         annot_w.clear_slice()
         pump(0.05)
+        meter.mark("")
         return res
 
     go_to(zs[0])
@@ -307,11 +327,13 @@ def main() -> int:  # noqa: C901 - one linear script
     for i, z in enumerate(zs):
         preempt = i % 2 == 0
         annot_w.prefetch.preempt = preempt
+        meter.mark("slice change")
         go_to(z)
         pf_ready = pump_until(lambda: annot_w.prefetch.prefetcher is not None, 60)
         pf = annot_w.prefetch.prefetcher
         if pf_ready:
             pf.preempt = preempt
+        meter.mark("prefetching, before the box")
         pump(rng.uniform(0.3, 0.9))  # the prefetcher is embedding a neighbour now
         working[preempt] += int(pf is not None and not pf.wait_idle(0))
         busy[preempt].append(one_box(z, i % 5, h, w))
