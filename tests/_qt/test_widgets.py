@@ -252,6 +252,37 @@ def test_a_box_on_an_embedded_slice_previews_on_the_main_thread(viewer, widgets,
     qtbot.waitUntil(lambda: idle(3), timeout=60_000)
 
 
+def _mouse(kind, position, dragging=False):
+    from napari.utils._test_utils import read_only_mouse_event
+
+    return read_only_mouse_event(type=kind, position=position, is_dragging=dragging, dims_displayed=[1, 2],
+                                 view_direction=[1, 0, 0], up_direction=[0, -1, 0])
+
+
+def test_drawing_a_box_pauses_the_prefetcher_from_the_press(viewer, widgets, qtbot):
+    """A box drawn with the mouse (napari's own press / move / release handling): the prefetcher is
+    held from the press, so its encoder call has let go of the encoder and the cores by the
+    release; the hold ends with the box's preview, or after drawing_hold_s if no release comes."""
+    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+
+    annot = widgets.annot
+    image, shp = _on_slice_2(viewer, annot)
+    annot.activate_box()
+    assert shp.mode == "add_rectangle" and annot.prefetch._holds == 0
+    mouse_press_callbacks(shp, _mouse("mouse_press", (2, 5, 5)))
+    assert annot.prefetch._holds == 1  # held from the press
+    for k in range(1, 4):
+        mouse_move_callbacks(shp, _mouse("mouse_move", (2, 5 + 8 * k, 5 + 8 * k), dragging=True))
+    assert annot.prefetch._holds == 1 and annot.previews_shown == 0
+    mouse_release_callbacks(shp, _mouse("mouse_release", (2, 29, 29)))
+    assert annot._drawing is False  # the preview took its own hold (released when its job ends)
+    qtbot.waitUntil(lambda: annot.previews_shown == 1 and annot.prefetch._holds == 0, timeout=60_000)
+    annot.drawing_hold_s = 0.05
+    mouse_press_callbacks(shp, _mouse("mouse_press", (2, 20, 20)))  # a drawing that never ends
+    assert annot.prefetch._holds == 1
+    qtbot.waitUntil(lambda: annot.prefetch._holds == 0, timeout=5_000)
+
+
 def test_classes_reach_the_labels_layer_and_the_session(viewer, widgets, qtbot):
     annot = widgets.annot
     image, shp = _on_slice_2(viewer, annot)

@@ -55,6 +55,7 @@ class PreviewMixin:
     def _on_prompts_changed(self, event: Any = None) -> None:
         _gc.note_activity()
         if _action(event) in _TRANSIENT:
+            self._hold_while_drawing()
             return
         if self._prompt_time is None:
             self._prompt_time = time.perf_counter()
@@ -62,7 +63,28 @@ class PreviewMixin:
         # debounce, which waited behind the canvas repaint the new shape triggers (~50 ms measured;
         # benchmarks/bench_gui.py). A preview already running marks itself dirty and re-runs.
         self._preview_timer.stop()
-        self._run_preview()
+        try:
+            self._run_preview()
+        finally:
+            self._end_drawing()  # after the preview took its own hold: the prefetcher stays paused
+
+    def _hold_while_drawing(self) -> None:
+        """A prompt is being drawn or edited (napari's "adding" comes with the mouse press that starts
+        a box, "changing" while a vertex is dragged): the prefetcher pauses now, so that when the
+        mouse is released its encoder call has reached a checkpoint and let go of the encoder and
+        the cores (a box on a slice not embedded yet waited 12-117 ms for it otherwise:
+        benchmarks/bench_gui.py). Released by the prompt's final event, or after
+        :attr:`drawing_hold_s` if none comes (a drawing abandoned)."""
+        if not self._drawing and self.hold_while_drawing:
+            self._drawing = True
+            self.prefetch.hold()
+        self._drawing_timer.start(int(1000 * self.drawing_hold_s))
+
+    def _end_drawing(self) -> None:
+        self._drawing_timer.stop()
+        if self._drawing:
+            self._drawing = False
+            self.prefetch.release()
 
     def _on_view_changed(self, event: Any = None) -> None:
         _gc.note_activity()

@@ -78,6 +78,12 @@ class AnnotationWidget(PromptsMixin, PreviewMixin, EditsMixin, DockWidget):
         #: worker. None: always in a worker.
         self.inline_preview_s: float | None = 0.1
         self._decode_s: float | None = None  # the last main-thread decode (s); None: none yet
+        self._drawing = False  # a prompt is being drawn: the prefetcher is held (_hold_while_drawing)
+        self.drawing_hold_s = 5.0  # ... at most this long without the prompt's final event
+        self.hold_while_drawing = True  # False: the prefetcher runs on until the prompt is final (bench A/B)
+        self._drawing_timer = QTimer(self)
+        self._drawing_timer.setSingleShot(True)
+        self._drawing_timer.timeout.connect(self._end_drawing)
         self._preview_timer = QTimer(self)
         self._preview_timer.setSingleShot(True)
         self._preview_timer.setInterval(15)
