@@ -260,3 +260,21 @@ def test_checkpoints_also_run_inside_blocks(tiny_lite):
     with encoder_checkpoint(tiny_lite, lambda: calls.append(1)):
         run_encoder(tiny_lite, x)
     assert len(calls) >= 2 * blocks
+
+
+def test_last_pass_s_times_the_forward_of_a_slice_get_computed(tiny_lite, volume, monkeypatch):
+    """``last_pass_s`` is the encoder forward alone (benchmarks/bench_gui.py subtracts it from a box's
+    latency): not the cache write after it, and unchanged by a get that found the slice."""
+    import time
+
+    ve = VolumeEncoder(tiny_lite, volume, axis=0)
+    assert ve.last_pass_s is None
+    real = encoder_mod.run_encoder
+    monkeypatch.setattr(encoder_mod, "run_encoder", lambda loaded, batch: (time.sleep(0.05), real(loaded, batch))[1])
+    store = ve._store
+    monkeypatch.setattr(ve, "_store", lambda items: (time.sleep(0.3), store(items))[1])
+    ve.get(1)
+    assert 0.05 <= ve.last_pass_s < 0.3  # the forward, not the 0.3 s write
+    first = ve.last_pass_s
+    ve.get(1)  # cached: no pass
+    assert ve.last_pass_s == first

@@ -147,6 +147,9 @@ class VolumeEncoder:
         self._fresh: dict[int, np.ndarray] = {}
         self._unstored: set[int] = set()  # ... of which these wait for flush() (get(store=False))
         self._windows: dict[tuple[int, tuple[int, ...]], tuple[Any, SliceTransform]] = {}  # embed_window's
+        #: seconds of the encoder forward of the last slice :meth:`get` computed (the pass alone: no
+        #: wait for the lock, no cache write); None until one was
+        self.last_pass_s: float | None = None
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -288,8 +291,10 @@ class VolumeEncoder:
             emb = self._cached(index, key)
             if emb is not None:
                 return emb
+            t0 = time.perf_counter()
             out = run_encoder(self.loaded, self.encoder_input(index)[None])
             emb = out[0].cpu().numpy().astype(np.float16)
+            self.last_pass_s = time.perf_counter() - t0
             self._fresh[index] = emb
             if not store:
                 self._unstored.add(index)
