@@ -31,7 +31,16 @@ stop criteria (:data:`GRID`: how the defaults were chosen) and each default crit
         # per case; --save DIR pickles the runs, --floor D the least Dice of the grid rules listed,
         # --load DIR simulates on saved runs, --rules "a=1;b=2" more rules, --guards keeps the leak
         # guards in the grid, --tissue prints the seed-tissue score around the true ends
+    python benchmarks/bench_propagation.py --policy "SMALL|LARGE" [--small-stops R] [--large-stops R] [--wide]
+        # the seed decides: carry SMALL for seeds whose box gets a zoom window, LARGE for the others;
+        # the 12-case table, the best grid rules per class, leave-one-plane-out, each threshold's
+        # neighbours (--load DIR reads {carry}.pkl for each from --variants --save)
     python benchmarks/bench_propagation.py --speed [--slice 93] [--reach 10]   # s/slice cold and warm
+
+The plain run compares the earlier rules with today's default, in which a large seed's run (its
+box gets no zoom window) follows the structure and stops where the seed's tissue runs out
+(``PropagationParams.large_seed``); ``--variants`` runs one carry for every seed (``large_seed=None``
+unless the variant names it).
 """
 
 from __future__ import annotations
@@ -120,8 +129,10 @@ def evaluate(masks: dict[int, np.ndarray], gt: np.ndarray, axis: int) -> dict[st
 
 
 def simulate(run: Propagation, params: PropagationParams) -> dict[int, np.ndarray]:
-    """The slices a run with ``params`` keeps, from a permissive run of the same single seed."""
+    """The slices a run with ``params`` keeps, from a permissive run of the same single seed (a
+    large seed's run with ``params``' large-seed stops: ``PropagationParams.for_seed``)."""
     (z0,) = run.seeds
+    params = params.for_seed(z0 in getattr(run, "large", ()))
     seed_area = run.scores[z0].area
     keep = {z0: run.masks[z0]}
     for step in (-1, 1):
@@ -160,9 +171,12 @@ def setup(args: argparse.Namespace) -> tuple[dict, dict, object, EmbeddingCache,
 def bench_stops(args: argparse.Namespace) -> None:
     mni, structs, loaded, cache, planes = setup(args)
     rules = {"before (area, IoU)": PropagationParams.legacy(),
-             "first stop rule of issue 16, box carry": PropagationParams(**LEGACY_CARRY, **FIRST_ISSUE16_STOPS),
-             "after (default)": PropagationParams()}
+             "first stop rule of issue 16, box carry": PropagationParams(**LEGACY_CARRY, **FIRST_ISSUE16_STOPS,
+                                                                         large_seed=None),
+             "one carry for every seed (the default before the sixth pass)": PropagationParams(large_seed=None),
+             "after (default: large seeds follow the structure, stop on the seed's tissue)": PropagationParams()}
     results: dict[str, list] = {k: [] for k in rules}
+    cpu = dict.fromkeys(rules, 0.0)  # process CPU seconds per rule (the machine is shared: a ratio)
     permissive: list[tuple[str, int, Propagation]] = []
     t_all = time.perf_counter()
     for axis in planes:
@@ -170,8 +184,10 @@ def bench_stops(args: argparse.Namespace) -> None:
         for name, gt in structs.items():
             z, box = seed_box(gt, axis)
             for label, params in rules.items():
+                t = time.process_time()
                 out = drain(propagate(enc, {z: Prompt2D.from_box(box)}, params=params, **bounded(gt, axis, args.bound)))
                 results[label].append((name, PLANES[axis], evaluate(out.masks, gt, axis), out))
+                cpu[label] += time.process_time() - t
             if args.tune:
                 permissive.append((name, axis, drain(propagate(enc, {z: Prompt2D.from_box(box)},
                                                                params=PropagationParams.permissive(),
@@ -182,8 +198,8 @@ def bench_stops(args: argparse.Namespace) -> None:
               f"| within 2 | 3D Dice |\n|---|---|---|---|---|---|---|---|---|")
         for name, plane, r, _ in rows:
             print(fmt(name, plane, r))
-        print(summary([r for _, _, r, _ in rows]))
-        if label.startswith("after"):
+        print(summary([r for _, _, r, _ in rows]) + f"; {cpu[label]:.0f} CPU s for the 12 runs")
+        if label.startswith(("after", "one carry")):
             for name, plane, _, out in rows:
                 print(f"  {name}/{plane} stops: " + "; ".join(
                     f"{'-' if s.direction < 0 else '+'} at {s.at} ({s.reason})" for s in out.stops))
@@ -201,12 +217,15 @@ GRID = {"min_iou": (None, 0.1, 0.2, 0.3, 0.35, 0.4), "min_iou_rel": (None, 0.4, 
 GUARDS = {"min_area_ratio": (0.15,), "max_area_ratio": (2.5,), "min_inside": (0.6,)}
 
 
-def joint_grid(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.ndarray],
-               grid: dict | None = None) -> list[tuple]:
+def grid_arrays(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.ndarray],
+                grid: dict | None = None) -> dict:
     """Every combination of ``grid`` (default :data:`GRID`), simulated on the permissive runs,
     vectorised: per criterion value the first failing slice of each run, a combination's stop is
-    the earliest of its criteria's. Returns ``(ends within 2, mean 3D Dice, beyond, missed, params)``
-    per combination."""
+    the earliest of its criteria's. Returns per combination (rows) and run end (columns, two a
+    case: down, up) ``dist``, the last slice kept minus the true end outwards (> 0: ran past,
+    < 0: stopped short), and per case (columns) ``inter`` / ``pred``, the voxels kept in the
+    structure / in all; ``gt``: each case's structure voxels, ``case``: each run end's case,
+    ``combos``: the combinations (dicts)."""
     import itertools
 
     GRID = grid or globals()["GRID"]  # noqa: N806
@@ -243,24 +262,31 @@ def joint_grid(permissive: list[tuple[str, int, Propagation]], structs: dict[str
         shape[i] = sizes[i]
         stop = first.reshape(shape) if stop is None else np.minimum(stop, first.reshape(shape))
     kept = stop.reshape(-1, len(runs))
-    within = np.zeros(len(kept), int)
-    beyond = np.zeros(len(kept), int)
-    missed = np.zeros(len(kept), int)
+    dist = np.zeros(kept.shape, int)
     inter = np.array([[c[1]] * len(kept) for c in cases], float).T
     pred = np.array([[c[2]] * len(kept) for c in cases], float).T
     for j, r in enumerate(runs):
         k = kept[:, j]
         last = np.where(k > 0, np.array([*r["zs"], 0])[np.maximum(k - 1, 0)], r["z0"])
-        dist = (last - r["end"]) * r["step"]  # > 0: ran past the end; < 0: stopped short
-        within += np.abs(dist) <= 2
-        beyond += np.maximum(dist, 0)
-        missed += np.maximum(-dist, 0)
+        dist[:, j] = (last - r["end"]) * r["step"]
         inter[:, r["case"]] += r["ci"][k]
         pred[:, r["case"]] += r["cp"][k]
-    dice = (2 * inter / (pred + np.array([c[0] for c in cases]))).mean(axis=1)
-    combos = list(itertools.product(*(GRID[k] for k in keys)))
-    return [(int(within[i]), float(dice[i]), int(beyond[i]), int(missed[i]), dict(zip(keys, c, strict=True)))
-            for i, c in enumerate(combos)]
+    combos = [dict(zip(keys, c, strict=True)) for c in itertools.product(*(GRID[k] for k in keys))]
+    return {"dist": dist, "inter": inter, "pred": pred, "gt": np.array([c[0] for c in cases], float),
+            "case": np.array([r["case"] for r in runs]), "combos": combos}
+
+
+def joint_grid(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.ndarray],
+               grid: dict | None = None) -> list[tuple]:
+    """:func:`grid_arrays` summed over the runs: ``(ends within 2, mean 3D Dice, beyond, missed,
+    params)`` per combination."""
+    g = grid_arrays(permissive, structs, grid)
+    dist = g["dist"]
+    within = (np.abs(dist) <= 2).sum(axis=1)
+    beyond = np.maximum(dist, 0).sum(axis=1)
+    missed = np.maximum(-dist, 0).sum(axis=1)
+    dice = (2 * g["inter"] / (g["pred"] + g["gt"])).mean(axis=1)
+    return [(int(within[i]), float(dice[i]), int(beyond[i]), int(missed[i]), c) for i, c in enumerate(g["combos"])]
 
 
 def tune(permissive: list[tuple[str, int, Propagation]], structs: dict[str, np.ndarray]) -> None:
@@ -387,7 +413,7 @@ def bench_variants(args: argparse.Namespace) -> None:
     name_of = lambda text: text.replace(",", "_").replace("=", "-") or "default"  # noqa: E731
     floor = args.floor
     for text in variants:
-        carry = parse_carry(text)
+        carry = {"large_seed": None, **parse_carry(text)}  # one carry for every seed (unless named)
         carry_only = {k: v for k, v in carry.items() if k not in OPEN_STOPS and k != "min_area_px"}
         t0 = time.perf_counter()
         permissive = []
@@ -435,7 +461,7 @@ def bench_variants(args: argparse.Namespace) -> None:
         for name, axis, run in permissive:
             print(f"    {name}/{PLANES[axis]} stops: {simulate_stops(run, default)}")
         for rule_text in filter(None, args.rules.split(";")):
-            rule = PropagationParams(**{**carry_only, **parse_carry(rule_text)})
+            rule = PropagationParams(**{**carry_only, **parse_carry(rule_text)})  # carry_only holds large_seed
             res_r = [evaluate(simulate(run, rule), structs[name], axis) for name, axis, run in permissive]
             print(f"  rule {rule_text} (default stops otherwise): {summary(res_r)} "
                   f"(mean 3D Dice {np.mean([r['dice'] for r in res_r]):.5f})")
@@ -462,6 +488,197 @@ def bench_variants(args: argparse.Namespace) -> None:
         print(f"  {time.perf_counter() - t0:.0f} s")
 
 
+#: A wider grid for :func:`bench_policy` (``--wide``): absolute and relative IoU floors as high as
+#: a zoomed decode's (0.6-0.9), the area against the seed's, and the intensity criteria finer.
+WIDE_GRID = {"min_iou": (None, 0.3, 0.5, 0.6, 0.7), "min_iou_rel": (None, 0.6, 0.7, 0.8, 0.9),
+             "min_area_frac": (0.0, 0.05, 0.1, 0.2), "max_intensity_z": (None, 1.5, 2.0, 3.0),
+             "min_feature": (None, 0.35, 0.5, 0.6, 0.7, 0.8), "min_tissue": (None, 0.02, 0.05, 0.1, 0.2),
+             "min_in_range": (None, 0.1, 0.2, 0.3, 0.5)}
+
+
+def seed_class(gt: np.ndarray, axis: int, context: float | None) -> str:
+    """``"small"`` when the case's one-box seed gets a zoom window (:func:`core.zoom.zoom_window`
+    at ``context``, the default context when None), ``"large"`` when it does not."""
+    from napari_medsam.core.zoom import DEFAULT_CONTEXT, zoom_window
+
+    z, box = seed_box(gt, axis)
+    shape = tuple(s for a, s in enumerate(gt.shape) if a != axis)
+    return "large" if zoom_window(box, shape, context=context or DEFAULT_CONTEXT) is None else "small"
+
+
+def class_scores(g: dict, rows: np.ndarray | None = None, cases: np.ndarray | None = None) -> dict:
+    """Per grid rule (``rows``, default all) of :func:`grid_arrays` ``g``, over ``cases`` (default
+    all): cases with both ends within 2, ends within 2, the sum of 3D Dice, beyond, missed."""
+    rows = np.arange(len(g["combos"])) if rows is None else rows
+    cases = np.arange(len(g["gt"])) if cases is None else cases
+    cols = np.flatnonzero(np.isin(g["case"], cases))
+    d = g["dist"][np.ix_(rows, cols)]
+    ok = np.abs(d) <= 2
+    both = np.zeros(len(rows), int)
+    for c in cases:
+        both += ok[:, g["case"][cols] == c].all(axis=1)
+    dice = 2 * g["inter"][np.ix_(rows, cases)] / (g["pred"][np.ix_(rows, cases)] + g["gt"][cases])
+    return {"cases": both, "ends": ok.sum(axis=1), "dice": dice.sum(axis=1),
+            "beyond": np.maximum(d, 0).sum(axis=1), "missed": np.maximum(-d, 0).sum(axis=1)}
+
+
+def top_rules(g: dict, cases: np.ndarray | None = None) -> np.ndarray:
+    """The grid rules tied best over ``cases``: most cases with both ends within 2, then most ends
+    within 2, then the highest 3D Dice (to 3 decimals)."""
+    s = class_scores(g, cases=cases)
+    key = s["cases"] * 10**6 + s["ends"] * 10**3 + np.round(s["dice"] / max(len(g["gt"] if cases is None else cases), 1), 3)
+    return np.flatnonzero(key == key.max())
+
+
+def bench_policy(args: argparse.Namespace) -> None:
+    """One policy chosen by the seed's size (``--policy "SMALL|LARGE"``, two carries as in
+    ``--variants``): a seed whose box gets a zoom window (:func:`seed_class`) is carried with SMALL,
+    one that does not with LARGE; one permissive run per case with its class's carry (or ``--load
+    DIR``: the runs ``--variants --save`` wrote, ``{carry}.pkl`` for each). Prints, with the leak
+    guards kept in every rule: the 12-case table under ``--small-stops`` / ``--large-stops``
+    (``key=value,...`` on top of the default stops, as ``--rules``), the best grid rules per class
+    and their combination, leave-one-plane-out (a class's rules chosen on two planes, scored on the
+    third: min-max over the rules tied best on the two) and each given threshold moved to its
+    neighbouring grid values."""
+    small_text, _, large_text = args.policy.partition("|")
+    carries = {cls: {"large_seed": None, **parse_carry(text)} for cls, text in (("small", small_text), ("large", large_text))}
+    name_of = lambda text: text.replace(",", "_").replace("=", "-") or "default"  # noqa: E731
+    if args.load:
+        mni, loaded, cache = load_mni(), None, None
+        structs = structures(mni)
+        if args.structures:
+            structs = {k: v for k, v in structs.items() if k in args.structures.split(",")}
+        planes = [int(p) for p in args.planes.split(",")]
+    else:
+        mni, structs, loaded, cache, planes = setup(args)
+    context = carries["small"].get("zoom")
+    only = lambda carry: {k: v for k, v in carry.items() if k not in OPEN_STOPS and k != "min_area_px"}  # noqa: E731
+    runs: dict[str, list] = {"small": [], "large": []}
+    t0 = time.perf_counter()
+    saved = {}
+    if args.load:
+        import pickle
+
+        for cls, text in (("small", small_text), ("large", large_text)):
+            with open(Path(args.load) / f"{name_of(text)}.pkl", "rb") as f:
+                data = pickle.load(f)  # noqa: S301 - our own file, written by --save
+            saved[cls] = {(name, axis): run for name, axis, run in data["runs"]}
+            print(f"{cls} seeds: runs read from {args.load}/{name_of(text)}.pkl (--bound {data['bound']})")
+    timing = {"small": 0.0, "large": 0.0}
+    for axis in planes:
+        enc = None if args.load else VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache)
+        for name, gt in structs.items():
+            cls = seed_class(gt, axis, context)
+            if args.load:
+                run = saved[cls][(name, axis)]
+            else:
+                z, box = seed_box(gt, axis)
+                t = time.process_time()
+                run = drain(propagate(enc, {z: Prompt2D.from_box(box)},
+                                      params=PropagationParams.permissive(**only(carries[cls])),
+                                      **bounded(gt, axis, args.bound)))
+                timing[cls] += time.process_time() - t
+            runs[cls].append((name, axis, run))
+    print("classes: " + "; ".join(f"{cls}: " + ", ".join(f"{n}/{PLANES[a]}" for n, a, _ in rs) for cls, rs in runs.items()))
+    if not args.load:
+        print(f"permissive runs: CPU s small {timing['small']:.0f}, large {timing['large']:.0f}; "
+              f"{time.perf_counter() - t0:.0f} s wall")
+        if args.save:
+            import pickle
+
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            for cls, text in (("small", small_text), ("large", large_text)):
+                with open(Path(args.save) / f"{name_of(text)}.pkl", "wb") as f:
+                    pickle.dump({"carry": carries[cls], "bound": args.bound, "runs": runs[cls]}, f)
+    order = [(name, axis) for axis in planes for name in structs]
+    given = {"small": args.small_stops, "large": args.large_stops}
+
+    def combined(res: dict[str, list]) -> list[tuple[str, int, dict]]:
+        by = {(n, a): r for cls in res for (n, a, _), r in zip(runs[cls], res[cls], strict=True)}
+        return [(n, a, by[(n, a)]) for n, a in order if (n, a) in by]
+
+    def show(res: dict[str, list], title: str) -> None:
+        rows = combined(res)
+        print(f"\n{title}\n| structure | plane | true slices | labelled | beyond | missed | ends (lo / hi) | within 2 "
+              "| 3D Dice |\n|---|---|---|---|---|---|---|---|---|")
+        for n, a, r in rows:
+            print(fmt(n, PLANES[a], r))
+        print(summary([r for _, _, r in rows]) + f" (mean 3D Dice {np.mean([r['dice'] for _, _, r in rows]):.4f})")
+
+    rules = {cls: PropagationParams(**{**carries[cls], **parse_carry(given[cls])}) for cls in runs}
+    res = {cls: [evaluate(simulate(run, rules[cls]), structs[n], a) for n, a, run in runs[cls]] for cls in runs}
+    show(res, f"the policy with the given stops: small seeds {small_text} + stops [{given['small'] or 'default'}]; "
+              f"large seeds {large_text} + stops [{given['large'] or 'default'}]")
+    for cls in runs:
+        for n, a, run in runs[cls]:
+            print(f"    {n}/{PLANES[a]} ({cls}) stops: {simulate_stops(run, rules[cls])}")
+    grid = {**(WIDE_GRID if args.wide else GRID), **GUARDS}
+    grids = {cls: grid_arrays(rs, structs, grid) for cls, rs in runs.items() if rs}
+    print(f"\ngrid ({'WIDE_GRID' if args.wide else 'GRID'}, the leak guards kept: {GUARDS}); "
+          f"{len(next(iter(grids.values()))['combos'])} rules a class")
+    best = {}
+    for cls, g in grids.items():
+        s = class_scores(g)
+        top = top_rules(g)
+        n = len(g["gt"])
+        best[cls] = top[0]
+        print(f"  {cls} seeds ({n} cases): best {s['cases'][top[0]]}/{n} cases, {s['ends'][top[0]]}/{2 * n} ends, "
+              f"Dice {s['dice'][top[0]] / n:.3f}, beyond {s['beyond'][top[0]]}, missed {s['missed'][top[0]]}; "
+              f"{len(top)} rules tied, the first: {_short(g['combos'][top[0]])}")
+    res_best = {cls: [evaluate(simulate(run, PropagationParams.permissive(**only(carries[cls]), **grids[cls]['combos'][best[cls]],
+                                                                          min_area_px=4)), structs[n], a)
+                      for n, a, run in runs[cls]] for cls in grids}
+    show(res_best, "the policy with each class's best grid rule (in sample)")
+    # Leave one plane out: a class's rules chosen on the other planes' cases, scored on the plane's.
+    print("\nleave one plane out (rules chosen on the other planes, scored on this one; min-max over the tied best):")
+    tot = np.zeros(3)
+    for held in planes:
+        line, lo_hi = [], np.zeros((2, 3))
+        for cls, g in grids.items():
+            axes = np.array([a for _, a, _ in runs[cls]])
+            train, test = np.flatnonzero(axes != held), np.flatnonzero(axes == held)
+            if not len(test):
+                continue
+            top = top_rules(g, train) if len(train) else np.arange(len(g["combos"]))
+            s = class_scores(g, rows=top, cases=test)
+            lo_hi += [[s["cases"].min(), s["ends"].min(), s["dice"].min()], [s["cases"].max(), s["ends"].max(), s["dice"].max()]]
+            line.append(f"{cls} {s['cases'].min()}-{s['cases'].max()}/{len(test)} cases, {s['ends'].min()}-{s['ends'].max()}"
+                        f"/{2 * len(test)} ends ({len(top)} rules tied on the rest; first {_short(g['combos'][top[0]])})")
+        n_test = sum(1 for _, a in order if a == held)
+        print(f"  held out {PLANES[held]}: {lo_hi[0, 0]:.0f}-{lo_hi[1, 0]:.0f}/{n_test} cases, {lo_hi[0, 1]:.0f}-"
+              f"{lo_hi[1, 1]:.0f}/{2 * n_test} ends, mean 3D Dice {lo_hi[0, 2] / n_test:.3f}-{lo_hi[1, 2] / n_test:.3f}; "
+              + "; ".join(line))
+        tot += lo_hi[0]
+    print(f"  all planes held out (the least of each fold): {tot[0]:.0f}/{len(order)} cases, {tot[1]:.0f}/{2 * len(order)} ends")
+    # The given rules' thresholds moved to their neighbouring grid values.
+    print("\nthe given stops, each threshold moved to a neighbouring value of the grid (cases, ends of the class):")
+    for cls in runs:
+        base = rules[cls]
+        for key, values in grid.items():
+            if key in GUARDS:
+                continue
+            cur = getattr(base, key)
+            vals = sorted({*[v for v in values if v is not None], *([cur] if cur is not None else [])})
+            i = vals.index(cur) if cur is not None else None
+            off = [None] if None in values else []
+            near = off + vals if i is None else [
+                v for v in (vals[i - 1] if i > 0 else None, vals[i + 1] if i + 1 < len(vals) else None)
+                if v is not None] + off
+            cells = []
+            for v in near:
+                p = dataclasses.replace(base, **{key: v})
+                r = [evaluate(simulate(run, p), structs[n], a) for n, a, run in runs[cls]]
+                ok = sum(abs(x["end_lo"]) <= 2 and abs(x["end_hi"]) <= 2 for x in r)
+                ends = sum((abs(x["end_lo"]) <= 2) + (abs(x["end_hi"]) <= 2) for x in r)
+                cells.append(f"{v}: {ok}, {ends}")
+            print(f"  {cls} {key}={cur} -> " + "; ".join(cells))
+
+
+def _short(params: dict) -> str:
+    """A grid rule without its switched-off criteria and the guards."""
+    return ", ".join(f"{k}={v}" for k, v in params.items() if v is not None and k not in GUARDS and v != 0.0) or "guards only"
+
+
 def table(permissive: list[tuple[str, int, Propagation]], res: list[dict]) -> None:
     print("| structure | plane | true slices | labelled | beyond | missed | ends (lo / hi) | within 2 | 3D Dice |\n"
           "|---|---|---|---|---|---|---|---|---|")
@@ -473,6 +690,7 @@ def table(permissive: list[tuple[str, int, Propagation]], res: list[dict]) -> No
 def simulate_stops(run: Propagation, params: PropagationParams) -> str:
     """Where and why ``params`` stops each direction of a permissive single-seed run."""
     (z0,) = run.seeds
+    params = params.for_seed(z0 in getattr(run, "large", ()))
     seed_area = run.scores[z0].area
     out = []
     for step in (-1, 1):
@@ -582,6 +800,11 @@ def main() -> None:
     ap.add_argument("--guards", action="store_true", help="--variants: keep the leak guards (collapse 0.15, "
                     "growth x2.5, jump 0.6) in every grid rule")
     ap.add_argument("--tissue", action="store_true", help="--variants: print SliceScore.tissue around each true end")
+    ap.add_argument("--policy", default="", help="'SMALL|LARGE': two carries ('key=value,...'), the first for seeds "
+                    "that get a zoom window, the second for those that do not (see bench_policy)")
+    ap.add_argument("--small-stops", default="", help="--policy: the small seeds' stops, 'key=value,...' on top of the defaults")
+    ap.add_argument("--large-stops", default="", help="--policy: the large seeds' stops, 'key=value,...' on top of the defaults")
+    ap.add_argument("--wide", action="store_true", help="--policy: search WIDE_GRID instead of GRID")
     ap.add_argument("--slice", type=int, default=93)
     ap.add_argument("--reach", type=int, default=10)
     args = ap.parse_args()
@@ -589,6 +812,8 @@ def main() -> None:
         bench_speed(args)
     elif args.seeds:
         bench_seeds(args)
+    elif args.policy:
+        bench_policy(args)
     elif args.variants:
         bench_variants(args)
     else:

@@ -23,7 +23,9 @@ from napari_medsam.core.propagation import (
 from napari_medsam.core.segment import Prompt2D, box_of
 from tests.conftest import dice
 
-OPEN = PropagationParams.permissive()
+#: No stop but a vanishing mask, one carry for every seed (``large_seed=None``: the tests below script a
+#: carry; on these 45 x 31 slices every seed's box is a large one).
+OPEN = PropagationParams.permissive(large_seed=None)
 
 
 @pytest.fixture()
@@ -298,7 +300,7 @@ def test_relative_iou_floor_judges_an_output_on_its_own_scale(monkeypatch, enc):
 
     _scripted(monkeypatch, enc, outputs)
     seed = {4: Prompt2D.from_box((8, 4, 20, 14))}
-    carry = {"choose": "previous"}
+    carry = {"choose": "previous", "large_seed": None}
     absolute = drain(propagate(enc, seed, params=PropagationParams(**carry, min_iou=0.35, min_feature=None)))
     relative = drain(propagate(enc, seed, params=PropagationParams(**carry, min_iou=None, min_iou_rel=0.5,
                                                                    min_feature=None)))
@@ -448,7 +450,8 @@ def test_seed_tissue_stops_a_mask_carried_past_the_structures_end(tiny_lite, mon
         assert {s.reason for s in out.stops} == {reason}
         assert {s.at for s in out.stops} == {1, 7}
     # the default guards do not stop this run (the mask keeps its size and place): only the tissue does
-    guards = dataclasses.replace(PropagationParams(), min_iou=None, min_feature=None, max_intensity_z=None)
+    guards = dataclasses.replace(PropagationParams(), min_iou=None, min_feature=None, max_intensity_z=None,
+                                 large_seed=None)
     assert set(drain(propagate(enc, seed, params=guards))) == set(range(9))
     assert set(drain(propagate(enc, seed, params=dataclasses.replace(guards, min_tissue=0.05)))) == set(range(2, 7))
 
@@ -487,3 +490,81 @@ def test_a_known_mask_tighter_than_the_decoders_does_not_stop_the_run_on_intensi
     out = drain(propagate(enc, {4: Prompt2D(box=box_of(core), known=core)}, params=params))
     assert set(out) == set(range(2, 7))
     np.testing.assert_array_equal(out[4], core)
+
+
+# --- the seed decides: a large seed follows the structure and stops on its tissue (issue 16, sixth pass)
+
+def test_large_seed_params_apply_to_seeds_that_get_no_zoom_window():
+    params = PropagationParams()
+    big, small = Prompt2D.from_box((10, 10, 50, 40)), Prompt2D.from_box((10, 10, 22, 20))
+    assert params.is_large(big, (96, 96)) and not params.is_large(small, (96, 96))  # 40 px: over a third
+    assert not params.is_large(Prompt2D(), (96, 96))  # no box, no points: the fields as they are
+    large = params.for_seed(True)
+    assert (large.seed_choose, large.choose, large.min_iou, large.min_tissue) == ("contrast", "previous", None, 0.02)
+    assert (large.min_area_ratio, large.max_area_ratio, large.min_inside) == (0.15, 2.5, 0.6)  # the leak guards stay
+    assert large.large_seed is None and params.for_seed(False) is params
+    assert PropagationParams(large_seed=None).for_seed(True) == PropagationParams(large_seed=None)
+    assert PropagationParams.legacy().for_seed(True) == PropagationParams.legacy()  # one carry, as before
+    open_ = PropagationParams.permissive().for_seed(True)
+    assert (open_.choose, open_.seed_choose, open_.min_iou, open_.min_tissue) == ("previous", "contrast", None, None)
+
+
+def _structure_volume(shape, rows, cols):
+    """A bright structure on slices 2..6 of a dark volume (a little noise everywhere)."""
+    rng = np.random.default_rng(3)
+    vol = (0.2 + 0.05 * rng.random((9, *shape))).astype(np.float32)
+    vol[2:7, rows[0]:rows[1], cols[0]:cols[1]] = 0.9 + 0.05 * rng.random((5, rows[1] - rows[0], cols[1] - cols[0]))
+    return vol
+
+
+def _drifting_decoder(shape, obj, other):
+    """The single-mask output jumps to a neighbour on slice 5; a multimask output is the object where
+    it is, and past its ends a mask of the same size in the same place (on the dark background),
+    as LiteMedSAM's multimask outputs do past a brain's end; predicted IoU 0.8 / 0.2."""
+    empty = np.zeros(shape, bool)
+
+    def outputs(z, p):
+        if 2 <= z <= 6:
+            return [(other if z == 5 else obj, 0.8), (obj, 0.2)]
+        return [(empty, 0.1), (obj, 0.2)]
+    return outputs
+
+
+def test_a_large_seed_follows_the_structure_and_stops_where_its_tissue_runs_out(tiny_lite, monkeypatch):
+    """Every seed on these 45 x 31 slices is large: by default its run keeps the output most like
+    the previous mask (not the single-mask output, which jumps), has no absolute IoU floor (the
+    multimask output's 0.2 would stop it at once) and ends where the seed's tissue runs out, not at
+    the volume's ends. With one carry for every seed (``large_seed=None``, the earlier default) the
+    run stops at the jump."""
+    obj, other = _square(8, 4, 20, 14), _square(26, 18, 38, 28)
+    enc = VolumeEncoder(tiny_lite, _structure_volume((45, 31), (8, 20), (4, 14)))
+    _scripted(monkeypatch, enc, _drifting_decoder((45, 31), obj, other))
+    seed = {4: Prompt2D.from_box((8, 4, 20, 14))}
+    out = drain(propagate(enc, seed))  # the default
+    assert out.large == (4,)
+    assert set(out) == set(range(2, 7))
+    for z in out:
+        np.testing.assert_array_equal(out[z], obj)
+    assert {s.at for s in out.stops} == {1, 7}  # here the intensity jump says it first
+    assert out.scores[5].output == 1  # the multimask output where the single-mask one jumped
+    tissue = drain(propagate(enc, seed, params=PropagationParams(max_intensity_z=None)))
+    assert set(tissue) == set(range(2, 7)) and {s.reason for s in tissue.stops} == {"seed tissue ran out"}
+    one = drain(propagate(enc, seed, params=PropagationParams(large_seed=None)))
+    assert one.large == () and set(one) == {2, 3, 4}  # the single-mask output jumped on slice 5
+
+
+def test_a_small_seed_keeps_the_fields_as_they_are(tiny_lite, monkeypatch):
+    """The same structure on 96 x 96 slices, its box small enough for a zoom window: the run uses
+    the fields as they are (the single-mask output, the IoU floor), not the large-seed carry."""
+    def square(r0, c0, r1, c1):
+        m = np.zeros((96, 96), bool)
+        m[r0:r1, c0:c1] = True
+        return m
+
+    obj, other = square(40, 40, 52, 50), square(70, 70, 82, 80)
+    enc = VolumeEncoder(tiny_lite, _structure_volume((96, 96), (40, 52), (40, 50)))
+    _scripted(monkeypatch, enc, _drifting_decoder((96, 96), obj, other))
+    out = drain(propagate(enc, {4: Prompt2D.from_box((40, 40, 52, 50))}))
+    assert out.large == ()
+    assert set(out) == {2, 3, 4}  # the single-mask output jumped to the neighbour on slice 5
+    assert {(s.direction, s.at, s.reason) for s in out.stops} == {(-1, 1, "vanished"), (1, 5, "jumped")}

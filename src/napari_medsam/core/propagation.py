@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,9 +31,20 @@ from .errors import Cancelled, PromptError
 from .preprocess import SliceTransform
 from .progress import Progress, ProgressGen
 from .segment import MaskResult, Prompt2D, box_of, decode, decode_all
-from .zoom import MIN_SIDE, Window, decode_zoomed, prompt_bounds, zoom_window
+from .zoom import DEFAULT_CONTEXT, MIN_SIDE, Window, decode_zoomed, prompt_bounds, zoom_window
 
-__all__ = ["Propagation", "PropagationParams", "SliceScore", "StopInfo", "parse_range", "plan_update", "propagate"]
+__all__ = ["LARGE_SEED", "Propagation", "PropagationParams", "SliceScore", "StopInfo", "parse_range", "plan_update", "propagate"]
+
+
+#: How a run from a *large* seed is carried and stopped, on top of the other fields (see
+#: :attr:`PropagationParams.large_seed`): the seed is the decoder output that best splits its box,
+#: each slice keeps the output most like the previous mask (it follows the structure: a brain's
+#: masks stay at per-slice Dice 0.8-0.9 where the single-mask output's drift to 0.1-0.2), no
+#: absolute IoU floor (the multimask outputs' predicted IoU is ~0.2 throughout), and the run ends
+#: where the seed's own tissue runs out (below 2 % of the seed's: those masks keep their size past
+#: the end, on the background). Chosen on MNI152 (docs/benchmarks.md, issue 16 sixth pass).
+LARGE_SEED: tuple[tuple[str, Any], ...] = (("seed_choose", "contrast"), ("choose", "previous"), ("min_iou", None),
+                                           ("min_tissue", 0.02))
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,11 @@ class PropagationParams:
     embeddings for its whole run; None: off. ``zoom_fixed``: a run's windows are at least as large
     as its seed's (it keeps the seed's magnification as the object shrinks towards its end, and its
     pooled features stay comparable with the seed's); False: each window follows its carried box.
+    ``large_seed``: the seed decides how its run goes. A seed whose box gets no zoom window
+    (:func:`~napari_medsam.core.zoom.zoom_window` at ``zoom``, or the default context when zoom is
+    off: the box's longer side is over a third of the slice's) is *large*: its run uses these
+    ``(field, value)`` pairs on top of the other fields (:data:`LARGE_SEED`; :meth:`for_seed`);
+    a smaller seed's run uses the fields as they are. None: every run uses the fields as they are.
     Set a criterion to None to switch it off; :meth:`legacy` is the propagation before these
     existed (area and IoU only), kept for benchmarks.
     """
@@ -124,6 +140,7 @@ class PropagationParams:
     min_in_range: float | None = None
     zoom: float | None = None
     zoom_fixed: bool = True
+    large_seed: tuple[tuple[str, Any], ...] | None = LARGE_SEED
 
     @classmethod
     def legacy(cls, **kw: Any) -> PropagationParams:
@@ -131,13 +148,29 @@ class PropagationParams:
         area (2 % of the seed's) or low predicted IoU only."""
         return cls(**{**LEGACY_CARRY, "min_area_frac": 0.02, "min_area_ratio": None, "max_area_ratio": None,
                       "min_inside": None, "max_intensity_z": None, "min_feature": None, "min_tissue": None,
-                      "min_in_range": None, **kw})
+                      "min_in_range": None, "large_seed": None, **kw})
 
     @classmethod
     def permissive(cls, **kw: Any) -> PropagationParams:
         """The default carry with no stop but a vanishing mask: every slice scored, for tuning
-        (see benchmarks; a stricter rule only truncates such a run)."""
-        return cls(**{**OPEN_STOPS, **kw})
+        (see benchmarks; a stricter rule only truncates such a run). A large seed keeps the default
+        large-seed carry (:data:`LARGE_SEED` without its stops)."""
+        large = tuple((k, v) for k, v in LARGE_SEED if k not in OPEN_STOPS)
+        return cls(**{**OPEN_STOPS, "large_seed": large, **kw})
+
+    def for_seed(self, large: bool) -> PropagationParams:
+        """The parameters of a run from a seed that is ``large`` (gets no zoom window) or not:
+        ``large_seed`` applied for a large one (see the class docstring), these for a small one."""
+        if not large or not self.large_seed:
+            return self
+        return replace(self, **dict(self.large_seed), large_seed=None)
+
+    def is_large(self, prompt: Prompt2D, shape: tuple[int, int]) -> bool:
+        """Whether a seed prompt on a slice of ``shape`` is large: it has a box or points, and the
+        window around them would not magnify them 1.5x (:func:`~napari_medsam.core.zoom.zoom_window`
+        at ``zoom``, or the default context when zoom is off)."""
+        bounds = prompt_bounds(prompt)
+        return bounds is not None and zoom_window(bounds, shape, context=self.zoom or DEFAULT_CONTEXT) is None
 
     def stop_reason(self, s: SliceScore, seed_area: int) -> str | None:
         """Why slice score ``s`` ends its run (None: keep going)."""
@@ -220,7 +253,8 @@ class Propagation(Mapping[int, np.ndarray]):
 
     ``seeds``: slices prompted by the user (their masks come from the prompts); ``scores``: a
     :class:`SliceScore` for every written slice; ``stops``: one :class:`StopInfo` per run;
-    ``span``: ``(start, stop)``, the half-open range of slices propagation was allowed to write.
+    ``span``: ``(start, stop)``, the half-open range of slices propagation was allowed to write;
+    ``large``: the seeds whose runs were carried as large seeds (:attr:`PropagationParams.large_seed`).
     """
 
     masks: dict[int, np.ndarray]
@@ -228,6 +262,7 @@ class Propagation(Mapping[int, np.ndarray]):
     seeds: tuple[int, ...]
     stops: tuple[StopInfo, ...] = ()
     span: tuple[int, int] = (0, 0)
+    large: tuple[int, ...] = ()
 
     def __getitem__(self, z: int) -> np.ndarray:
         return self.masks[z]
@@ -519,6 +554,8 @@ class _Seed:
     tissue_range: tuple[float, float] = (float("nan"), float("nan"))  # seed tissue: intensities in here
     tissue_px: int = 0  # the seed mask's pixels of seed tissue
     window: Window | None = None  # the zoom window it was decoded on (PropagationParams.zoom): its run is too
+    params: PropagationParams = PropagationParams()  # its runs' (PropagationParams.for_seed)
+    large: bool = False  # carried as a large seed (PropagationParams.large_seed)
 
     def tissue_of(self, vals: np.ndarray) -> tuple[float, float]:
         """``(tissue, in_range)`` of a mask whose pixel intensities are ``vals`` (see SliceScore)."""
@@ -630,11 +667,12 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
             return decode(encoder.loaded, emb, tf, [prompt], return_prob=prob), emb
         return decode_all(encoder.loaded, emb, tf, prompt, return_prob=prob), emb
 
-    def agreement(c: MaskResult, z_next: int, seed_box: Any, least: int | None) -> float | None:
+    def agreement(c: MaskResult, z_next: int, seed_box: Any, least: int | None,
+                  p: PropagationParams) -> float | None:
         """For ``choose="lookahead"``: IoU of ``c``'s mask with what its box gives on ``z_next``."""
         if not lo <= z_next < hi:
             return None
-        nxt = _step_prompt(c, tf, params, use_logits and least is None, seed_box=seed_box)
+        nxt = _step_prompt(c, tf, p, use_logits and least is None, seed_box=seed_box)
         if nxt is None:
             return 0.0
         ahead = candidates(z_next, nxt[0], "first", window(nxt[0], least), prob=False)[0][0]
@@ -647,27 +685,30 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
         like = _similarity(emb, seed.feature) >= seed.similar
         return res.mask & _cells_to_original(like, tf)
 
-    for how in (params.choose, params.seed_choose):
-        if how not in CHOICES:
-            raise PromptError(f"choose must be one of {', '.join(CHOICES)}; got {how!r}")
+    for p in (params, params.for_seed(True)):
+        for how in (p.choose, p.seed_choose):
+            if how not in CHOICES:
+                raise PromptError(f"choose must be one of {', '.join(CHOICES)}; got {how!r}")
     if params.zoom is not None and params.similar_q is not None:
         raise PromptError("similar_q carries the box from embedding cells of the whole slice: it does not "
                           "combine with zoom (set one of them to None)")
-    need_all = params.choose != "first" or params.seed_choose != "first" or params.min_iou_rel is not None
     for z in order:
+        large = bool(params.large_seed) and params.is_large(seeds[z], tuple(tf.original))
+        p = params.for_seed(large)  # the seed decides its runs' carry and stops
+        need_all = p.choose != "first" or p.seed_choose != "first" or p.min_iou_rel is not None
         win = window(seeds[z], MIN_SIDE)
-        cands, emb = candidates(z, seeds[z], params.seed_choose, win)
+        cands, emb = candidates(z, seeds[z], p.seed_choose, win)
         agree: dict[int, float | None] = {}
-        if params.seed_choose == "lookahead":
+        if p.seed_choose == "lookahead":
             for c in cands:
                 least = None if win is None else win[2] - win[0]
-                vals = [v for v in (agreement(c, z - 1, None, least), agreement(c, z + 1, None, least))
+                vals = [v for v in (agreement(c, z - 1, None, least, p), agreement(c, z + 1, None, least, p))
                         if v is not None]
                 agree[id(c)] = float(np.mean(vals)) if vals else None
-        k, res = _choose(cands, params.seed_choose, prev=None, seed_feature=None, embedding=emb,
+        k, res = _choose(cands, p.seed_choose, prev=None, seed_feature=None, embedding=emb,
                          img=encoder.intensity.apply(encoder.raw_slice(z)), box=seeds[z].box,
                          ahead=lambda c, agree=agree: agree.get(id(c)))
-        if params.connect:
+        if p.connect:
             res = _keep(res, _connected(res.mask, _prompted(seeds[z], res.mask.shape)))
         decoded = res
         known = seeds[z].known
@@ -685,25 +726,26 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
         mean, std = stats(vals if decoded is res else values(z, decoded.mask))
         tissue_range, tissue_px = (float("nan"), float("nan")), 0
         if vals.size:
-            q = min(max(float(params.tissue_q), 0.0), 0.5)
+            q = min(max(float(p.tissue_q), 0.0), 0.5)
             tissue_range = (float(np.quantile(vals, q)), float(np.quantile(vals, 1.0 - q)))
             tissue_px = _count_within(vals, tissue_range)
         feat = _pooled_feature(emb, res.logits)
         similar = None
-        if params.similar_q is not None and feat is not None:
+        if p.similar_q is not None and feat is not None:
             sim = _similarity(emb, feat)
             cells = _cells(res.logits, sim.shape[0])
             if cells.any():
-                similar = float(np.quantile(sim[cells], params.similar_q))
+                similar = float(np.quantile(sim[cells], p.similar_q))
         seed_info[z] = _Seed(area=max(int(res.mask.sum()), 1), mean=mean, std=std, feature=feat, result=res,
                              ious=tuple(float(c.iou) for c in cands), box=box_of(res.mask), similar=similar,
-                             tissue_range=tissue_range, tissue_px=tissue_px, window=win)
+                             tissue_range=tissue_range, tissue_px=tissue_px, window=win, params=p, large=large)
         done += 1
         yield Progress(done, total, "propagating", {"slice": z})
-    limits = params.max_box_growth is not None or params.box_within is not None
     stops: list[StopInfo] = []
     for z0, step, end in runs:
         seed = seed_info[z0]
+        p = seed.params
+        limits = p.max_box_growth is not None or p.box_within is not None
         seed_box = seed.box if limits else None
         prev = seed.result
         prev_mean = seed.mean
@@ -714,19 +756,19 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
         while z != end:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("propagation stopped; nothing was written")
-            nxt = _step_prompt(prev, tf, params, use_logits and seed.window is None, focus=focus, seed_box=seed_box)
+            nxt = _step_prompt(prev, tf, p, use_logits and seed.window is None, focus=focus, seed_box=seed_box)
             if nxt is None:
                 reason, failed = "vanished", z + step
                 break
             prompt, margin_px = nxt
             z += step
-            cands, emb = candidates(z, prompt, params.choose, window(prompt, side))
-            ahead = ((lambda c, z=z, step=step, box=seed_box, side=side: agreement(c, z + step, box, side))
-                     if params.choose == "lookahead" else None)
-            k, res = _choose(cands, params.choose, prev=prev.mask,
+            cands, emb = candidates(z, prompt, p.choose, window(prompt, side))
+            ahead = ((lambda c, z=z, step=step, box=seed_box, side=side, p=p: agreement(c, z + step, box, side, p))
+                     if p.choose == "lookahead" else None)
+            k, res = _choose(cands, p.choose, prev=prev.mask,
                              seed_feature=seed.feature, embedding=emb,
                              img=encoder.intensity.apply(encoder.raw_slice(z)), box=prompt.box, ahead=ahead)
-            if params.connect:
+            if p.connect:
                 res = _keep(res, _connected(res.mask, _grow(prev.mask, margin_px)))
             done += 1
             yield Progress(done, total, "propagating", {"slice": z})
@@ -748,12 +790,12 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
                                area_ratio=area / prev_area, iou_rel=seed.iou_rel(float(res.iou), k), output=k,
                                overlap=inter / max(union, 1), inside=inside,
                                intensity_z=float(iz), feature=feat, tissue=tissue, in_range=in_range)
-            why = params.stop_reason(score, seed.area)
+            why = p.stop_reason(score, seed.area)
             if why is not None:
                 reason, failed = why, z
                 z -= step
                 break
-            score = SliceScore(**{**score.__dict__, "confidence": _confidence(score, params)})
+            score = SliceScore(**{**score.__dict__, "confidence": _confidence(score, p)})
             assert res.prob is not None
             contributions.setdefault(z, []).append((z0, res.prob, score))
             prev, prev_mean = res, mean
@@ -779,4 +821,5 @@ def propagate(encoder: Any, seeds: dict[int, Prompt2D], *, params: PropagationPa
     yield Progress(total, total, "propagating", {"slices": len(masks)})  # early stops: the rest is done
     keys = sorted(masks)
     return Propagation(masks={z: masks[z] for z in keys}, scores={z: scores[z] for z in keys},
-                       seeds=tuple(order), stops=tuple(stops), span=(lo, hi))
+                       seeds=tuple(order), stops=tuple(stops), span=(lo, hi),
+                       large=tuple(z for z in order if seed_info[z].large))
