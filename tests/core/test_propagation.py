@@ -500,13 +500,15 @@ def test_large_seed_params_apply_to_seeds_that_get_no_zoom_window():
     assert params.is_large(big, (96, 96)) and not params.is_large(small, (96, 96))  # 40 px: over a third
     assert not params.is_large(Prompt2D(), (96, 96))  # no box, no points: the fields as they are
     large = params.for_seed(True)
-    assert (large.seed_choose, large.choose, large.min_iou, large.min_tissue) == ("contrast", "previous", None, 0.02)
+    assert (large.seed_choose, large.choose, large.connect, large.min_iou, large.min_tissue) == (
+        "contrast", "previous", True, None, 0.02)
     assert (large.min_area_ratio, large.max_area_ratio, large.min_inside) == (0.15, 2.5, 0.6)  # the leak guards stay
     assert large.large_seed is None and params.for_seed(False) is params
     assert PropagationParams(large_seed=None).for_seed(True) == PropagationParams(large_seed=None)
     assert PropagationParams.legacy().for_seed(True) == PropagationParams.legacy()  # one carry, as before
     open_ = PropagationParams.permissive().for_seed(True)
-    assert (open_.choose, open_.seed_choose, open_.min_iou, open_.min_tissue) == ("previous", "contrast", None, None)
+    assert (open_.choose, open_.seed_choose, open_.connect, open_.min_iou, open_.min_tissue) == (
+        "previous", "contrast", True, None, None)
 
 
 def _structure_volume(shape, rows, cols):
@@ -517,15 +519,17 @@ def _structure_volume(shape, rows, cols):
     return vol
 
 
-def _drifting_decoder(shape, obj, other):
+def _drifting_decoder(shape, obj, other, speck=None):
     """The single-mask output jumps to a neighbour on slice 5; a multimask output is the object where
-    it is, and past its ends a mask of the same size in the same place (on the dark background),
-    as LiteMedSAM's multimask outputs do past a brain's end; predicted IoU 0.8 / 0.2."""
+    it is (with a separate ``speck`` on it), and past its ends a mask of the same size in the same
+    place (on the dark background), as LiteMedSAM's multimask outputs do past a brain's end;
+    predicted IoU 0.8 / 0.2."""
     empty = np.zeros(shape, bool)
+    speck = empty if speck is None else speck
 
     def outputs(z, p):
         if 2 <= z <= 6:
-            return [(other if z == 5 else obj, 0.8), (obj, 0.2)]
+            return [(other if z == 5 else obj, 0.8), (obj | speck, 0.2)]
         return [(empty, 0.1), (obj, 0.2)]
     return outputs
 
@@ -533,12 +537,13 @@ def _drifting_decoder(shape, obj, other):
 def test_a_large_seed_follows_the_structure_and_stops_where_its_tissue_runs_out(tiny_lite, monkeypatch):
     """Every seed on these 45 x 31 slices is large: by default its run keeps the output most like
     the previous mask (not the single-mask output, which jumps), has no absolute IoU floor (the
-    multimask output's 0.2 would stop it at once) and ends where the seed's tissue runs out, not at
+    multimask output's 0.2 would stop it at once), keeps only the pieces joined to the previous mask
+    (the output's separate speck is not written) and ends where the seed's tissue runs out, not at
     the volume's ends. With one carry for every seed (``large_seed=None``, the earlier default) the
     run stops at the jump."""
-    obj, other = _square(8, 4, 20, 14), _square(26, 18, 38, 28)
+    obj, other, speck = _square(8, 4, 20, 14), _square(26, 18, 38, 28), _square(40, 25, 43, 28)
     enc = VolumeEncoder(tiny_lite, _structure_volume((45, 31), (8, 20), (4, 14)))
-    _scripted(monkeypatch, enc, _drifting_decoder((45, 31), obj, other))
+    _scripted(monkeypatch, enc, _drifting_decoder((45, 31), obj, other, speck))
     seed = {4: Prompt2D.from_box((8, 4, 20, 14))}
     out = drain(propagate(enc, seed))  # the default
     assert out.large == (4,)

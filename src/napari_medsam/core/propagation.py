@@ -39,12 +39,13 @@ __all__ = ["LARGE_SEED", "Propagation", "PropagationParams", "SliceScore", "Stop
 #: How a run from a *large* seed is carried and stopped, on top of the other fields (see
 #: :attr:`PropagationParams.large_seed`): the seed is the decoder output that best splits its box,
 #: each slice keeps the output most like the previous mask (it follows the structure: a brain's
-#: masks stay at per-slice Dice 0.8-0.9 where the single-mask output's drift to 0.1-0.2), no
+#: masks stay at per-slice Dice 0.8-0.9 where the single-mask output's drift to 0.1-0.2), only the
+#: pieces of a mask joined to the previous one (a separate piece is dropped, not carried), no
 #: absolute IoU floor (the multimask outputs' predicted IoU is ~0.2 throughout), and the run ends
 #: where the seed's own tissue runs out (below 2 % of the seed's: those masks keep their size past
 #: the end, on the background). Chosen on MNI152 (docs/benchmarks.md, issue 16 sixth pass).
-LARGE_SEED: tuple[tuple[str, Any], ...] = (("seed_choose", "contrast"), ("choose", "previous"), ("min_iou", None),
-                                           ("min_tissue", 0.02))
+LARGE_SEED: tuple[tuple[str, Any], ...] = (("seed_choose", "contrast"), ("choose", "previous"), ("connect", True),
+                                           ("min_iou", None), ("min_tissue", 0.02))
 
 
 @dataclass(frozen=True)
