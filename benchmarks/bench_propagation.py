@@ -170,15 +170,19 @@ def summary(rows: list[dict]) -> str:
             f"{np.mean([r['dice'] for r in rows]):.3f}")
 
 
-def setup(args: argparse.Namespace) -> tuple[dict, dict, object, EmbeddingCache, list[int]]:
-    """The MNI arrays, the structures asked for (``--structures``), the model, the cache, the planes."""
+def setup(args: argparse.Namespace) -> tuple[dict, dict, object, EmbeddingCache | None, list[int]]:
+    """The MNI arrays, the structures asked for (``--structures``), the model, the cache, the planes;
+    with ``--load`` (saved runs) no model and no cache (None)."""
     mni = load_mni()
     structs = structures(mni)
     if args.structures:
         structs = {k: v for k, v in structs.items() if k in args.structures.split(",")}
+    planes = [int(p) for p in args.planes.split(",")]
+    if getattr(args, "load", None):
+        return mni, structs, None, None, planes
     loaded = load_model(args.model, device=args.device)
     cache = EmbeddingCache(args.cache) if args.cache else EmbeddingCache(disk=False)
-    return mni, structs, loaded, cache, [int(p) for p in args.planes.split(",")]
+    return mni, structs, loaded, cache, planes
 
 
 def bench_stops(args: argparse.Namespace) -> None:
@@ -413,14 +417,7 @@ def bench_variants(args: argparse.Namespace) -> None:
     ``--floor`` (default: the first variant's with the default stops: list the baseline first);
     ``--guards`` keeps the three leak guards in every grid rule; ``--load DIR`` reads the runs
     ``--save DIR`` wrote instead of propagating (no model, no embeddings)."""
-    if args.load:
-        mni, loaded, cache = load_mni(), None, None
-        structs = structures(mni)
-        if args.structures:
-            structs = {k: v for k, v in structs.items() if k in args.structures.split(",")}
-        planes = [int(p) for p in args.planes.split(",")]
-    else:
-        mni, structs, loaded, cache, planes = setup(args)
+    mni, structs, loaded, cache, planes = setup(args)
     variants = args.variants.split(";")
     encs = {} if args.load else {axis: VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache) for axis in planes}
     name_of = lambda text: text.replace(",", "_").replace("=", "-") or "default"  # noqa: E731
@@ -556,14 +553,7 @@ def bench_policy(args: argparse.Namespace) -> None:
     small_text, _, large_text = args.policy.partition("|")
     carries = {cls: {"large_seed": None, **parse_carry(text)} for cls, text in (("small", small_text), ("large", large_text))}
     name_of = lambda text: text.replace(",", "_").replace("=", "-") or "default"  # noqa: E731
-    if args.load:
-        mni, loaded, cache = load_mni(), None, None
-        structs = structures(mni)
-        if args.structures:
-            structs = {k: v for k, v in structs.items() if k in args.structures.split(",")}
-        planes = [int(p) for p in args.planes.split(",")]
-    else:
-        mni, structs, loaded, cache, planes = setup(args)
+    mni, structs, loaded, cache, planes = setup(args)
     context = carries["small"].get("zoom")
     only = lambda carry: {k: v for k, v in carry.items() if k not in OPEN_STOPS and k != "min_area_px"}  # noqa: E731
     runs: dict[str, list] = {"small": [], "large": []}
