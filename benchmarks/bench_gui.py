@@ -365,7 +365,6 @@ def main() -> int:  # noqa: C901 - one linear script
         meter.mark("prefetching, before the box")
         pump(rng.uniform(0.3, 0.9))  # the prefetcher is embedding a neighbour now
         working[held] += int(pf is not None and not pf.wait_idle(0))
-        meter.mark(f"box{'' if held else ' (held from the release)'}")
         busy[held].append(one_box(z, i % 5, h, w))
     stats_busy = meter.stop()
     annot_w.hold_while_drawing = True
@@ -393,12 +392,10 @@ def main() -> int:  # noqa: C901 - one linear script
     # -- b. box -> mask drawn on a slice not embedded yet (prefetching on): the sagittal volume,
     # then the coronal one, on slices 16 apart whose neighbours are not embedded (the prefetcher
     # embeds 8 ahead and 4 behind the slice under view)
-    # the A/B, box by box: the dock as shipped (the prefetcher held from the mouse press) against the
-    # prefetcher held from the release (before)
-    ab = {"as shipped: the prefetcher held from the mouse press": {},
-          "held from the release (before)": {"hold_while_drawing": False}}
-    cold: dict[str, list[tuple[float, float, float]]] = {k: [] for k in ab}
-    own: dict[str, list[float | None]] = {k: [] for k in ab}  # ms beyond the box's own slice's pass
+    # the same A/B, box by box: the prefetcher held from the mouse press (as shipped) or the release
+    how = {True: "as shipped: the prefetcher held from the mouse press", False: "held from the release (before)"}
+    cold: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
+    passes: dict[bool, list[float | None]] = {True: [], False: []}  # ms of each box's own slice's pass
     n_cold = 0
     for img_x, vol_x in ((img_b, sagittal), (img_d, coronal)):
         if n_cold >= args.cold_boxes:
@@ -413,28 +410,28 @@ def main() -> int:  # noqa: C901 - one linear script
         cached_x = set(enc_x.cached_indices())
         free = [z for z in range(30, vol_x.shape[0] - 10) if not cached_x & set(range(z - 6, z + 10))]
         for z in free[::16][: args.cold_boxes - n_cold]:
-            cond = list(ab)[0 if args.add_boxes else n_cold % len(ab)]  # added boxes have no press: no A/B
-            annot_w.hold_while_drawing = ab[cond].get("hold_while_drawing", True)
+            held = n_cold % 2 == 0 or args.add_boxes  # added boxes have no press: no A/B
+            annot_w.hold_while_drawing = held
             go_to(z)
             pump(rng.uniform(0.0, 0.5))
             enc_x.last_pass_s = None
-            cold[cond].append(one_box(z, n_cold % 5, hb, wb))
-            own[cond].append(None if enc_x.last_pass_s is None else cold[cond][-1][0] - 1000 * enc_x.last_pass_s)
+            cold[held].append(one_box(z, n_cold % 5, hb, wb))
+            passes[held].append(None if enc_x.last_pass_s is None else 1000 * enc_x.last_pass_s)
             n_cold += 1
     annot_w.hold_while_drawing = True
     budget = 1000 * pass_s + LATENCY_MS
-    for cond, rows in cold.items():
+    for held, rows in cold.items():
         if not rows:
             continue
         cold_ms = [r[0] for r in rows]
-        print(f"RESULT box -> mask drawn on a slice not embedded yet (prefetching on; {cond}): {lat_text(cold_ms)}; "
+        print(f"RESULT box -> mask drawn on a slice not embedded yet (prefetching on; {how[held]}): {lat_text(cold_ms)}; "
               f"one encoder pass {1000 * pass_s:.0f} ms (target p95 <= pass + {LATENCY_MS:.0f} ms = {budget:.0f} ms: "
               f"{verdict(p95_for_verdict(cold_ms), budget)}); the drag {1000 * DRAG_S:.0f} ms before the release", flush=True)
-        beyond = [x for x in own[cond] if x is not None]
-        if beyond:  # what a box cost beyond its own slice's encoder pass (this VM's pass varies 1.3-1.6x run to run)
-            passes = [c[0] - b for c, b in zip(rows, own[cond], strict=True) if b is not None]
-            print(f"  the same boxes beyond their own slice's encoder pass (timed inside the encoder, {len(beyond)} of "
-                  f"{len(cold_ms)} boxes embedded their slice): {lat_text(beyond)}; their passes: median {pct(passes, 50):.0f} ms", flush=True)
+        own = [(r[0], ms) for r, ms in zip(rows, passes[held], strict=True) if ms is not None]
+        if own:  # what a box cost beyond its own slice's encoder pass (this VM's pass varies 1.3-1.6x run to run)
+            print(f"  the same boxes beyond their own slice's encoder pass (timed inside the encoder, {len(own)} of "
+                  f"{len(cold_ms)} boxes embedded their slice): {lat_text([t - ms for t, ms in own])}; their passes: "
+                  f"median {pct([ms for _, ms in own], 50):.0f} ms", flush=True)
 
     if args.prompts_only:
         print(f"# load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)

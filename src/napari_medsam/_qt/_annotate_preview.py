@@ -294,16 +294,13 @@ class PreviewMixin:
             # decoding now would embed it again on this thread; the worker does, once this job ends
             self._refine_dirty = True
             return
-        self.prefetch.hold()
-        try:
+        try:  # the refine job's own hold keeps the prefetcher paused until it ends
             t0 = time.perf_counter()
             res = self.session.refined(req, view.index, prompt)
             decode_s = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - the quick preview stays, and says so
             self._settle_quick(commit=False, note=f"zoom failed ({type(e).__name__}: {e})")
             return
-        finally:
-            self.prefetch.release()
         if res is None:  # zoom was switched off meanwhile: the quick preview is the one
             self._settle_quick(commit=True)
             return
