@@ -419,7 +419,10 @@ def bench_variants(args: argparse.Namespace) -> None:
     ``--save DIR`` wrote instead of propagating (no model, no embeddings)."""
     mni, structs, loaded, cache, planes = setup(args)
     variants = args.variants.split(";")
-    encs = {} if args.load else {axis: VolumeEncoder(loaded, mni["t1"], axis=axis, cache=cache) for axis in planes}
+    encs = {} if args.load else {axis: VolumeEncoder(loaded, biased(mni["t1"], axis, args.bias), axis=axis, cache=cache)
+                                 for axis in planes}
+    if args.bias and not args.load:
+        print(f"T1 times a linear bias field along each plane's axis: {1 - args.bias:g} .. {1 + args.bias:g}")
     name_of = lambda text: text.replace(",", "_").replace("=", "-") or "default"  # noqa: E731
     floor = args.floor
     for text in variants:
@@ -808,8 +811,8 @@ def main() -> None:
     ap.add_argument("--small-stops", default="", help="--policy: the small seeds' stops, 'key=value,...' on top of the defaults")
     ap.add_argument("--large-stops", default="", help="--policy: the large seeds' stops, 'key=value,...' on top of the defaults")
     ap.add_argument("--wide", action="store_true", help="--policy: search WIDE_GRID instead of GRID")
-    ap.add_argument("--bias", type=float, default=0.0, help="the plain run: T1 times a linear bias field "
-                    "along each plane's axis, 1 - BIAS on the first slice to 1 + BIAS on the last")
+    ap.add_argument("--bias", type=float, default=0.0, help="the plain run and --variants: T1 times a linear bias "
+                    "field along each plane's axis, 1 - BIAS on the first slice to 1 + BIAS on the last")
     ap.add_argument("--slice", type=int, default=93)
     ap.add_argument("--reach", type=int, default=10)
     args = ap.parse_args()
