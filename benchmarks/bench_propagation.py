@@ -37,9 +37,9 @@ stop criteria (:data:`GRID`: how the defaults were chosen) and each default crit
         # neighbours (--load DIR reads {carry}.pkl for each from --variants --save)
     python benchmarks/bench_propagation.py --speed [--slice 93] [--reach 10]   # s/slice cold and warm
 
-``--bias 0.1`` runs the plain comparison on T1 times a linear bias field along each plane's axis
-(0.9 on the first slice, 1.1 on the last). The plain run compares the earlier rules with today's default, in which a large seed's run (its
-box gets no zoom window) follows the structure and stops where the seed's tissue runs out
+``--bias 0.1`` runs the plain comparison (or ``--variants``) on T1 times a linear bias field along
+each plane's axis (0.9 on the first slice, 1.1 on the last). The plain run compares the earlier rules with today's default, in which a large seed's run (its
+box gets no zoom window) follows the structure, each mask gated by the seed's tissue
 (``PropagationParams.large_seed``); ``--variants`` runs one carry for every seed (``large_seed=None``
 unless the variant names it).
 """
@@ -191,7 +191,7 @@ def bench_stops(args: argparse.Namespace) -> None:
              "first stop rule of issue 16, box carry": PropagationParams(**LEGACY_CARRY, **FIRST_ISSUE16_STOPS,
                                                                          large_seed=None),
              "one carry for every seed (the default before the sixth pass)": PropagationParams(large_seed=None),
-             "after (default: large seeds follow the structure, stop on the seed's tissue)": PropagationParams()}
+             "after (default: large seeds follow the structure, gated by the seed's tissue)": PropagationParams()}
     results: dict[str, list] = {k: [] for k in rules}
     cpu = dict.fromkeys(rules, 0.0)  # process CPU seconds per rule (the machine is shared: a ratio)
     permissive: list[tuple[str, int, Propagation]] = []

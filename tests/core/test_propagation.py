@@ -502,7 +502,7 @@ def test_large_seed_params_apply_to_seeds_that_get_no_zoom_window():
     assert not params.is_large(Prompt2D(), (96, 96))  # no box, no points: the fields as they are
     large = params.for_seed(True)
     assert (large.seed_choose, large.choose, large.connect, large.gate, large.min_iou, large.min_tissue) == (
-        "contrast", "previous", True, 0.1, None, 0.02)
+        "contrast", "previous", True, 0.25, None, None)
     assert params.gate is None  # a small seed's masks are not gated
     assert (large.min_area_ratio, large.max_area_ratio, large.min_inside) == (0.15, 2.5, 0.6)  # the leak guards stay
     assert large.large_seed is None and params.for_seed(False) is params
@@ -540,8 +540,9 @@ def test_a_large_seed_follows_the_structure_and_stops_where_its_tissue_runs_out(
     """Every seed on these 45 x 31 slices is large: by default its run keeps the output most like
     the previous mask (not the single-mask output, which jumps), has no absolute IoU floor (the
     multimask output's 0.2 would stop it at once), keeps only the pieces joined to the previous mask
-    (the output's separate speck is not written) and ends where the seed's tissue runs out, not at
-    the volume's ends. With one carry for every seed (``large_seed=None``, the earlier default) the
+    (the output's separate speck is not written), keeps of each mask only the seed's tissue and ends
+    where that gated mask vanishes, not at the volume's ends (without the gate, the same-size mask
+    on the background runs to the volume's ends unless the seed-tissue floor is set). With one carry for every seed (``large_seed=None``, the earlier default) the
     run stops at the jump."""
     obj, other, speck = _square(8, 4, 20, 14), _square(26, 18, 38, 28), _square(40, 25, 43, 28)
     enc = VolumeEncoder(tiny_lite, _structure_volume((45, 31), (8, 20), (4, 14)))
@@ -555,11 +556,13 @@ def test_a_large_seed_follows_the_structure_and_stops_where_its_tissue_runs_out(
     assert {s.at for s in out.stops} == {1, 7}  # here the intensity jump says it first
     assert out.scores[5].output == 1  # the multimask output where the single-mask one jumped
     tissue = drain(propagate(enc, seed, params=PropagationParams(max_intensity_z=None)))
-    # past the ends the gated mask is empty (no seed tissue is left in it); without the gate the
-    # same-size mask on the background is stopped by the seed-tissue criterion
+    # past the ends the gated mask is empty (no seed tissue is left in it)
     assert set(tissue) == set(range(2, 7)) and {s.reason for s in tissue.stops} == {"vanished"}
-    no_gate = PropagationParams(max_intensity_z=None, large_seed=tuple((k, v) for k, v in LARGE_SEED if k != "gate"))
-    tissue = drain(propagate(enc, seed, params=no_gate))
+    no_gate = tuple((k, v) for k, v in LARGE_SEED if k != "gate")
+    ungated = drain(propagate(enc, seed, params=PropagationParams(max_intensity_z=None, large_seed=no_gate)))
+    assert set(ungated) == set(range(9))  # the same-size mask on the background, to the volume's ends
+    floor = PropagationParams(max_intensity_z=None, large_seed=(*no_gate, ("min_tissue", 0.02)))
+    tissue = drain(propagate(enc, seed, params=floor))  # the sixth pass's large-seed stop
     assert set(tissue) == set(range(2, 7)) and {s.reason for s in tissue.stops} == {"seed tissue ran out"}
     one = drain(propagate(enc, seed, params=PropagationParams(large_seed=None)))
     assert one.large == () and set(one) == {2, 3, 4}  # the single-mask output jumped on slice 5

@@ -41,14 +41,15 @@ __all__ = ["LARGE_SEED", "Propagation", "PropagationParams", "SliceScore", "Stop
 #: each slice keeps the output most like the previous mask (it follows the structure: a brain's
 #: masks stay at per-slice Dice 0.8-0.9 where the single-mask output's drift to 0.1-0.2), only the
 #: pieces of a mask joined to the previous one (a separate piece is dropped, not carried), no
-#: absolute IoU floor (the multimask outputs' predicted IoU is ~0.2 throughout), and the run ends
-#: where the seed's own tissue runs out (below 2 % of the seed's: those masks keep their size past
-#: the end, on the background). Each mask, the seed's too, keeps only the seed's own tissue (``gate``
-#: 0.1: intensities within the seed mask's 5-95 % range widened by a tenth of it: a brain's masks lose
-#: the CSF, skull and background the decoder takes in; MNI brains' 3D Dice 0.63-0.85 -> 0.87-0.94).
-#: Chosen on MNI152 (docs/benchmarks.md, issue 16 sixth and seventh passes).
+#: absolute IoU floor (the multimask outputs' predicted IoU is ~0.2 throughout), and each mask, the
+#: seed's too, keeps only the seed's own tissue (``gate`` 0.25: intensities within the seed mask's
+#: 5-95 % range widened by a quarter of it: a brain's masks lose the CSF, skull and background the
+#: decoder takes in, MNI brains' 3D Dice 0.63-0.85 -> 0.89-0.94). The run ends where that gated mask
+#: vanishes or collapses (those multimask masks keep their size past the end, on the background; the
+#: gate empties them there). No seed-tissue floor: on a gated mask it stopped brains short under a
+#: bias field. Chosen on MNI152 (docs/benchmarks.md, issue 16 sixth and seventh passes).
 LARGE_SEED: tuple[tuple[str, Any], ...] = (("seed_choose", "contrast"), ("choose", "previous"), ("connect", True),
-                                           ("gate", 0.1), ("min_iou", None), ("min_tissue", 0.02))
+                                           ("gate", 0.25), ("min_iou", None))
 
 
 @dataclass(frozen=True)
